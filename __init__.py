@@ -1,0 +1,7 @@
+"""emofuse: multimodal emotion recognition (video, audio, text, speaker metadata) composed from plugins."""
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("emofuse")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"

@@ -1,0 +1,132 @@
+"""Turns a `RunConfig` into live components through the registry: the only place names become objects."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from emofuse.core.config import ComponentRef, DataConfig, RunConfig
+from emofuse.core.errors import ConfigError
+from emofuse.core.interfaces import BranchInfo, DatasetReader, Encoder, Fusion, Loss
+from emofuse.core.registry import Registry, get_registry
+from emofuse.core.types import Batch, EncoderOutput
+
+#: Where the corpora live when no ``--data`` is given: ``../shared/data`` beside the project.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout (or beside the current folder), if it exists."""
+    for base in (PROJECT_ROOT, Path.cwd()):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_data_dir(data: DataConfig) -> Path:
+    if data.data_dir is not None:
+        if not Path(data.data_dir).is_dir():
+            raise ConfigError(f"data.data_dir: {data.data_dir} is not a folder", hint="pass --data PATH to your corpora")
+        return Path(data.data_dir)
+    found = default_data_dir()
+    if found is None:
+        raise ConfigError(
+            "no data folder given and ../shared/data does not exist beside this checkout",
+            hint="pass --data PATH (a folder holding ravdess-speech/, meld/, ...) or set data.data_dir",
+        )
+    return found
+
+
+def build_reader(config: DataConfig, registry: Registry | None = None) -> DatasetReader:
+    registry = registry or get_registry()
+    cls = registry.cls("dataset", config.dataset)
+    cfg = cls.make_config(config.options, where=f"data.options[{config.dataset}]")
+    return cls(cfg, data_dir=resolve_data_dir(config))
+
+
+def build_encoder(ref: ComponentRef, num_classes: int, *, where: str, registry: Registry | None = None) -> Encoder:
+    registry = registry or get_registry()
+    cls = registry.cls("encoder", ref.name)
+    return cls(cls.make_config(ref.options, where=where), num_classes)
+
+
+def build_fusion(
+    ref: ComponentRef, num_classes: int, branches: Sequence[BranchInfo], registry: Registry | None = None
+) -> Fusion:
+    registry = registry or get_registry()
+    cls = registry.cls("fusion", ref.name)
+    return cls(cls.make_config(ref.options, where="fusion"), num_classes, branches)
+
+
+def build_loss(
+    ref: ComponentRef, num_classes: int, class_counts: torch.Tensor | None = None, registry: Registry | None = None
+) -> Loss:
+    registry = registry or get_registry()
+    cls = registry.cls("loss", ref.name)
+    return cls(cls.make_config(ref.options, where="loss"), num_classes, class_counts)
+
+
+def branch_info(name: str, encoder: Encoder) -> BranchInfo:
+    return BranchInfo(name, encoder.num_classes, encoder.embedding_dim, tuple(encoder.modalities))
+
+
+class ComposedModel(nn.Module):
+    """Branches (encoders by branch name) and, when there are several, a fusion over them."""
+
+    def __init__(self, branches: Mapping[str, Encoder], fusion: Fusion | None = None):
+        super().__init__()
+        if not branches:
+            raise ConfigError("a model needs at least one branch", hint="add one under [branches] or pass --encoder")
+        if fusion is None and len(branches) > 1:
+            raise ConfigError(
+                f"{len(branches)} branches ({', '.join(branches)}) but no fusion",
+                hint="choose one with --fusion NAME (see `emofuse plugins`)",
+            )
+        self.branches = nn.ModuleDict(dict(branches))
+        self.fusion = fusion
+
+    @property
+    def modalities(self) -> set[str]:
+        return {m for enc in self.branches.values() for m in enc.modalities}
+
+    def branch_outputs(
+        self, batch: Batch, extracted: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+    ) -> dict[str, EncoderOutput]:
+        extracted = extracted or {}
+        return {name: enc(batch, extracted.get(name)) for name, enc in self.branches.items()}
+
+    def forward(
+        self, batch: Batch, extracted: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, dict[str, EncoderOutput]]:
+        outputs = self.branch_outputs(batch, extracted)
+        if self.fusion is None:
+            (only,) = outputs.values()
+            return only.logits, outputs
+        return self.fusion(list(outputs.values())), outputs
+
+
+def build_model(
+    config: RunConfig, num_classes: int, registry: Registry | None = None
+) -> ComposedModel:
+    """Every branch of `config`, plus its fusion when it has one."""
+    registry = registry or get_registry()
+    if not config.branches:
+        raise ConfigError("branches: no branch configured", hint="use --preset NAME or --encoder NAME")
+    encoders = {
+        name: build_encoder(ref, num_classes, where=f"branches.{name}", registry=registry)
+        for name, ref in config.branches.items()
+    }
+    fusion = None
+    if config.fusion is not None:
+        infos = [branch_info(n, e) for n, e in encoders.items()]
+        fusion = build_fusion(config.fusion, num_classes, infos, registry=registry)
+    return ComposedModel(encoders, fusion)
+
+
+def required_modalities(config: RunConfig, registry: Registry | None = None) -> set[str]:
+    """The union of modalities the configured encoders read, so the data side decodes only those."""
+    registry = registry or get_registry()
+    return {m for ref in config.branches.values() for m in registry.cls("encoder", ref.name).modalities}

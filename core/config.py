@@ -1,0 +1,198 @@
+"""One validated run config: which data, which branches, which fusion and loss, how to train.
+
+Sources are layered: a preset from ``registry.toml``, then a TOML file (``--config``), then CLI
+flags and ``--set key=value``. Unknown keys and out-of-range values fail with the key's path.
+Component options (``fusion.gamma``) are validated by the component that owns them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from emofuse.core.component import format_validation_error
+from emofuse.core.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ComponentRef(BaseModel):
+    """A component by registered name plus its options (flat: ``{name = "focal", gamma = 2}``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Strict):
+    dataset: str = "ravdess"
+    #: Folder that holds the corpora; None -> ``../shared/data`` beside the project, if it exists.
+    data_dir: Path | None = None
+    #: Options passed to the dataset reader (root, labels, ...).
+    options: dict[str, Any] = Field(default_factory=dict)
+    split: Literal["speaker", "balanced"] = "speaker"
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    #: Reuse (or write) the split here so later runs score the same clips.
+    split_file: Path | None = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+    #: Cap on samples (after the split), for quick runs; None keeps all.
+    limit: int | None = Field(None, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0, le=1.0)
+    #: Fraction of optimizer steps spent warming the learning rate up.
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    grad_accumulation: int = Field(1, ge=1, le=1024)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    patience: int = Field(10, ge=1)
+    monitor: Literal["accuracy", "macro_f1", "weighted_f1", "loss"] = "accuracy"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0, le=64)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class RunConfig(_Strict):
+    """Everything one run needs; what a checkpoint's sidecar stores."""
+
+    name: str = "run"
+    preset: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    #: branch name -> encoder; one branch trains alone, several are fused.
+    branches: dict[str, ComponentRef] = Field(default_factory=dict)
+    fusion: ComponentRef | None = None
+    loss: ComponentRef = Field(default_factory=lambda: ComponentRef(name="cross-entropy"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    #: Train settings for the fusion stage (defaults to `train`).
+    fusion_train: TrainConfig | None = None
+    output_dir: Path = Path("runs")
+    cache_dir: Path | None = None
+    #: Optuna search space: key path -> spec, see `emofuse.core.search`.
+    search: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("branches")
+    @classmethod
+    def _branch_names(cls, v: dict[str, ComponentRef]) -> dict[str, ComponentRef]:
+        for key in v:
+            if not key.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"branch name {key!r} must be letters, digits, '-' or '_'")
+        return v
+
+    @model_validator(mode="after")
+    def _fusion_needs_branches(self) -> "RunConfig":
+        if self.fusion is not None and len(self.branches) < 1:
+            raise ValueError("a fusion needs at least one branch under [branches]")
+        return self
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge `override` into a copy of `base` (tables merge, values replace)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML/JSON literal when it parses as one (2, 1e-4, true, [1,2], "x"), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_set(config: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply one ``key.path=value`` to a config dict (creating tables as needed)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.lr=1e-4")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = config
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is a value, not a table")
+        node = nxt
+    node[parts[-1]] = parse_value(raw.strip())
+    return config
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+    """Validate a merged config dict; errors name each bad key's path."""
+    try:
+        return RunConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {format_validation_error(err, '')}") from None
+
+
+def to_toml(config: RunConfig) -> str:
+    """Serialise a run config as TOML that `load_toml` + `validate` read back unchanged."""
+    return _toml_table(config.model_dump(mode="json", exclude_none=True))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_table(d: Mapping[str, Any], prefix: str = "") -> str:
+    scalars = [f"{json.dumps(k) if not k.replace('_', '').replace('-', '').isalnum() else k} = {_toml_value(v)}"
+               for k, v in d.items() if not isinstance(v, dict)]
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += scalars
+    out = "\n".join(lines)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            sub = _toml_table(v, f"{prefix}.{k}" if prefix else k)
+            if sub:
+                out += ("\n\n" if out else "") + sub
+    return out

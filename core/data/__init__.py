@@ -1,0 +1,1 @@
+"""Data plumbing: decoding, preprocessing, splits, normalisation and the feature cache."""

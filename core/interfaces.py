@@ -1,0 +1,196 @@
+"""The four interfaces every plugin implements: `Encoder`, `Fusion`, `Loss`, `DatasetReader`.
+
+The trainer, the CLI and the conformance test know only these; a new component never needs an
+edit of the core.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from emofuse.core.component import Component, ComponentConfig
+from emofuse.core.types import Batch, EncoderOutput, Sample, pad_sequences
+
+
+class Encoder(Component, nn.Module):
+    """A branch model: reads the modalities it declares from a `Batch`, returns class logits.
+
+    An encoder may split into a frozen, cacheable part and a trainable head: `extract` runs the
+    frozen backbone and returns per-sample tensors, which the trainer caches on disk
+    (`emofuse.core.cache`) so a frozen backbone runs once per clip, not once per epoch.
+    `forward(batch, extracted)` then runs only the head. Encoders without a frozen part leave
+    `extract` returning None.
+    """
+
+    kind: ClassVar[str] = "encoder"
+    #: Modalities this encoder reads; the data pipeline decodes only what some encoder asks for.
+    modalities: ClassVar[tuple[str, ...]] = ()
+    #: Attribute names of frozen pretrained submodules that are rebuilt from their source on load,
+    #: so checkpoints need not carry them (they are saved when unfrozen).
+    pretrained_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ComponentConfig, num_classes: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.num_classes = num_classes
+        #: Width of `EncoderOutput.embedding`, 0 when the encoder has none.
+        self.embedding_dim = 0
+
+    def extract(self, batch: Batch) -> list[dict[str, torch.Tensor]] | None:
+        """Run the frozen part on a batch; one dict of tensors per sample (first dims may vary)."""
+        return None
+
+    @property
+    def cacheable(self) -> bool:
+        """True when `extract` is deterministic and frozen, so its outputs may be cached."""
+        return type(self).extract is not Encoder.extract and not self.backbone_trainable
+
+    @property
+    def backbone_trainable(self) -> bool:
+        """Whether the pretrained part trains (then nothing is cached and it is saved)."""
+        return False
+
+    def forward(self, batch: Batch, extracted: dict[str, torch.Tensor] | None = None) -> EncoderOutput:
+        raise NotImplementedError
+
+    def extracted_for(self, batch: Batch, extracted: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """`extracted` when the trainer supplied it from the cache, else computed now."""
+        if extracted is not None:
+            return extracted
+        with torch.set_grad_enabled(self.backbone_trainable and torch.is_grad_enabled()):
+            per_sample = self.extract(batch)
+        if per_sample is None:
+            return {}
+        device = batch.labels.device
+        return {k: v.to(device) for k, v in collate_extracted(per_sample).items()}
+
+    def fingerprint(self) -> str:
+        """Hash of what determines `extract`'s output: name, options and frozen weights."""
+        h = hashlib.sha256()
+        h.update(self.name.encode())
+        h.update(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            if any(key.startswith(m + ".") for m in self.pretrained_modules):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must keep: all but frozen pretrained modules."""
+        state = self.state_dict()
+        if self.backbone_trainable:
+            return state
+        return {k: v for k, v in state.items() if not any(k.startswith(m + ".") for m in self.pretrained_modules)}
+
+
+def collate_extracted(per_sample: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample extracted tensors; where first dims differ, pad and add ``<key>_lengths``."""
+    if not per_sample:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for key in per_sample[0]:
+        tensors = [s[key] for s in per_sample]
+        if tensors[0].dim() > 0 and len({t.shape for t in tensors}) > 1:
+            out[key], out[f"{key}_lengths"] = pad_sequences(tensors)
+        else:
+            out[key] = torch.stack(tensors)
+    return out
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """What a fusion knows of each branch it combines."""
+
+    name: str
+    num_classes: int
+    embedding_dim: int
+    modalities: tuple[str, ...]
+
+
+class Fusion(Component, nn.Module):
+    """Combines any number of branches' outputs into class logits.
+
+    `trainable_parameters()` says what trains (the branches are frozen while a fusion trains);
+    `report()` exposes what was learned (weights as shares, biases) for people to read.
+    """
+
+    kind: ClassVar[str] = "fusion"
+    #: True when the fusion reads `EncoderOutput.embedding`, not only logits.
+    uses_embeddings: ClassVar[bool] = False
+
+    def __init__(self, config: ComponentConfig, num_classes: int, branches: Sequence[BranchInfo]):
+        nn.Module.__init__(self)
+        if not branches:
+            raise ValueError("a fusion needs at least one branch")
+        self.config = config
+        self.num_classes = num_classes
+        self.branches = list(branches)
+
+    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def report(self) -> dict[str, Any]:
+        """Learned quantities worth printing, as plain JSON-able values."""
+        return {}
+
+
+class Loss(Component, nn.Module):
+    """Maps logits ``[B, C]`` and labels ``[B]`` to a scalar; `class_counts` allows class balancing."""
+
+    kind: ClassVar[str] = "loss"
+
+    def __init__(self, config: ComponentConfig, num_classes: int, class_counts: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        self.config = config
+        self.num_classes = num_classes
+        self.class_counts = class_counts
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DatasetReaderConfig(ComponentConfig):
+    """Options every reader accepts."""
+
+    root: Path | None = None
+    #: Explicit label set (order = class index); None keeps the reader's default set.
+    labels: list[str] | None = None
+
+
+class DatasetReader(Component):
+    """Yields `Sample`s of one corpus. Readers know nothing of models.
+
+    `default_root` is relative to the data folder (``../shared/data`` by default).
+    """
+
+    kind: ClassVar[str] = "dataset"
+    Config: ClassVar[type[ComponentConfig]] = DatasetReaderConfig
+    default_labels: ClassVar[tuple[str, ...]] = ()
+    default_root: ClassVar[str] = ""
+    #: Modalities this corpus can provide.
+    modalities: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: DatasetReaderConfig, data_dir: Path | None = None):
+        self.config = config
+        self.data_dir = data_dir
+        self.label_names: list[str] = list(config.labels or self.default_labels)
+
+    @property
+    def root(self) -> Path:
+        if self.config.root is not None:
+            return Path(self.config.root)
+        if self.data_dir is None:
+            raise ValueError(f"dataset {self.name!r} needs a root folder")
+        return Path(self.data_dir) / self.default_root
+
+    def samples(self) -> Iterator[Sample]:
+        raise NotImplementedError
