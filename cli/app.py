@@ -1,0 +1,376 @@
+"""The ``emofuse`` command line: parse, compose through the registry, call the core, print with rich.
+
+Thin on purpose: every command builds a `RunConfig` (preset -> --config -> flags -> --set) and hands
+it to an engine in `emofuse.core`. Errors the user can fix print as one line, exit code 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from emofuse.core.errors import EmofuseError
+
+app = typer.Typer(
+    name="emofuse",
+    help="Multimodal emotion recognition: compose encoders, fusions and losses from plugins.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_MAIN_PRESET = "ravdess-reference"
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Print an `EmofuseError` as one red line (no traceback) and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EmofuseError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted: the last checkpoint is kept; rerun the same command to resume[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# --- options shared by the commands that compose a run -------------------------------------------
+PresetOpt = typer.Option(None, "--preset", "-p", help="A preset from registry.toml (see `emofuse presets`).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="A run config TOML file.", exists=False)
+EncoderOpt = typer.Option(None, "--encoder", "-e", help="Branch encoder, as NAME or BRANCH=NAME (repeatable); replaces the preset's branches.")
+FusionOpt = typer.Option(None, "--fusion", "-f", help="Fusion over the branches, or 'none'.")
+LossOpt = typer.Option(None, "--loss", "-l", help="Loss component.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override any config key: key.path=value (repeatable).")
+DataOpt = typer.Option(None, "--data", "-d", help="Folder holding the corpora (default: ../shared/data beside the project).")
+DatasetOpt = typer.Option(None, "--dataset", help="Dataset reader (see `emofuse plugins`).")
+LabelsOpt = typer.Option(None, "--labels", help="Explicit label set, comma-separated, in class-index order.")
+OutputOpt = typer.Option(None, "--output", "-o", help="Folder for runs (default: runs/).")
+NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --output).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed.")
+EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs (stage 1 and fusion stage).")
+PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16")
+BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
+LimitOpt = typer.Option(None, "--limit", help="Use at most N samples (quick runs).")
+
+
+def compose_run_config(
+    *,
+    preset: str | None,
+    config: Path | None,
+    encoder: list[str] | None,
+    fusion: str | None,
+    loss: str | None,
+    sets: list[str] | None,
+    data: Path | None,
+    dataset: str | None,
+    labels: str | None,
+    output: Path | None,
+    name: str | None,
+    seed: int | None,
+    epochs: int | None,
+    precision: str | None,
+    on_bad_sample: str | None,
+    limit: int | None,
+):
+    """Flags -> one validated `RunConfig` (the layering is in `emofuse.core.presets.compose_config`)."""
+    from emofuse.core.errors import ConfigError
+    from emofuse.core.presets import compose_config
+
+    overrides: dict[str, Any] = {}
+    replace: dict[str, Any] = {}
+    if encoder:
+        branches = {}
+        for item in encoder:
+            branch, _, enc = item.partition("=") if "=" in item else (item, "", item)
+            if not enc or not branch:
+                raise ConfigError(f"--encoder {item!r}: expected NAME or BRANCH=NAME")
+            branches[branch.replace("-", "_")] = {"name": enc}
+        replace["branches"] = branches
+        if len(branches) == 1 and not fusion:
+            replace["fusion"] = None
+    if fusion:
+        replace["fusion"] = None if fusion.lower() == "none" else {"name": fusion}
+    if loss:
+        replace["loss"] = {"name": loss}
+    data_over: dict[str, Any] = {}
+    if data is not None:
+        data_over["data_dir"] = str(data)
+    if dataset:
+        data_over["dataset"] = dataset
+    if labels:
+        data_over["options"] = {"labels": [s.strip() for s in labels.split(",") if s.strip()]}
+    if on_bad_sample:
+        data_over["on_bad_sample"] = on_bad_sample
+    if limit:
+        data_over["limit"] = limit
+    if data_over:
+        overrides["data"] = data_over
+    train_over: dict[str, Any] = {}
+    if seed is not None:
+        train_over["seed"] = seed
+    if epochs is not None:
+        train_over["epochs"] = epochs
+    if precision:
+        train_over["precision"] = precision
+    if train_over:
+        overrides["train"] = train_over
+    if output is not None:
+        overrides["output_dir"] = str(output)
+    if name:
+        overrides["name"] = name
+    cfg = compose_config(preset=preset, config_file=config, overrides=overrides, replace=replace, sets=sets or [])
+    if train_over and cfg.fusion_train is not None:  # the flags apply to the fusion stage too
+        cfg = cfg.model_copy(update={"fusion_train": cfg.fusion_train.model_copy(update=train_over)})
+    return cfg
+
+
+def engine(module: str, what: str):
+    """Import an engine module, or say clearly that this install lacks it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"emofuse.core.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("emofuse."):
+            err_console.print(f"[bold red]error:[/] {what} is not available in this build (emofuse.core.{module} is missing)")
+            raise typer.Exit(3) from None
+        raise
+
+
+# --- commands --------------------------------------------------------------------------------------
+@app.command("plugins")
+@friendly_errors
+def plugins_cmd(
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help="Only this kind: encoder, fusion, loss, dataset."),
+    options: bool = typer.Option(False, "--options", help="Also list each component's options and defaults."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """List every registered component: kind, name, provider distribution and version, summary."""
+    from emofuse.core.registry import get_registry
+
+    reg = get_registry()
+    rows = [r for r in reg.all() if kind is None or r.kind == kind]
+    if as_json:
+        out = [
+            {"kind": r.kind, "name": r.name, "distribution": r.provider.distribution, "version": r.provider.version,
+             "plugin": r.provider.plugin, "summary": r.cls.summary(), "options": _options_of(r.cls)}
+            for r in rows
+        ]
+        typer.echo(json.dumps({"components": out, "problems": [str(p) for p in reg.problems]}, indent=2))
+        return
+    table = Table(title="emofuse components", show_lines=options)
+    for col in ("kind", "name", "provider", "summary"):
+        table.add_column(col, overflow="fold")
+    if options:
+        table.add_column("options", overflow="fold")
+    for r in rows:
+        cells = [r.kind, r.name, f"{r.provider.distribution} {r.provider.version}", r.cls.summary()]
+        if options:
+            cells.append("\n".join(f"{k} = {v}" for k, v in _options_of(r.cls).items()))
+        table.add_row(*cells)
+    console.print(table)
+    for p in reg.problems:
+        err_console.print(f"[yellow]skipped plugin[/] {p}", highlight=False)
+
+
+def _options_of(cls: type) -> dict[str, str]:
+    out = {}
+    for key, field in cls.Config.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        out[key] = repr(default) if not field.is_required() else "(required)"
+    return out
+
+
+@app.command("presets")
+@friendly_errors
+def presets_cmd(
+    show: Optional[str] = typer.Argument(None, help="Print this preset's resolved config as TOML."),
+):
+    """List the presets in registry.toml, or show one as a full run config."""
+    from emofuse.core.config import to_toml
+    from emofuse.core.presets import compose_config, describe, load_presets
+
+    presets = load_presets()
+    if show:
+        typer.echo(to_toml(compose_config(preset=show)))
+        return
+    table = Table(title="presets (registry.toml)")
+    table.add_column("preset")
+    table.add_column("branches")
+    table.add_column("fusion")
+    table.add_column("loss")
+    table.add_column("description", overflow="fold")
+    for name in presets:
+        cfg = compose_config(preset=name)
+        branches = ", ".join(f"{b}={r.name}" for b, r in cfg.branches.items())
+        table.add_row(name, branches, cfg.fusion.name if cfg.fusion else "-", cfg.loss.name, describe(name, presets))
+    console.print(table)
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    encoder: Optional[List[str]] = EncoderOpt,
+    fusion: Optional[str] = FusionOpt,
+    loss: Optional[str] = LossOpt,
+    sets: Optional[List[str]] = SetOpt,
+    data: Optional[Path] = DataOpt,
+    dataset: Optional[str] = DatasetOpt,
+    labels: Optional[str] = LabelsOpt,
+    output: Optional[Path] = OutputOpt,
+    name: Optional[str] = NameOpt,
+    seed: Optional[int] = SeedOpt,
+    epochs: Optional[int] = EpochsOpt,
+    precision: Optional[str] = PrecisionOpt,
+    on_bad_sample: Optional[str] = BadSampleOpt,
+    limit: Optional[int] = LimitOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run folder's last checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the composed config and exit."),
+):
+    """Train a composed model: one branch alone, or each branch then a fusion over them (staged)."""
+    from emofuse.core.config import to_toml
+
+    cfg = compose_run_config(**_compose_args(locals()))
+    if dry_run:
+        typer.echo(to_toml(cfg))
+        return
+    training = engine("training", "training")
+    result = training.train_run(cfg, resume=resume, progress=True)
+    _print_run_result(result)
+
+
+def _compose_args(values: dict[str, Any]) -> dict[str, Any]:
+    keys = ("preset", "config", "encoder", "fusion", "loss", "sets", "data", "dataset", "labels", "output", "name",
+            "seed", "epochs", "precision", "on_bad_sample", "limit")
+    return {k: values.get(k) for k in keys}
+
+
+def _print_run_result(result: Any) -> None:
+    table = Table(title=f"run {result.run_dir}")
+    table.add_column("split")
+    metric_names = sorted({m for split in result.metrics.values() for m in split})
+    for m in metric_names:
+        table.add_column(m, justify="right")
+    for split, values in result.metrics.items():
+        table.add_row(split, *[f"{values[m]:.4f}" if m in values else "" for m in metric_names])
+    console.print(table)
+    if result.fusion_report:
+        console.print("[bold]fusion learned:[/]", json.dumps(result.fusion_report, indent=2))
+    console.print(f"best checkpoint: {result.checkpoint}")
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model.safetensors written by `emofuse train`."),
+    split: str = typer.Option("test", "--split", help="train, val or test."),
+    data: Optional[Path] = DataOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, the table and confusion PNG."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
+):
+    """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
+    evaluation = engine("evaluation", "evaluation")
+    evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap, console=console)
+
+
+@app.command("compare")
+@friendly_errors
+def compare_cmd(
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    encoder: Optional[List[str]] = EncoderOpt,
+    fusions: Optional[str] = typer.Option(None, "--fusions", help="Comma-separated fusions (default: every registered one)."),
+    loss: Optional[str] = LossOpt,
+    sets: Optional[List[str]] = SetOpt,
+    data: Optional[Path] = DataOpt,
+    dataset: Optional[str] = DatasetOpt,
+    labels: Optional[str] = LabelsOpt,
+    output: Optional[Path] = OutputOpt,
+    name: Optional[str] = NameOpt,
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds; several give mean and std."),
+    epochs: Optional[int] = EpochsOpt,
+    precision: Optional[str] = PrecisionOpt,
+    on_bad_sample: Optional[str] = BadSampleOpt,
+    limit: Optional[int] = LimitOpt,
+    robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Also score with one modality removed at test time."),
+):
+    """Compare every registered fusion (and each branch alone) over the same frozen branches, in one table."""
+    values = _compose_args(locals())
+    values["fusion"] = None
+    values["seed"] = None
+    values["preset"] = preset or (None if config or encoder else DEFAULT_MAIN_PRESET)
+    cfg = compose_run_config(**values)
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
+    compare = engine("compare", "comparison")
+    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, robustness=robustness, console=console)
+
+
+@app.command("search")
+@friendly_errors
+def search_cmd(
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    encoder: Optional[List[str]] = EncoderOpt,
+    fusion: Optional[str] = FusionOpt,
+    loss: Optional[str] = LossOpt,
+    sets: Optional[List[str]] = SetOpt,
+    data: Optional[Path] = DataOpt,
+    dataset: Optional[str] = DatasetOpt,
+    labels: Optional[str] = LabelsOpt,
+    output: Optional[Path] = OutputOpt,
+    name: Optional[str] = NameOpt,
+    seed: Optional[int] = SeedOpt,
+    epochs: Optional[int] = EpochsOpt,
+    precision: Optional[str] = PrecisionOpt,
+    on_bad_sample: Optional[str] = BadSampleOpt,
+    limit: Optional[int] = LimitOpt,
+    trials: int = typer.Option(50, "--trials", help="Number of trials (this worker)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: a SQLite file in the run folder)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (resumes when it exists)."),
+):
+    """Tune a composed variant with Optuna (resumable SQLite study by default, any storage URL)."""
+    cfg = compose_run_config(**_compose_args(locals()))
+    search = engine("search", "hyper-parameter search")
+    search.search_cli(cfg, trials=trials, storage=storage, study_name=study, console=console)
+
+
+@app.command("predict")
+@friendly_errors
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model.safetensors written by `emofuse train`."),
+    inputs: Optional[List[Path]] = typer.Argument(None, help="Media files or folders to classify."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="A CSV/JSONL manifest of clips."),
+    text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
+):
+    """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
+    predict = engine("predict", "prediction")
+    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out)
+    if failures:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

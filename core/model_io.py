@@ -1,0 +1,114 @@
+"""Saving and rebuilding a whole composed model: weights, normaliser, config, labels and provenance.
+
+A reload rebuilds every component from the config stored in the sidecar through the registry, so
+a checkpoint made with a plugin that is no longer installed says which distribution is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from emofuse import __version__
+from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
+from emofuse.core.compose import ComposedModel, build_model
+from emofuse.core.config import RunConfig, validate
+from emofuse.core.errors import CheckpointError, PluginError
+from emofuse.core.registry import Registry, get_registry
+
+MODEL_PREFIX = "model."
+NORMALIZER_PREFIX = "normalizer."
+
+
+def model_state(model: ComposedModel) -> dict[str, torch.Tensor]:
+    """The tensors to keep: every branch's `checkpoint_state` (frozen pretrained parts left out) and the fusion."""
+    state: dict[str, torch.Tensor] = {}
+    for name, enc in model.branches.items():
+        for k, v in enc.checkpoint_state().items():
+            state[f"branches.{name}.{k}"] = v
+    if model.fusion is not None:
+        for k, v in model.fusion.state_dict().items():
+            state[f"fusion.{k}"] = v
+    return state
+
+
+def components_of(config: RunConfig, registry: Registry) -> list[dict[str, str]]:
+    """Which component (and which plugin distribution/version) made each part of the model."""
+    rows = [{"role": f"branches.{b}", "kind": "encoder", "name": ref.name, **registry.provenance("encoder", ref.name)}
+            for b, ref in config.branches.items()]
+    if config.fusion is not None:
+        rows.append({"role": "fusion", "kind": "fusion", "name": config.fusion.name,
+                     **registry.provenance("fusion", config.fusion.name)})
+    rows.append({"role": "loss", "kind": "loss", "name": config.loss.name, **registry.provenance("loss", config.loss.name)})
+    return rows
+
+
+def save_model(
+    path: Path,
+    model: ComposedModel,
+    config: RunConfig,
+    label_names: list[str],
+    *,
+    normalizer_state: Mapping[str, torch.Tensor] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> Path:
+    registry = registry or get_registry()
+    tensors = {MODEL_PREFIX + k: v for k, v in model_state(model).items()}
+    for k, v in (normalizer_state or {}).items():
+        tensors[NORMALIZER_PREFIX + k] = v
+    meta = {
+        "emofuse_version": __version__,
+        "config": config.model_dump(mode="json"),
+        "label_names": list(label_names),
+        "components": components_of(config, registry),
+        "metrics": dict(metrics or {}),
+        "fusion_report": model.fusion.report() if model.fusion is not None else None,
+        **dict(extra or {}),
+    }
+    return save_checkpoint(path, tensors, meta)
+
+
+@dataclass
+class LoadedModel:
+    model: ComposedModel
+    config: RunConfig
+    label_names: list[str]
+    normalizer_state: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
+    """Rebuild the composed model a checkpoint describes and load its weights."""
+    registry = registry or get_registry()
+    tensors, meta = load_checkpoint(path)
+    try:
+        config = validate(meta["config"], source=f"{path} (sidecar config)")
+        label_names = list(meta["label_names"])
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: sidecar lacks {exc.args[0]!r}", hint="this is not an emofuse checkpoint") from None
+    for comp in meta.get("components", []):
+        if comp["name"] not in registry.components.get(comp["kind"], {}):
+            raise PluginError(
+                f"{path}: {comp['kind']} {comp['name']!r} is not installed "
+                f"(the checkpoint was made with {comp.get('distribution')} {comp.get('version')})",
+                hint=f"pip install {comp.get('distribution')}",
+            )
+    model = build_model(config, len(label_names), registry=registry)
+    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the model the config describes "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})",
+            hint="the plugin versions may differ from the ones that made it; see the sidecar's components",
+        )
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    normalizer = {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)}
+    return LoadedModel(model, config, label_names, normalizer, meta)
