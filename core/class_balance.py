@@ -1,0 +1,63 @@
+"""Class weights from training-set counts, shared by every loss that offers class balancing.
+
+"Balanced" follows scikit-learn's ``compute_class_weight("balanced")``: ``n_samples / (C * n_c)``,
+so a class seen half as often weighs twice as much. A class absent from the training counts gets
+weight 1 (it cannot be balanced, and an infinite weight would poison the validation loss).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from emofuse.core.errors import ConfigError
+
+BALANCED = "balanced"
+
+
+def balanced_weights(class_counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``[C]`` float weights ``N / (C * n_c)``; 1.0 where a class has no sample."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+    if counts.numel() == 0 or bool((counts < 0).any()):
+        raise ConfigError(f"class counts must be non-negative, one per class; got {counts.tolist()}")
+    total = counts.sum()
+    present = counts > 0
+    weights = torch.ones_like(counts)
+    weights[present] = total / (counts.numel() * counts[present])
+    return weights.float()
+
+
+def class_weight_vector(
+    spec: float | Sequence[float] | str | None,
+    num_classes: int,
+    class_counts: torch.Tensor | None,
+    *,
+    where: str,
+) -> torch.Tensor | None:
+    """Turn a loss option (None, a scalar, a per-class list, or ``"balanced"``) into ``[C]`` weights.
+
+    A scalar gives None when it is 1 (no weighting) and a constant vector otherwise.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != BALANCED:
+            raise ConfigError(f"{where}: expected a number, a list of {num_classes} numbers or 'balanced', got {spec!r}")
+        if class_counts is None:
+            raise ConfigError(
+                f"{where}='balanced' needs the training set's class counts",
+                hint="build the loss through the trainer (it passes them) or give explicit per-class weights",
+            )
+        counts = torch.as_tensor(class_counts).reshape(-1)
+        if counts.numel() != num_classes:
+            raise ConfigError(f"{where}: {counts.numel()} class counts for {num_classes} classes")
+        return balanced_weights(counts)
+    if isinstance(spec, (int, float)):
+        return torch.full((num_classes,), float(spec))
+    values = [float(v) for v in spec]
+    if len(values) != num_classes:
+        raise ConfigError(f"{where}: {len(values)} per-class values for {num_classes} classes",
+                          hint=f"give exactly {num_classes} numbers, in class-index order")
+    if any(v < 0 for v in values):
+        raise ConfigError(f"{where}: per-class values must be non-negative, got {values}")
+    return torch.tensor(values, dtype=torch.float32)

@@ -1,0 +1,123 @@
+"""Late fusion over frozen branches: a learnable weight per branch, plus (enhanced) a bias per class.
+
+``weighted-late``: ``out = sum_i w_i * logits_i`` (one trainable weight per branch).
+``enhanced-late``: the same plus one trainable bias per class (2 branches, 7 classes: 9 parameters).
+
+A branch absent for a sample (``EncoderOutput.present`` False) contributes nothing, and the weights
+of the branches that are present are rescaled to the same total, so a clip without video is scored
+by the audio branch at full strength rather than at its share of the weight. With every branch
+present the rescaling is exactly 1 and its gradient exactly 0, i.e. the reference formula.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from emofuse.core.component import ComponentConfig
+from emofuse.core.errors import ConfigError
+from emofuse.core.hookspecs import hookimpl
+from emofuse.core.interfaces import BranchInfo, Fusion
+from emofuse.core.types import EncoderOutput
+
+_EPS = 1e-8
+
+
+def stack_branches(outputs: Sequence[EncoderOutput], expected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, N, C] logits with absent rows zeroed, [B, N] bool presence)`` of N branch outputs."""
+    if len(outputs) != expected:
+        raise ValueError(f"fusion built for {expected} branches got {len(outputs)} outputs")
+    present = torch.stack([o.presence() for o in outputs], dim=1)
+    logits = torch.stack([o.logits for o in outputs], dim=1)
+    # where() rather than a product: an absent branch's logits may be anything, NaN included.
+    logits = torch.where(present.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    return logits, present
+
+
+def weight_shares(weights: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """Each weight as a share of the total magnitude (sign kept), for reports."""
+    w = weights.detach().float().cpu()
+    total = float(w.abs().sum())
+    return {n: (float(v) / total if total > 0 else 0.0) for n, v in zip(names, w)}
+
+
+class WeightedLateConfig(ComponentConfig):
+    #: Initial weight per branch (in branch order); None starts every branch at 1/N.
+    init_weights: Optional[list[float]] = None
+
+    @field_validator("init_weights")
+    @classmethod
+    def _finite(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(x != x or abs(x) == float("inf") for x in v):
+            raise ValueError("initial weights must be finite numbers")
+        return v
+
+
+class WeightedLateFusion(Fusion):
+    """Weighted late fusion: out = sum_i w_i * logits_i, one learnable weight per frozen branch."""
+
+    name = "weighted-late"
+    Config = WeightedLateConfig
+
+    def __init__(self, config: WeightedLateConfig, num_classes: int, branches: Sequence[BranchInfo]):
+        super().__init__(config, num_classes, branches)
+        n = len(self.branches)
+        init = config.init_weights if config.init_weights is not None else [1.0 / n] * n
+        if len(init) != n:
+            raise ConfigError(f"fusion.init_weights: {len(init)} values for {n} branches "
+                              f"({', '.join(b.name for b in self.branches)})")
+        self.weights = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+
+    def combine(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+        logits, present = stack_branches(outputs, len(self.branches))
+        w = self.weights.to(logits.dtype)
+        masked = present.to(logits.dtype) * w  # [B, N]
+        present_total = masked.sum(dim=1, keepdim=True)
+        # Rescale the present branches' weights to the full total; a sample with no branch gets 0.
+        safe = present_total.abs() > _EPS
+        scale = torch.where(safe, w.sum() / torch.where(safe, present_total, torch.ones_like(present_total)),
+                            torch.zeros_like(present_total))
+        return (masked.unsqueeze(-1) * logits).sum(dim=1) * scale
+
+    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+        return self.combine(outputs)
+
+    def report(self) -> dict[str, Any]:
+        names = [b.name for b in self.branches]
+        return {
+            "weights": weight_shares(self.weights, names),
+            "raw_weights": {n: float(v) for n, v in zip(names, self.weights.detach().cpu())},
+        }
+
+
+class EnhancedLateConfig(WeightedLateConfig):
+    #: Initial value of every class bias.
+    init_bias: float = Field(0.0, ge=-100, le=100)
+
+
+class EnhancedLateFusion(WeightedLateFusion):
+    """Enhanced late fusion: weighted late fusion plus one learnable bias per class."""
+
+    name = "enhanced-late"
+    Config = EnhancedLateConfig
+
+    def __init__(self, config: EnhancedLateConfig, num_classes: int, branches: Sequence[BranchInfo]):
+        super().__init__(config, num_classes, branches)
+        self.class_bias = nn.Parameter(torch.full((num_classes,), float(config.init_bias)))
+
+    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+        out = self.combine(outputs)
+        return out + self.class_bias.to(out.dtype)
+
+    def report(self) -> dict[str, Any]:
+        rep = super().report()
+        # Indexed by class; the trainer names the classes (see emofuse.core.training.name_report).
+        rep["class_bias"] = [float(v) for v in self.class_bias.detach().cpu()]
+        return rep
+
+
+@hookimpl
+def register_fusions():
+    return [WeightedLateFusion, EnhancedLateFusion]

@@ -1,0 +1,54 @@
+"""Cross-entropy with optional label smoothing and class weights.
+
+Class weights are a list (one per class) or ``"balanced"`` (inverse class frequency from the
+training counts). The batch loss is the plain mean over labelled rows (label >= 0), not PyTorch's
+weight-normalised mean, so a batch's loss is the mean of its shards' losses (data-parallel runs
+then match a single process).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from emofuse.core.class_balance import class_weight_vector
+from emofuse.core.component import ComponentConfig
+from emofuse.core.hookspecs import hookimpl
+from emofuse.core.interfaces import Loss
+
+
+class CrossEntropyConfig(ComponentConfig):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    #: None (unweighted), a list with one weight per class, or "balanced".
+    class_weights: Optional[Union[list[float], Literal["balanced"]]] = None
+
+
+class CrossEntropyLoss(Loss):
+    """Cross-entropy, with optional label smoothing and class weights (a list or "balanced")."""
+
+    name = "cross-entropy"
+    Config = CrossEntropyConfig
+
+    def __init__(self, config: CrossEntropyConfig, num_classes: int, class_counts: torch.Tensor | None = None):
+        super().__init__(config, num_classes, class_counts)
+        weights = class_weight_vector(config.class_weights, num_classes, class_counts, where="loss.class_weights")
+        self.register_buffer("weights", weights, persistent=False)
+        self.label_smoothing = float(config.label_smoothing)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        keep = labels >= 0
+        if not bool(keep.all()):
+            logits, labels = logits[keep], labels[keep]
+        if labels.numel() == 0:
+            return logits.sum() * 0.0
+        per_sample = F.cross_entropy(
+            logits.float(), labels, weight=self.weights, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        return per_sample.mean()
+
+
+@hookimpl
+def register_losses():
+    return [CrossEntropyLoss]

