@@ -215,7 +215,7 @@ def plot_comparison_bars(
     ax.set_xlim(0, 1.08)
     ax.set_xlabel("score (test split)")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=len(metrics), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

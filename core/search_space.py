@@ -10,7 +10,7 @@ A run config's ``[search]`` table maps a dotted key path to a spec, e.g.::
 
 Spec types: ``float`` (low, high, log, step), ``int`` (low, high, log, step), ``categorical``
 (choices), and ``share``: one branch's weight w in [low, high], the other branches splitting 1 - w
-evenly, written as a ``{branch: weight}`` table (a fusion's initial branch weights).
+evenly, written as a list in the config's branch order (what the late fusions' ``init_weights`` take).
 ``when`` makes a spec conditional on other keys of the trial's config (define-by-run: a spec sees
 the values of the specs listed before it), so a space can say "gamma only when the loss is focal".
 Every key is applied to the config dict and the result re-validated, so any key can be searched.
@@ -24,14 +24,13 @@ from typing import Annotated, Any, Literal, Mapping, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from emofuse.core.component import format_validation_error
 from emofuse.core.config import RunConfig
 from emofuse.core.errors import ConfigError
 from emofuse.core.registry import Registry, get_registry
 
 Scalar = Union[bool, int, float, str, None]
 
-#: The option a fusion takes for its initial branch weights (``{branch: weight}``).
+#: The option a fusion takes for its initial branch weights (a list, in the config's branch order).
 INIT_WEIGHTS_OPTION = "init_weights"
 #: The reference design's video-branch weight range.
 VIDEO_WEIGHT_RANGE = (0.3, 0.8)
@@ -100,6 +99,18 @@ class ShareSpec(_SpecBase):
 
 Spec = Annotated[Union[FloatSpec, IntSpec, CategoricalSpec, ShareSpec], Field(discriminator="type")]
 _SPEC = TypeAdapter(Spec)
+
+
+def _spec_error(err: ValidationError, where: str) -> str:
+    """One line per problem, its key path without the union's type tag (``search.train.lr.low: ...``)."""
+    tags = {"float", "int", "categorical", "share"}
+    parts = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if loc and loc[0] in tags:
+            loc = loc[1:]
+        parts.append(f"{'.'.join([where, *loc])}: {e['msg']}")
+    return "; ".join(parts)
 
 
 def _check_range(low: float, high: float, log: bool) -> None:
@@ -172,7 +183,7 @@ class SearchSpace:
                 specs[path] = _SPEC.validate_python(dict(spec))
             except ValidationError as err:
                 raise ConfigError(
-                    format_validation_error(err, f"search.{path}"),
+                    _spec_error(err, f"search.{path}"),
                     hint="types: float/int (low, high, log, step), categorical (choices), share (branch, low, high)",
                 ) from None
         return cls(specs)
@@ -228,8 +239,8 @@ def _suggest(trial: Suggester, path: str, spec: Any, config: Mapping[str, Any]) 
             f"(branches: {', '.join(branches) or 'none'})"
         )
     weight = trial.suggest_float(name, spec.low, spec.high, step=spec.step)
-    others = [b for b in branches if b != spec.branch]
-    return {b: (weight if b == spec.branch else (1.0 - weight) / len(others)) for b in branches}
+    rest = (1.0 - weight) / (len(branches) - 1)
+    return [weight if b == spec.branch else rest for b in branches]
 
 
 def _inherit_fusion_train(config: dict[str, Any], path: str) -> None:

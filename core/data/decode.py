@@ -107,8 +107,13 @@ def decode_video(path: str | os.PathLike, *, num_frames: int = 8, size: int = 22
         if not container.streams.video:
             raise DataError(path, "has no video track", hint=_BAD_HINT)
         stream = container.streams.video[0]
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        declared = _stream_duration(stream) or _container_duration(container)
+        # Span of the clip: the stream's own when it declares one, else the container's.
+        declared = _stream_duration(stream)
+        if declared is not None:
+            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        else:
+            declared = _container_duration(container)
+            start = container.start_time / av.time_base if container.start_time is not None else 0.0
         rate = float(stream.average_rate) if stream.average_rate else None
         try:
             if declared:

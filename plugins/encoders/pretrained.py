@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from emofuse.core.errors import ConfigError, MissingDependencyError
@@ -125,6 +126,20 @@ def offline_error(name: str, what: str, option: str, alternative: str) -> Missin
     )
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-tensor "Loading weights" progress bar for local loads (it floods logs and CLI output)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(
     name: str,
     loader: Callable[..., Any],
@@ -141,9 +156,11 @@ def load_pretrained(
     """
     source = resolve_backbone(name)
     if source.kind != HUB:
-        return loader(source.location, **kwargs)
+        with _quiet_loading():
+            return loader(source.location, **kwargs)
     try:
-        return loader(source.location, local_files_only=True, **kwargs)
+        with _quiet_loading():
+            return loader(source.location, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass  # not cached: download below, if we may
     if hub_offline():

@@ -1,0 +1,312 @@
+"""On-disk cache of frozen components' outputs, so a frozen backbone runs once per clip, ever.
+
+Layout: ``<root>/<namespace>/<shard>.safetensors``; a namespace is one component state (name plus
+`Encoder.fingerprint()`: options and frozen weights), a key is one clip's inputs (`sample_key`).
+Each `put_many` writes one new shard (tensors named ``<key>/<name>``): written to a temp file,
+fsynced, then renamed into place, so a crash never leaves a half shard that a later run trusts, and
+several processes (parallel Optuna trials) can add shards side by side. A changed config or weight
+gives a new namespace; a changed input file or setting gives a new key; both simply miss.
+
+Typical use by a trainer: ``cache.warm(encoders, loader_with_all_modalities)`` once (progress bar,
+DataLoader workers decode on every core), then train with loaders that skip the modalities whose
+encoders are all cached: `extract` serves every batch from disk without decoding a frame.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import uuid
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from emofuse.core.data.collate import select
+from emofuse.core.data.keys import combine_keys, sample_key
+from emofuse.core.interfaces import Encoder, collate_extracted
+from emofuse.core.types import AUDIO, VIDEO, Batch
+
+log = logging.getLogger("emofuse.data")
+
+__all__ = ["FeatureCache", "CacheStats", "sample_key", "batch_keys", "encoder_namespace"]
+
+_SUFFIX = ".safetensors"
+_EMPTY_MARK = "__empty__"
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_fingerprints: "weakref.WeakKeyDictionary[Encoder, str]" = weakref.WeakKeyDictionary()
+
+
+def encoder_namespace(encoder: Encoder) -> str:
+    """``<name>-<fingerprint>``; the fingerprint (a hash over frozen weights) is computed once per object."""
+    fp = _fingerprints.get(encoder)
+    if fp is None:
+        fp = encoder.fingerprint()
+        _fingerprints[encoder] = fp
+    return f"{encoder.name}-{fp}"
+
+
+def batch_keys(batch: Batch, modalities: Iterable[str] = ()) -> list[str]:
+    """Per-sample cache keys of `batch` for a component reading `modalities` (all, when empty).
+
+    Keys restricted to a component's own modalities mean that, say, an edited transcript does not
+    invalidate a video backbone's cached frames.
+    """
+    mods = sorted(set(modalities))
+    per_modality = batch.extra.get("modality_keys")
+    if per_modality is not None and mods and all(m in per_modality for m in mods):
+        return [combine_keys({m: per_modality[m][i] for m in mods}) for i in range(len(batch))]
+    keys = batch.extra.get("keys")
+    if keys is None or len(keys) != len(batch):
+        raise ValueError("batch carries no cache keys; build it with emofuse.core.data (loader or make_batch)")
+    return list(keys)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class FeatureCache:
+    """Safetensors shards of per-sample tensor dicts, by namespace and key. Never pickle."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stats = CacheStats()
+        self._index: dict[str, dict[str, Path]] = {}
+        self._scanned: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    # -- raw storage -----------------------------------------------------------------------
+    def get_many(self, namespace: str, keys: list[str]) -> list[dict[str, torch.Tensor] | None]:
+        """The stored dict for each key, None where absent."""
+        index = self._lookup(namespace, keys)
+        by_shard: dict[Path, list[int]] = defaultdict(list)
+        for i, key in enumerate(keys):
+            shard = index.get(key)
+            if shard is not None:
+                by_shard[shard].append(i)
+        out: list[dict[str, torch.Tensor] | None] = [None] * len(keys)
+        for shard, positions in by_shard.items():
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    names = list(f.keys())
+                    for i in positions:
+                        prefix = keys[i] + "/"
+                        out[i] = {
+                            n[len(prefix):]: f.get_tensor(n)
+                            for n in names
+                            if n.startswith(prefix) and n[len(prefix):] != _EMPTY_MARK
+                        }
+            except Exception as exc:  # damaged shard: forget it, recompute its entries
+                self._quarantine(namespace, shard, exc)
+                for i in positions:
+                    out[i] = None
+        return out
+
+    def put_many(self, namespace: str, keys: list[str], values: list[dict[str, torch.Tensor]]) -> None:
+        """Store one shard holding `values` under `keys` (keys already stored are not written again)."""
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        index = self._lookup(namespace, keys)
+        tensors: dict[str, torch.Tensor] = {}
+        new_keys = []
+        for key, value in zip(keys, values):
+            if key in index or key in new_keys:
+                continue
+            if "/" in key:
+                raise ValueError(f"cache key {key!r} must not contain '/'")
+            new_keys.append(key)
+            if not value:
+                tensors[f"{key}/{_EMPTY_MARK}"] = torch.zeros(0)
+            for name, tensor in value.items():
+                tensors[f"{key}/{name}"] = tensor.detach().to("cpu").contiguous().clone()
+        if not new_keys:
+            return
+        folder = self._folder(namespace)
+        digest = hashlib.sha256("\n".join(new_keys).encode()).hexdigest()[:12]
+        final = folder / f"{digest}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
+        data = safetensors_save(tensors, metadata={"format": "emofuse-feature-cache-1", "namespace": namespace})
+        _atomic_write(final, data)
+        with self._lock:
+            self._scanned.setdefault(namespace, set()).add(final.name)
+            ns_index = self._index.setdefault(namespace, {})
+            for key in new_keys:
+                ns_index[key] = final
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        namespace, key = item
+        return key in self._lookup(namespace, [key])
+
+    def missing(self, namespace: str, keys: Sequence[str]) -> list[str]:
+        """The keys with no stored entry."""
+        index = self._lookup(namespace, list(keys))
+        return [k for k in keys if k not in index]
+
+    # -- frozen encoders -------------------------------------------------------------------
+    def extract(self, encoder: Encoder, batch: Batch) -> dict[str, torch.Tensor]:
+        """`encoder.extract` for the whole batch, running it only on samples not yet cached.
+
+        Returns the collated tensors (`collate_extracted`) on the batch's device.
+        """
+        keys = batch_keys(batch, encoder.modalities)
+        if not encoder.cacheable:
+            return encoder.extracted_for(batch, None)
+        namespace = encoder_namespace(encoder)
+        values = self.get_many(namespace, keys)
+        missing = [i for i, v in enumerate(values) if v is None]
+        self.stats.hits += len(keys) - len(missing)
+        self.stats.misses += len(missing)
+        if missing:
+            lacking = [m for m in (VIDEO, AUDIO) if m in encoder.modalities and getattr(batch, m) is None]
+            if lacking:
+                raise RuntimeError(
+                    f"{len(missing)} samples are not cached for encoder {encoder.name!r}, and this batch was "
+                    f"built without decoding {', '.join(lacking)}: warm the cache first (FeatureCache.warm) "
+                    f"or include {', '.join(lacking)} in the loader's modalities"
+                )
+            sub = batch if len(missing) == len(keys) else select(batch, missing)
+            with torch.no_grad():
+                computed = encoder.extract(sub)
+            if computed is None or len(computed) != len(missing):
+                raise RuntimeError(
+                    f"encoder {encoder.name!r}.extract returned {None if computed is None else len(computed)} "
+                    f"items for {len(missing)} samples"
+                )
+            computed = [{k: v.detach().cpu() for k, v in item.items()} for item in computed]
+            self.put_many(namespace, [keys[i] for i in missing], computed)
+            for i, item in zip(missing, computed):
+                values[i] = item
+        collated = collate_extracted(values)  # type: ignore[arg-type]
+        device = batch.labels.device
+        return {k: v.to(device) for k, v in collated.items()}
+
+    def warm(
+        self,
+        encoders: Mapping[str, Encoder] | Sequence[Encoder],
+        loader: Iterable[Batch],
+        *,
+        description: str = "extracting frozen features",
+        progress: bool = True,
+    ) -> CacheStats:
+        """Run every cacheable encoder over `loader` once, storing what is missing; shows a progress bar."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        encs = list(encoders.values()) if isinstance(encoders, Mapping) else list(encoders)
+        encs = [e for e in encs if e.cacheable]
+        before = CacheStats(self.stats.hits, self.stats.misses)
+        total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            for batch in loader:
+                for enc in encs:
+                    self.extract(enc, batch)
+                bar.advance(task)
+        return CacheStats(self.stats.hits - before.hits, self.stats.misses - before.misses)
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def namespaces(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def size_bytes(self, namespace: str | None = None) -> int:
+        folders = [self.root / namespace] if namespace else [self.root / n for n in self.namespaces()]
+        return sum(p.stat().st_size for d in folders if d.is_dir() for p in d.glob(f"*{_SUFFIX}"))
+
+    def clear(self, namespace: str | None = None) -> None:
+        """Delete one namespace's shards, or everything under the root."""
+        for name in [namespace] if namespace else self.namespaces():
+            folder = self.root / name
+            for p in folder.glob("*"):
+                p.unlink()
+            if folder.is_dir():
+                folder.rmdir()
+            self._index.pop(name, None)
+            self._scanned.pop(name, None)
+
+    # -- internals -------------------------------------------------------------------------
+    def _folder(self, namespace: str) -> Path:
+        if not _NAMESPACE_RE.match(namespace):
+            raise ValueError(f"cache namespace {namespace!r} must be letters, digits, '.', '_' or '-'")
+        folder = self.root / namespace
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _lookup(self, namespace: str, keys: Sequence[str]) -> dict[str, Path]:
+        """The namespace index, rescanned for shards other processes added when a key is unknown."""
+        with self._lock:
+            index = self._index.setdefault(namespace, {})
+            if namespace not in self._scanned or any(k not in index for k in keys):
+                self._scan(namespace)
+            return index
+
+    def _scan(self, namespace: str) -> None:
+        folder = self._folder(namespace)
+        seen = self._scanned.setdefault(namespace, set())
+        index = self._index.setdefault(namespace, {})
+        for shard in sorted(folder.glob(f"*{_SUFFIX}")):
+            if shard.name in seen:
+                continue
+            seen.add(shard.name)
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    names = list(f.keys())
+            except Exception as exc:
+                self._quarantine(namespace, shard, exc, locked=True)
+                continue
+            for name in names:
+                index.setdefault(name.split("/", 1)[0], shard)
+
+    def _quarantine(self, namespace: str, shard: Path, exc: BaseException, *, locked: bool = False) -> None:
+        log.warning("feature cache shard %s is unreadable (%s); its entries will be recomputed", shard, exc)
+        try:
+            os.replace(shard, shard.with_suffix(".corrupt"))
+        except OSError:
+            pass
+
+        def forget() -> None:
+            index = self._index.get(namespace, {})
+            for key in [k for k, p in index.items() if p == shard]:
+                del index[key]
+
+        if locked:
+            forget()
+        else:
+            with self._lock:
+                forget()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename over, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

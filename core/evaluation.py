@@ -1,0 +1,295 @@
+"""Scoring a trained checkpoint on a split of its data set: the numbers `emofuse evaluate` prints.
+
+The checkpoint's own normaliser and label set are used, and the split is rebuilt the way training
+built it (same data config, same split file beside the run), so a reload scores exactly the clips
+the run held out. Modalities can be removed at test time (`drop`) to measure how much a model
+leans on each one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from emofuse.core.compose import ComposedModel
+from emofuse.core.errors import ConfigError
+from emofuse.core.metrics import MetricReport, metric_report
+from emofuse.core.model_io import LoadedModel, load_model
+from emofuse.core.registry import Registry
+from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch, EncoderOutput, Sample
+
+SPLITS = ("train", "val", "test")
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as torch reads it."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def drop_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
+    """A copy of `batch` where each of `modalities` is absent: presence False and the data zeroed.
+
+    This is how a model is tested without a modality: encoders and fusions see exactly what they
+    would see for clips that never had it.
+    """
+    modalities = list(modalities)
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise ConfigError(f"cannot remove unknown modality {unknown[0]!r}; expected one of {', '.join(MODALITIES)}")
+    out = Batch(**{k: v for k, v in batch.__dict__.items()})
+    out.present = dict(batch.present)
+    n = len(batch)
+    for m in modalities:
+        out.present[m] = torch.zeros(n, dtype=torch.bool, device=batch.labels.device)
+        if m == VIDEO and batch.video is not None:
+            out.video = torch.zeros_like(batch.video)
+        elif m == AUDIO and batch.audio is not None:
+            out.audio = torch.zeros_like(batch.audio)
+        elif m == TEXT and batch.text is not None:
+            out.text = [""] * n
+        elif m == FEATURES:
+            out.features = {k: torch.zeros_like(v) for k, v in batch.features.items()}
+        elif m == METADATA:
+            if batch.age is not None:
+                out.age = torch.full_like(batch.age, float("nan"))
+            if batch.gender is not None:
+                out.gender = torch.zeros_like(batch.gender)
+    return out
+
+
+def batches_of(
+    samples: Sequence[Sample],
+    modalities: Iterable[str],
+    normalizer: Any = None,
+    *,
+    batch_size: int = 16,
+    on_bad_sample: str = "error",
+) -> Iterator[Batch]:
+    """Decode and collate `samples` in order, `batch_size` at a time, with the given normaliser."""
+    from emofuse.core.data.pipeline import make_batch
+
+    modalities = sorted(set(modalities))
+    for start in range(0, len(samples), batch_size):
+        batch = make_batch(list(samples[start:start + batch_size]), modalities, normalizer, on_bad_sample=on_bad_sample)
+        if batch is not None and len(batch):
+            yield batch
+
+
+def normalizer_of(loaded: LoadedModel) -> Any:
+    """The checkpoint's fitted normaliser (None when the run had nothing to normalise)."""
+    if not loaded.normalizer_state:
+        return None
+    from emofuse.core.data.pipeline import Normalizer
+
+    return Normalizer.from_state_dict(loaded.normalizer_state)
+
+
+@dataclass
+class SplitOutputs:
+    """A model's raw outputs over one set of clips, in order."""
+
+    ids: list[str]
+    labels: torch.Tensor
+    logits: torch.Tensor
+    branch_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.float().softmax(dim=1)
+
+
+@torch.no_grad()
+def branch_outputs_over(
+    model: ComposedModel, batches: Iterable[Batch], *, drop: Sequence[str] = (), device: torch.device | str = "cpu"
+) -> tuple[list[Batch], list[dict[str, EncoderOutput]]]:
+    """Every branch's outputs batch by batch (on CPU), so several fusions can reuse them."""
+    model.eval().to(device)
+    kept, outputs = [], []
+    for batch in batches:
+        if drop:
+            batch = drop_modalities(batch, drop)
+        on_device = batch.to(device)
+        per_branch = model.branch_outputs(on_device)
+        outputs.append({name: _to_cpu(out) for name, out in per_branch.items()})
+        kept.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
+    return kept, outputs
+
+
+def _to_cpu(out: EncoderOutput) -> EncoderOutput:
+    return EncoderOutput(
+        logits=out.logits.detach().float().cpu(),
+        embedding=None if out.embedding is None else out.embedding.detach().float().cpu(),
+        present=None if out.present is None else out.present.detach().cpu(),
+        extras={k: v.detach().cpu() for k, v in out.extras.items()},
+    )
+
+
+@torch.no_grad()
+def combine(
+    model: ComposedModel, batches: Sequence[Batch], outputs: Sequence[dict[str, EncoderOutput]]
+) -> SplitOutputs:
+    """The model's final logits from precomputed branch outputs (the fusion, or the only branch)."""
+    ids: list[str] = []
+    labels, logits = [], []
+    branch_logits: dict[str, list[torch.Tensor]] = {}
+    fusion = model.fusion.eval().cpu() if model.fusion is not None else None
+    for batch, per_branch in zip(batches, outputs):
+        mine = [per_branch[name] for name in model.branches]  # the model's own branch order
+        if fusion is None:
+            (only,) = mine
+            final = only.logits
+        else:
+            final = fusion(mine)
+        ids += list(batch.ids)
+        labels.append(batch.labels)
+        logits.append(final.float())
+        for name in model.branches:
+            branch_logits.setdefault(name, []).append(per_branch[name].logits)
+    if not ids:
+        raise ConfigError("no clips to score: the split is empty")
+    return SplitOutputs(ids, torch.cat(labels), torch.cat(logits), {k: torch.cat(v) for k, v in branch_logits.items()})
+
+
+def run_model(
+    model: ComposedModel, batches: Iterable[Batch], *, drop: Sequence[str] = (), device: torch.device | str = "cpu"
+) -> SplitOutputs:
+    """The model's logits over `batches`, with `drop` modalities removed first."""
+    kept, outputs = branch_outputs_over(model, batches, drop=drop, device=device)
+    return combine(model, kept, outputs)
+
+
+@dataclass
+class EvaluationResult:
+    checkpoint: Path | None
+    split: str
+    report: MetricReport
+    outputs: SplitOutputs
+    dropped: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint) if self.checkpoint else None, "split": self.split,
+                "dropped_modalities": list(self.dropped), **self.report.to_dict()}
+
+
+def evaluate_samples(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    *,
+    split: str = "test",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    drop: Sequence[str] = (),
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    on_bad_sample: str | None = None,
+    checkpoint: Path | None = None,
+) -> EvaluationResult:
+    """Score a loaded model on `samples` (decoded with the checkpoint's normaliser)."""
+    labelled = [s for s in samples if s.label is not None and s.label >= 0]
+    if not labelled:
+        raise ConfigError(f"split {split!r} has no labelled clips to score")
+    batches = batches_of(labelled, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
+                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample)
+    outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
+    report = metric_report(outputs.labels, outputs.logits, loaded.label_names, bootstrap=bootstrap, seed=seed)
+    return EvaluationResult(checkpoint, split, report, outputs, tuple(drop))
+
+
+def split_samples(
+    loaded: LoadedModel,
+    split: str,
+    *,
+    checkpoint: Path | None = None,
+    data_dir: Path | None = None,
+    registry: Registry | None = None,
+) -> list[Sample]:
+    """The clips of `split` as the checkpoint's run defined it (its data config and split file)."""
+    from emofuse.core.data.pipeline import load_data
+
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    data_config = loaded.config.data
+    if data_dir is not None:
+        data_config = data_config.model_copy(update={"data_dir": Path(data_dir)})
+    split_dir = Path(checkpoint).resolve().parent if checkpoint is not None else None
+    bundle = load_data(data_config, sorted(loaded.model.modalities), registry=registry, split_dir=split_dir)
+    _check_labels(bundle.label_names, loaded.label_names, checkpoint)
+    return list(bundle.splits[split])
+
+
+def _check_labels(data_labels: Sequence[str], model_labels: Sequence[str], checkpoint: Path | None) -> None:
+    if list(data_labels) != list(model_labels):
+        raise ConfigError(
+            f"{checkpoint}: the model's classes {list(model_labels)} differ from the data's {list(data_labels)}",
+            hint="evaluate on the data set the model was trained on, or pass the same --labels",
+        )
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    *,
+    split: str = "test",
+    data_dir: Path | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    drop: Sequence[str] = (),
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    registry: Registry | None = None,
+) -> EvaluationResult:
+    """Load `checkpoint`, rebuild its split and score it (see `evaluate_samples`)."""
+    loaded = load_model(Path(checkpoint), registry=registry)
+    samples = split_samples(loaded, split, checkpoint=checkpoint, data_dir=data_dir, registry=registry)
+    return evaluate_samples(loaded, samples, split=split, bootstrap=bootstrap, seed=seed, drop=drop,
+                            batch_size=batch_size, device=device, checkpoint=Path(checkpoint))
+
+
+def evaluate_cli(
+    checkpoint: Path,
+    *,
+    split: str = "test",
+    data_dir: Path | None = None,
+    out_dir: Path | None = None,
+    bootstrap: int = 1000,
+    drop: Sequence[str] = (),
+    console: Any = None,
+) -> EvaluationResult:
+    """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
+    (default: ``<run folder>/eval-<split>``)."""
+    from emofuse.core.report import evaluation_tables, write_evaluation_report
+
+    result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop)
+    title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
+    if drop:
+        title += f" without {', '.join(drop)}"
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / f"eval-{split}"
+    paths = write_evaluation_report(result.report, out_dir, title=title)
+    from emofuse.core.report import write_json
+
+    write_json(paths["json"], result.to_dict())
+    if console is not None:
+        for table in evaluation_tables(result.report, title=title):
+            console.print(table)
+        console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return result
+
+
+__all__ = [
+    "EvaluationResult",
+    "SplitOutputs",
+    "batches_of",
+    "branch_outputs_over",
+    "combine",
+    "drop_modalities",
+    "evaluate_checkpoint",
+    "evaluate_cli",
+    "evaluate_samples",
+    "normalizer_of",
+    "resolve_device",
+    "run_model",
+    "split_samples",
+]

@@ -1,0 +1,31 @@
+"""Learning-rate schedule: linear warm-up, then cosine decay to zero over the remaining steps.
+
+Warm-up keeps AdamW's first, badly estimated moments from making large steps; the cosine decay lets
+the last epochs settle. Counted in optimizer steps (after gradient accumulation), not batches.
+"""
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(total_steps: int, warmup_fraction: float) -> int:
+    return int(round(total_steps * warmup_fraction))
+
+
+def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_fraction: float) -> LambdaLR:
+    """A `LambdaLR` with linear warm-up over ``warmup_fraction`` of `total_steps`, then cosine decay."""
+    total = max(1, int(total_steps))
+    warmup = warmup_steps_for(total, warmup_fraction)
+    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, total, warmup))

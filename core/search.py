@@ -1,0 +1,627 @@
+"""`emofuse search`: tune any composed variant with Optuna, in a study that outlives the process.
+
+- Storage is a real database: a SQLite file under the output folder by default (a study resumes by
+  name), or any Optuna storage URL; PostgreSQL lets workers on several machines share one study.
+- Trials over frozen branches (a fused config whose space touches only the fusion stage: ``fusion.*``,
+  ``fusion_train.*``, ``loss.*``) train the branches once and reuse them, so a trial trains only the
+  fusion over cached branch outputs: seconds, not hours.
+- Unpromising trials are pruned from their per-epoch validation scores (median or Hyperband).
+- A trial killed outright (power, OOM killer) stops beating its heartbeat and is re-queued, and one
+  interrupted (Ctrl-C, SIGTERM) re-queues itself, so a resumed study loses no trial and repeats none.
+- The best trial is exported as a run config `emofuse train --config` accepts, with a summary (best
+  value, parameters, importances) printed and written as JSON.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol
+
+import optuna
+from filelock import FileLock
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FixedTrial, FrozenTrial, TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
+
+from emofuse.core.config import RunConfig, to_toml, validate
+from emofuse.core.errors import ConfigError, MissingDependencyError
+from emofuse.core.registry import Registry, get_registry
+from emofuse.core.search_space import SearchSpace, default_space
+
+Scope = Literal["auto", "fusion", "full"]
+PrunerName = Literal["median", "hyperband", "none"]
+
+#: Key prefixes a trial may change while the branches stay frozen (only the fusion stage retrains).
+FUSION_STAGE_PREFIXES = ("fusion.", "fusion_train.", "loss.")
+#: Config keys that differ between machines of one study and so are not compared on resume.
+MACHINE_LOCAL_KEYS = ("name", "output_dir", "cache_dir", "search", "data.data_dir", "data.split_file",
+                      "train.device", "train.num_workers", "fusion_train.device", "fusion_train.num_workers")
+#: Study user attribute that pins what a study searches, so a resume cannot silently change it.
+STUDY_ATTR = "emofuse"
+#: Trial user attributes.
+ATTR_INTERRUPTED = "interrupted"
+ATTR_RETRY_OF = "retry_of"
+ATTR_RUN_DIR = "run_dir"
+ATTR_WORKER = "worker"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Trainer(Protocol):
+    """How trials train (`TrainRunTrainer`, over `emofuse.core.training`, by default)."""
+
+    def train(self, config: RunConfig, *, on_epoch: Callable[[int, Mapping[str, float]], None], data: Any,
+              branch_checkpoints: Mapping[str, Path] | None) -> Any:
+        """Train one config; return an object with ``metrics`` (``{split: {metric: value}}``).
+
+        ``on_epoch(epoch, val_metrics)`` is called after each validated epoch and may raise
+        `optuna.TrialPruned`. ``branch_checkpoints`` (branch -> checkpoint) skips stage 1 and
+        fuses those frozen branches over their cached outputs.
+        """
+        ...
+
+    def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
+        """Train `config`'s branches once (stage 1); return each branch's checkpoint."""
+        ...
+
+
+@dataclass
+class SearchOptions:
+    """How to run a study; every field has the issue's default."""
+
+    #: Study name in the storage (default: the run config's name).
+    study_name: str | None = None
+    #: Optuna storage URL (default: ``sqlite:///<output_dir>/search/studies.db``).
+    storage: str | None = None
+    #: Trials the study should hold when done (complete + pruned, all workers together).
+    n_trials: int = 50
+    #: Continue a study of that name when it exists; False refuses to touch an existing study.
+    resume: bool = True
+    #: "fusion": branches trained once, trials retrain the fusion only; "full": every trial trains
+    #: everything; "auto": "fusion" when the config is fused and the space allows it.
+    scope: Scope = "auto"
+    pruner: PrunerName = "median"
+    #: Sampler seed; workers sharing a study must use different seeds (or None).
+    sampler_seed: int | None = None
+    #: Stop this worker after this many seconds (a trial in flight finishes first).
+    timeout: float | None = None
+    #: Seconds between a running trial's heartbeats; one silent for `grace_period` is re-queued.
+    heartbeat_interval: int = 30
+    grace_period: int | None = None
+    #: Folder for the study's trial runs, summary and best config (default: <output_dir>/search/<study>).
+    out_dir: Path | None = None
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    monitor: str
+    direction: str
+    scope: str
+    counts: dict[str, int]
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    importances: dict[str, float] | None
+    best_config: RunConfig | None
+    best_config_path: Path | None
+    summary_path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# -- storage -----------------------------------------------------------------------------------------
+def default_storage_path(config: RunConfig) -> Path:
+    return Path(config.output_dir) / "search" / "studies.db"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def redact(url: str) -> str:
+    """A storage URL fit to print: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def normalize_url(url: str) -> str:
+    """Check a storage URL; a bare ``postgresql://`` uses psycopg 3 when psycopg2 is not installed."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--storage {url!r}: not a database URL",
+                          hint="e.g. sqlite:///runs/search/studies.db or postgresql://user@host/db") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None:
+            if importlib.util.find_spec("psycopg") is None:
+                raise MissingDependencyError("a PostgreSQL storage needs a driver", hint="pip install 'psycopg[binary]'")
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return parsed.render_as_string(hide_password=False)
+    return url
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _serialize_sqlite_writers(storage: RDBStorage) -> None:
+    """Make every SQLite transaction ``BEGIN IMMEDIATE`` in WAL mode.
+
+    SQLite's default deferred transactions take the write lock only at their first write; two
+    processes that both read and then write deadlock, and SQLite answers one of them "database is
+    locked" at once, whatever the busy timeout. Taking the write lock up front makes writers queue
+    (up to the busy timeout) instead; WAL lets readers proceed while one writes.
+    """
+    engine = storage.engine
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # let SQLAlchemy's begin event below open transactions
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the storage set itself up lack the settings
+
+
+def open_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int | None = None) -> RDBStorage:
+    """An Optuna RDB storage with heartbeats (stale trials are failed and re-queued).
+
+    SQLite files get a 60 s busy timeout and serialized writers; server databases a pre-ping so a
+    connection dropped during a long trial is replaced rather than failing the trial.
+    """
+    url = normalize_url(url)
+    sqlite_file = _sqlite_file(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        kwargs: dict[str, Any] = dict(
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period or 3 * heartbeat_interval,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
+        if sqlite_file is not None:
+            sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+            # Table creation is not atomic in SQLite: one process at a time sets a new file up.
+            with FileLock(str(sqlite_file) + ".lock"):
+                storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+            _serialize_sqlite_writers(storage)
+            return storage
+        for attempt in range(5):
+            try:
+                return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+            except ImportError as exc:
+                raise MissingDependencyError(f"--storage {redact(url)}: {exc}", hint="install the database driver") from None
+            except (IntegrityError, ProgrammingError):
+                # Workers starting together on a fresh database race to create Optuna's tables (and,
+                # in PostgreSQL, its enum types); the loser finds them made and carries on.
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+# -- one study ---------------------------------------------------------------------------------------
+def monitor_of(config: RunConfig) -> str:
+    """The validation metric trials are ranked by: the last stage's `monitor`."""
+    stage = config.fusion_train if (config.fusion is not None and config.fusion_train is not None) else config.train
+    return stage.monitor
+
+
+def resolve_scope(config: RunConfig, space_paths: list[str], scope: Scope) -> str:
+    """'fusion' when trials may reuse frozen branches, else 'full'; a bad explicit choice is an error."""
+    outside = [p for p in space_paths if not p.startswith(FUSION_STAGE_PREFIXES)]
+    if scope == "full":
+        return "full"
+    if config.fusion is None:
+        if scope == "fusion":
+            raise ConfigError("--scope fusion needs a fused config", hint="add a fusion (--fusion NAME) or use --scope full")
+        return "full"
+    if outside:
+        if scope == "fusion":
+            raise ConfigError(
+                f"search: {', '.join(outside)} change the branches, which --scope fusion keeps frozen",
+                hint="search fusion_train.* (the fusion stage's training) instead, or use --scope full",
+            )
+        return "full"
+    return "fusion"
+
+
+def _fingerprint(config: RunConfig) -> dict[str, Any]:
+    raw = config.model_dump(mode="json")
+    for key in MACHINE_LOCAL_KEYS:
+        *parents, last = key.split(".")
+        node = raw
+        for p in parents:
+            node = node.get(p) or {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return raw
+
+
+def check_components(config: RunConfig, registry: Registry) -> None:
+    """Validate every component's options, as composing the model would, without building anything."""
+    for branch, ref in config.branches.items():
+        registry.cls("encoder", ref.name).make_config(ref.options, where=f"branches.{branch}")
+    if config.fusion is not None:
+        registry.cls("fusion", config.fusion.name).make_config(config.fusion.options, where="fusion")
+    registry.cls("loss", config.loss.name).make_config(config.loss.options, where="loss")
+
+
+def materialize(space: SearchSpace, base: Mapping[str, Any], params: Mapping[str, Any] | optuna.Trial,
+                *, source: str) -> RunConfig:
+    """The run config a trial (or a fixed parameter set) describes, validated."""
+    trial = params if isinstance(params, optuna.Trial) else FixedTrial(dict(params))
+    raw = space.apply(trial, base)
+    raw["search"] = {}
+    return validate(raw, source=source)
+
+
+def _make_pruner(name: PrunerName, config: RunConfig) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "hyperband":
+        stage = config.fusion_train or config.train
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(stage.epochs, 3), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job) ends the trial like Ctrl-C, so it re-queues itself."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class TrainRunTrainer:
+    """The real trainer: `emofuse.core.training.train_run` with the data loaded once for every trial."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def train(self, config: RunConfig, *, on_epoch: Callable, data: Any,
+              branch_checkpoints: Mapping[str, Path] | None) -> Any:
+        from emofuse.core import training
+
+        return training.train_run(config, registry=self.registry, resume=False, progress=False, on_epoch=on_epoch,
+                                  data=data, branch_checkpoints=branch_checkpoints)
+
+    def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
+        from emofuse.core import training
+
+        return training.train_branches(config, out_dir=out_dir, registry=self.registry, data=data)
+
+
+class Study:
+    """One named study over one base config: opens (or resumes) it, runs trials, summarises."""
+
+    def __init__(self, config: RunConfig, options: SearchOptions | None = None, *, registry: Registry | None = None,
+                 trainer: Trainer | None = None, data: Any = None, console: Any = None):
+        self.config = config
+        self.options = options or SearchOptions()
+        if self.options.n_trials < 1:
+            raise ConfigError(f"--trials {self.options.n_trials}: a study needs at least one trial")
+        self.registry = registry or get_registry()
+        self.console = console
+        self.name = self.options.study_name or config.name
+        raw_space = config.search or None
+        self.scope = resolve_scope(config, list(raw_space or {}), self.options.scope)
+        if raw_space is None:
+            train_key = "fusion_train" if self.scope == "fusion" else "train"
+            raw_space = default_space(config, train_key=train_key, registry=self.registry)
+        self.space = SearchSpace.parse(raw_space)
+        self.monitor = monitor_of(config)
+        self.direction = "minimize" if self.monitor == "loss" else "maximize"
+        self.out_dir = Path(self.options.out_dir or Path(config.output_dir) / "search" / self.name)
+        self.base = config.model_dump(mode="json", exclude_none=True)
+        self.base.pop("search", None)
+        self.trainer = trainer or TrainRunTrainer(self.registry)
+        self.data = data
+        self._check_space()
+        url = self.options.storage or sqlite_url(default_storage_path(config))
+        self.storage_url = redact(url)
+        self.storage = open_storage(url, heartbeat_interval=self.options.heartbeat_interval,
+                                    grace_period=self.options.grace_period)
+        self.study = self._open_study()
+        self.branch_checkpoints: dict[str, Path] | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _check_space(self) -> None:
+        """Every corner of the space must make a valid config: fail now, not at trial 37."""
+        for params in self.space.corners():
+            cfg = materialize(self.space, self.base, params, source=f"search space at {params}")
+            check_components(cfg, self.registry)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"space": self.space.to_dict(), "scope": self.scope, "monitor": self.monitor,
+                "config": _fingerprint(self.config)}
+
+    def _open_study(self) -> optuna.Study:
+        exists = self.name in optuna.get_all_study_names(self.storage)
+        if exists and not self.options.resume:
+            raise ConfigError(
+                f"study {self.name!r} already exists in {self.storage_url}",
+                hint="resume it (drop --no-resume), or choose another name with --study",
+            )
+        sampler = optuna.samplers.TPESampler(seed=self.options.sampler_seed, constant_liar=True)
+        study = optuna.create_study(storage=self.storage, study_name=self.name, direction=self.direction,
+                                    sampler=sampler, pruner=_make_pruner(self.options.pruner, self.config),
+                                    load_if_exists=True)
+        if study.direction.name.lower() != self.direction:
+            raise ConfigError(f"study {self.name!r} in {self.storage_url} {study.direction.name.lower()}s its "
+                              f"value, this config would {self.direction} {self.monitor}", hint="use another --study")
+        identity = json.loads(json.dumps(self._identity()))
+        stored = study.user_attrs.get(STUDY_ATTR)
+        if stored is None:
+            study.set_user_attr(STUDY_ATTR, identity)
+        else:
+            for key in ("space", "scope", "monitor", "config"):
+                if stored.get(key) != identity[key]:
+                    raise ConfigError(
+                        f"study {self.name!r} in {self.storage_url} was started with a different {key}",
+                        hint="resume it with the same preset, config and --set values, or start another --study",
+                    )
+        return study
+
+    def counts(self) -> dict[str, int]:
+        trials = self.study.get_trials(deepcopy=False)
+        return {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+
+    def recover(self) -> None:
+        """Fail trials whose worker died (no heartbeat for the grace period) and re-queue them."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+
+    # -- trials -------------------------------------------------------------------------------
+    def prepare_branches(self) -> dict[str, Path] | None:
+        """In 'fusion' scope, the frozen branches every trial fuses: trained once, then reused."""
+        if self.scope != "fusion":
+            return None
+        if self.branch_checkpoints is None:
+            # One worker per machine trains them; the others wait on the lock and reuse its checkpoints.
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.out_dir / "branches.lock")):
+                self.branch_checkpoints = self.trainer.train_branches(
+                    self.config, out_dir=self.out_dir / "branches", data=self.data)
+        return self.branch_checkpoints
+
+    def objective(self, trial: optuna.Trial) -> float:
+        config = self.trial_config(trial)
+        step = 0
+
+        def on_epoch(epoch: int, val_metrics: Mapping[str, float]) -> None:
+            nonlocal step
+            value = val_metrics.get(self.monitor)
+            if value is None or not math.isfinite(float(value)):
+                return
+            trial.report(float(value), step)
+            step += 1
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{self.monitor} {float(value):.4f} after epoch {epoch}")
+
+        trial.set_user_attr(ATTR_WORKER, f"{os.uname().nodename}:{os.getpid()}")
+        trial.set_user_attr(ATTR_RUN_DIR, str(Path(config.output_dir) / config.name))
+        try:
+            result = self.trainer.train(config, on_epoch=on_epoch, data=self.data, branch_checkpoints=self.branch_checkpoints)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM mid-trial: Optuna fails this trial; queue its parameters to run again.
+            trial.set_user_attr(ATTR_INTERRUPTED, True)
+            self.study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
+            raise
+        metrics = result.metrics
+        if "val" not in metrics or self.monitor not in metrics["val"]:
+            raise ConfigError(f"trial {trial.number}: the run reported no validation {self.monitor}",
+                              hint="the data split needs a validation set (data.val_fraction)")
+        for split, values in metrics.items():
+            trial.set_user_attr(f"metrics.{split}", {k: float(v) for k, v in values.items()})
+        return float(metrics["val"][self.monitor])
+
+    def trial_config(self, trial: optuna.Trial | Mapping[str, Any]) -> RunConfig:
+        number = trial.number if isinstance(trial, optuna.Trial) else None
+        base = copy.deepcopy(self.base)
+        if number is not None:
+            base["name"] = f"trial-{number:04d}"
+            base["output_dir"] = str(self.out_dir / "trials")
+        where = f"study {self.name!r} trial {number}" if number is not None else f"study {self.name!r}"
+        return materialize(self.space, base, trial, source=where)
+
+    def optimize(self, *, progress: bool = False) -> None:
+        """Run trials until the study holds `n_trials` finished ones (this worker's share of them)."""
+        self.recover()
+        remaining = self.options.n_trials - sum(self.counts()[s.name.lower()] for s in FINISHED)
+        if remaining <= 0:
+            return
+        self.prepare_branches()
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
+            optuna.study.MaxTrialsCallback(self.options.n_trials, states=FINISHED)
+        ]
+        if progress and self.console is not None:
+            callbacks.append(self._print_trial)
+        with _sigterm_as_interrupt():
+            self.study.optimize(self.objective, n_trials=remaining, timeout=self.options.timeout,
+                                callbacks=callbacks, gc_after_trial=True, catch=(RuntimeError, FloatingPointError))
+
+    def _print_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        value = "" if trial.value is None else f" {self.monitor}={trial.value:.4f}"
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        self.console.print(f"trial {trial.number} {trial.state.name.lower()}{value} ({params})", highlight=False)
+
+    # -- results ------------------------------------------------------------------------------
+    def best_trial(self) -> FrozenTrial | None:
+        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not complete:
+            return None
+        return self.study.best_trial
+
+    def importances(self) -> tuple[dict[str, float] | None, str | None]:
+        """fANOVA importances of the parameters, or None and why (too few trials, no variation)."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(complete) < 2:
+            return None, f"{len(complete)} complete trial(s): importances need at least 2"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return dict(optuna.importance.get_param_importances(self.study)), None
+        except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+            return None, f"importances unavailable: {exc}"
+
+    def summarize(self, *, elapsed_s: float | None = None) -> SearchResult:
+        """Write ``summary.json`` (and ``best.toml`` when a trial completed) under the study folder."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        best = self.best_trial()
+        importances, importance_note = self.importances()
+        best_config = best_path = None
+        if best is not None:
+            best_config = self.best_config(best)
+            best_path = self.out_dir / "best.toml"
+            best_path.write_text(to_toml(best_config) + "\n", encoding="utf-8")
+        trials = self.study.get_trials(deepcopy=False)
+        summary = {
+            "study": self.name,
+            "storage": self.storage_url,
+            "monitor": self.monitor,
+            "direction": self.direction,
+            "scope": self.scope,
+            "target_trials": self.options.n_trials,
+            "counts": self.counts(),
+            "best": None if best is None else {
+                "number": best.number,
+                "value": best.value,
+                "params": best.params,
+                "metrics": {k[len("metrics."):]: v for k, v in best.user_attrs.items() if k.startswith("metrics.")},
+                "run_dir": best.user_attrs.get(ATTR_RUN_DIR),
+                "config": str(best_path),
+            },
+            "importances": importances,
+            "importance_note": importance_note,
+            "space": self.space.to_dict(),
+            "branch_checkpoints": {k: str(v) for k, v in (self.branch_checkpoints or {}).items()} or None,
+            "elapsed_s": elapsed_s,
+            "trials": [
+                {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+                 "duration_s": t.duration.total_seconds() if t.duration else None,
+                 "retry_of": _retry_of(t), "worker": t.user_attrs.get(ATTR_WORKER)}
+                for t in trials
+            ],
+        }
+        summary_path = self.out_dir / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        return SearchResult(
+            study_name=self.name, storage=self.storage_url, monitor=self.monitor, direction=self.direction,
+            scope=self.scope, counts=summary["counts"], best_number=None if best is None else best.number,
+            best_value=None if best is None else best.value, best_params={} if best is None else dict(best.params),
+            importances=importances, best_config=best_config, best_config_path=best_path,
+            summary_path=summary_path, summary=summary,
+        )
+
+    def best_config(self, best: FrozenTrial) -> RunConfig:
+        """The best trial's config as a standalone run: named after the study, in the base output folder."""
+        config = self.trial_config(best.params)
+        return config.model_copy(update={"name": f"{self.name}-best", "output_dir": self.config.output_dir})
+
+
+def _retry_of(trial: FrozenTrial) -> int | None:
+    if ATTR_RETRY_OF in trial.user_attrs:
+        return int(trial.user_attrs[ATTR_RETRY_OF])
+    history = RetryHeartbeatStaleTrialCallback.retry_history(trial) if "retry_history" in trial.system_attrs else []
+    return history[-1] if history else None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# -- entry points ------------------------------------------------------------------------------------
+def run_search(config: RunConfig, options: SearchOptions | None = None, *, registry: Registry | None = None,
+               trainer: Trainer | None = None, data: Any = None, console: Any = None,
+               progress: bool = False) -> SearchResult:
+    """Open (or resume) the study, run its missing trials, export the best config and a summary."""
+    started = time.perf_counter()
+    study = Study(config, options, registry=registry, trainer=trainer, data=data, console=console)
+    if study.data is None and trainer is None and not any(p.startswith("data.") for p in study.space.paths):
+        study.data = _load_data(config, study.registry)
+    study.optimize(progress=progress)
+    return study.summarize(elapsed_s=round(time.perf_counter() - started, 3))
+
+
+def _load_data(config: RunConfig, registry: Registry) -> Any:
+    """The data every trial shares, loaded once (the space leaves `data.*` alone)."""
+    from emofuse.core.compose import required_modalities
+    from emofuse.core.data.pipeline import load_data
+
+    return load_data(config.data, required_modalities(config, registry))
+
+
+def print_summary(result: SearchResult, console: Any) -> None:
+    """The study's outcome as rich tables: counts, best value, parameters with their importances."""
+    from rich.table import Table
+
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    console.print(f"[bold]study {result.study_name}[/] ({result.storage}, scope {result.scope}): {counts or 'no trials'}")
+    if result.best_number is None:
+        console.print("[yellow]no trial completed: nothing to export[/]")
+        return
+    table = Table(title=f"best trial {result.best_number}: val {result.monitor} = {result.best_value:.4f}")
+    table.add_column("parameter")
+    table.add_column("value", justify="right")
+    table.add_column("importance", justify="right")
+    for name, value in result.best_params.items():
+        importance = (result.importances or {}).get(name)
+        table.add_row(name, _fmt(value), "" if importance is None else f"{importance:.3f}")
+    console.print(table)
+    if result.importances is None and result.summary.get("importance_note"):
+        console.print(f"[dim]{result.summary['importance_note']}[/]")
+    console.print(f"best config: {result.best_config_path}  (emofuse train --config {result.best_config_path})")
+    console.print(f"summary: {result.summary_path}")
+
+
+def search_cli(config: RunConfig, *, trials: int = 50, storage: str | None = None, study_name: str | None = None,
+               resume: bool = True, scope: Scope = "auto", pruner: PrunerName = "median", seed: int | None = None,
+               timeout: float | None = None, console: Any = None) -> SearchResult:
+    """What ``emofuse search`` runs: the study, then its summary printed."""
+    options = SearchOptions(study_name=study_name, storage=storage, n_trials=trials, resume=resume, scope=scope,
+                            pruner=pruner, sampler_seed=seed, timeout=timeout)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = run_search(config, options, console=console, progress=console is not None)
+    if console is not None:
+        print_summary(result, console)
+    return result
+
+
+__all__ = ["SearchOptions", "SearchResult", "Study", "run_search", "search_cli", "open_storage", "print_summary",
+           "default_space", "SearchSpace", "Trainer", "TrainRunTrainer"]

@@ -1,0 +1,146 @@
+"""A generic manifest (CSV, TSV or JSON Lines, optionally gzipped), one row per clip, for any corpus.
+
+Columns (renamable with ``columns``): id, label, speaker, age, gender, text, audio, video, dialogue,
+utterance, partition; feature sets by column prefix (``feature_sets = {"au": "au_"}``) or, in
+JSON Lines, one key holding a list. Media paths are relative to ``media_root`` (default: the
+manifest's folder). Only `id` is required; without a label column the rows are unlabelled
+(for prediction). The label set must be given explicitly with ``labels``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Iterator, Literal
+
+from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig
+from emofuse.core.data.tables import feature_columns, is_blank, read_table, row_features
+from emofuse.core.errors import ConfigError
+from emofuse.core.hookspecs import hookimpl
+from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
+
+FIELDS = ("id", "label", "speaker", "age", "gender", "text", "audio", "video", "dialogue", "utterance", "partition")
+
+
+class ManifestConfig(CorpusReaderConfig):
+    #: The manifest file (relative to the root, which defaults to the data folder).
+    path: Path | None = None
+    #: Field -> column name, for manifests whose columns are named otherwise (e.g. {"label": "emotion"}).
+    columns: dict[str, str] = {}
+    #: Feature set name -> column prefix (or the JSON key holding a list).
+    feature_sets: dict[str, str] = {}
+    #: Folder that relative media paths start from; default: the manifest's folder.
+    media_root: Path | None = None
+    #: An empty cell in the text column: "error" (bad input) or "absent" (the clip has no text).
+    empty_text: Literal["error", "absent"] = "error"
+
+
+class ManifestReader(CorpusReader):
+    """Any corpus described by a CSV/JSONL manifest: id, label, speaker, metadata, text, media paths, features."""
+
+    name: ClassVar[str] = "manifest"
+    Config: ClassVar[type[ManifestConfig]] = ManifestConfig
+    default_root: ClassVar[str] = ""
+    modalities: ClassVar[tuple[str, ...]] = (VIDEO, AUDIO, TEXT, METADATA, FEATURES)
+
+    def samples(self) -> Iterator[Sample]:
+        cfg: ManifestConfig = self.config  # type: ignore[assignment]
+        if cfg.path is None:
+            raise ConfigError("data.options.path: the manifest reader needs the manifest file",
+                              hint="e.g. --set data.options.path=clips.csv")
+        unknown = sorted(set(cfg.columns) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"data.options.columns: unknown field(s) {', '.join(unknown)}",
+                              hint=f"fields are {', '.join(FIELDS)}")
+        bases = [self.root] if self.config.root is not None or self.data_dir is not None else []
+        path = self.resolve(cfg.path, *bases, Path.cwd())
+        table = read_table(path)
+        col = {f: cfg.columns.get(f, f) for f in FIELDS}
+        table.require(col["id"])
+        has = {f: col[f] in table.columns for f in FIELDS}
+        if has["label"] and not self.label_names:
+            raise ConfigError("data.options.labels: a manifest needs its label set given explicitly",
+                              hint="e.g. --labels neutral,happy,sad,angry (the order is the class index)")
+        feat_cols = feature_columns(table, cfg.feature_sets) if cfg.feature_sets else {}
+        media_root = self.resolve(cfg.media_root, path.parent) if cfg.media_root else path.parent
+        seen: set[str] = set()
+        for line, row in table.rows:
+            where = table.where(line)
+            sample_id = "" if is_blank(row.get(col["id"])) else str(row[col["id"]]).strip()
+            if not sample_id:
+                self.bad(where, f"empty {col['id']!r}")
+                continue
+            if sample_id in seen:
+                self.bad(where, f"id {sample_id!r} appears twice")
+                continue
+            seen.add(sample_id)
+            label = None
+            if has["label"]:
+                label = self.label(None if is_blank(row.get(col["label"])) else str(row[col["label"]]), where)
+                if label is None:
+                    continue
+            media: dict[str, str | None] = {"audio": None, "video": None}
+            missing = None
+            for field in ("audio", "video"):
+                value = row.get(col[field]) if has[field] else None
+                if is_blank(value):
+                    continue
+                p = Path(str(value).strip()).expanduser()
+                p = p if p.is_absolute() else media_root / p
+                if not p.is_file():
+                    missing = f"{field} file {p} does not exist"
+                    break
+                media[field] = str(p)
+            if missing:
+                self.bad(where, missing)
+                continue
+            text = None
+            if has["text"]:
+                raw = row.get(col["text"])
+                text = None if is_blank(raw) else str(raw).strip()
+                if text is None and cfg.empty_text == "error":
+                    self.bad(where, "empty transcript", hint="fill it, set data.options.empty_text = absent, "
+                                                            "or pass --on-bad-sample skip")
+                    continue
+            age = None
+            if has["age"] and not is_blank(row.get(col["age"])):
+                try:
+                    age = float(row[col["age"]])
+                except (TypeError, ValueError):
+                    self.bad(where, f"age {row[col['age']]!r} is not a number")
+                    continue
+            utterance = None
+            if has["utterance"] and not is_blank(row.get(col["utterance"])):
+                try:
+                    utterance = int(row[col["utterance"]])
+                except (TypeError, ValueError):
+                    self.bad(where, f"utterance index {row[col['utterance']]!r} is not an integer")
+                    continue
+            features = {}
+            if feat_cols:
+                features, reason = row_features(table, line, row, feat_cols)
+                if features is None:
+                    self.bad(where, reason or "bad features")
+                    continue
+            extra = {}
+            if has["partition"] and not is_blank(row.get(col["partition"])):
+                extra["partition"] = str(row[col["partition"]]).strip().lower()
+            yield Sample(
+                id=sample_id,
+                label=label,
+                label_name=self.label_names[label] if label is not None else None,
+                speaker=None if not has["speaker"] or is_blank(row.get(col["speaker"])) else str(row[col["speaker"]]).strip(),
+                age=age,
+                gender=None if not has["gender"] or is_blank(row.get(col["gender"])) else str(row[col["gender"]]).strip(),
+                text=text,
+                audio_path=media["audio"],
+                video_path=media["video"],
+                features=features,
+                dialogue_id=None if not has["dialogue"] or is_blank(row.get(col["dialogue"])) else str(row[col["dialogue"]]).strip(),
+                utterance_index=utterance,
+                source=where,
+                extra=extra,
+            )
+
+
+@hookimpl
+def register_datasets():
+    return [ManifestReader]

@@ -1,0 +1,147 @@
+"""Audio front ends with one interface: a list of 16 kHz waveforms in, one ``[frames, dim]`` tensor out each.
+
+- a Wav2Vec2-family model from transformers (hub id such as ``facebook/wav2vec2-base``, or a local
+  folder), 768-d at 50 frames/s: the reference design's audio encoder, for users who have the weights;
+- ``log-mel``: a 64-band log-mel spectrogram at 100 frames/s, the default, since no installable
+  package ships Wav2Vec2 weights; the encoder learns its convolutional front end on top;
+- ``egemaps``: the 25 eGeMAPS v02 low-level descriptors (pitch, loudness, jitter, shimmer, formants,
+  spectral slope...) at 100 frames/s from openSMILE, an expert-designed acoustic feature set. openSMILE's
+  licence is research/education only, hence the optional extra ``emofuse[egemaps]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from emofuse.core.errors import MissingDependencyError
+from emofuse.plugins.encoders.pretrained import load_pretrained
+
+SAMPLE_RATE = 16_000
+LOG_MEL = "log-mel"
+EGEMAPS = "egemaps"
+DEFAULT_AUDIO_BACKBONE = LOG_MEL
+
+
+class AudioFrontEnd(nn.Module):
+    """Base: `dim` features per frame, `frame_rate` frames per second."""
+
+    dim: int = 0
+    frame_rate: float = 100.0
+    #: True when it holds pretrained weights that freezing/unfreezing applies to.
+    has_weights: bool = False
+
+    def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LogMelFrontEnd(AudioFrontEnd):
+    """Log-mel spectrogram: 25 ms Hann windows every 10 ms, Slaney mel filters (transformers.audio_utils)."""
+
+    def __init__(self, n_mels: int = 64, n_fft: int = 512, win_length: int = 400, hop_length: int = 160,
+                 f_min: float = 20.0, f_max: float = SAMPLE_RATE / 2):
+        super().__init__()
+        from transformers.audio_utils import mel_filter_bank
+
+        filters = mel_filter_bank(
+            num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=f_min,
+            max_frequency=f_max, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
+        )
+        self.register_buffer("mel_filters", torch.from_numpy(filters).float(), persistent=False)
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+        self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
+        self.dim = n_mels
+        self.frame_rate = SAMPLE_RATE / hop_length
+
+    def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for wav in waveforms:
+            wav = wav.float().flatten()
+            if wav.numel() < self.n_fft:
+                wav = nn.functional.pad(wav, (0, self.n_fft - wav.numel()))
+            spec = torch.stft(wav, self.n_fft, self.hop_length, self.win_length, self.window,
+                              center=True, return_complex=True).abs().pow(2)
+            mel = self.mel_filters.T @ spec  # [n_mels, frames]
+            out.append(torch.log(mel + 1e-6).T.contiguous())
+        return out
+
+
+class EgemapsFrontEnd(AudioFrontEnd):
+    """The eGeMAPS v02 low-level descriptors from openSMILE, 25 per 10 ms frame."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            import opensmile
+        except ImportError:
+            raise MissingDependencyError(
+                "audio backbone 'egemaps' needs openSMILE, which is not installed",
+                hint="pip install emofuse[egemaps] (openSMILE's licence allows research and education use only)",
+            ) from None
+        self._smile = opensmile.Smile(
+            feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=opensmile.FeatureLevel.LowLevelDescriptors
+        )
+        self.dim = len(self._smile.feature_names)
+        self.frame_rate = 100.0
+
+    def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for wav in waveforms:
+            signal = wav.detach().float().cpu().numpy().reshape(1, -1)
+            frames = self._smile.process_signal(signal, SAMPLE_RATE).to_numpy(dtype=np.float32)
+            if frames.shape[0] == 0:  # shorter than one analysis window
+                frames = np.zeros((1, self.dim), dtype=np.float32)
+            out.append(torch.from_numpy(np.nan_to_num(frames)).to(wav.device))
+        return out
+
+
+class TransformersAudioBackbone(AudioFrontEnd):
+    """A Wav2Vec2-family model's last hidden states (``AutoModel``), one clip at a time.
+
+    Clips run alone because wav2vec2-base normalises without an attention mask: padding would
+    change a clip's features with its batch-mates.
+    """
+
+    has_weights = True
+
+    def __init__(self, name: str, *, option: str = "audio_backbone"):
+        super().__init__()
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        common = dict(what="audio backbone", option=option, alternative=DEFAULT_AUDIO_BACKBONE)
+        self.model = load_pretrained(name, AutoModel.from_pretrained, **common)
+        try:
+            self.feature_extractor = load_pretrained(name, AutoFeatureExtractor.from_pretrained, **common)
+        except (OSError, ValueError, MissingDependencyError):
+            self.feature_extractor = None  # a bare model folder: normalise per clip as wav2vec2 does
+        self.name = name
+        self.dim = int(self.model.config.hidden_size)
+        strides = getattr(self.model.config, "conv_stride", None)
+        self.frame_rate = SAMPLE_RATE / float(np.prod(strides)) if strides else 50.0
+
+    def _normalise(self, wav: torch.Tensor) -> torch.Tensor:
+        fe = self.feature_extractor
+        if fe is None or getattr(fe, "do_normalize", True):
+            return (wav - wav.mean()) / torch.sqrt(wav.var(unbiased=False) + 1e-7)
+        return wav
+
+    def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = next(self.model.parameters()).device
+        out = []
+        for wav in waveforms:
+            wav = wav.float().flatten().to(device)
+            if wav.numel() < 400:  # the conv feature encoder's receptive field
+                wav = nn.functional.pad(wav, (0, 400 - wav.numel()))
+            hidden = self.model(self._normalise(wav)[None]).last_hidden_state
+            out.append(hidden[0])
+        return out
+
+
+def make_audio_backbone(name: str = DEFAULT_AUDIO_BACKBONE, *, option: str = "audio_backbone") -> AudioFrontEnd:
+    """``log-mel``, ``egemaps``, or a Wav2Vec2-family hub id / local folder."""
+    key = name.strip().lower()
+    if key in (LOG_MEL, "logmel", "log_mel"):
+        return LogMelFrontEnd()
+    if key in (EGEMAPS, "egemapsv02"):
+        return EgemapsFrontEnd()
+    return TransformersAudioBackbone(name, option=option)

@@ -1,0 +1,74 @@
+"""Small building blocks the branch encoders share: freezing backbones, batch norm that tolerates
+a batch of one and padded sequences, and the speaker-metadata embedding."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emofuse.core.types import METADATA_DIM, Batch
+
+
+def freeze(module: nn.Module | None) -> None:
+    """Stop gradients into `module` and keep it in eval mode (batch-norm statistics and dropout fixed)."""
+    if module is None:
+        return
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+
+
+def keep_frozen_in_eval(modules: Iterable[nn.Module | None]) -> None:
+    """After ``Module.train()``: put frozen backbones back in eval mode."""
+    for m in modules:
+        if m is not None:
+            m.eval()
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """Batch norm that uses its running statistics for a training batch of one sample
+    (plain batch norm raises there; a last partial batch of one is common)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Batch norm over the real positions of a padded ``[B, C, L]`` sequence; padding stays zero and
+    does not enter the statistics."""
+    rows = x.transpose(1, 2)[mask]  # [N_valid, C]
+    if rows.shape[0] == 0:
+        return torch.zeros_like(x)
+    out = torch.zeros_like(x.transpose(1, 2))
+    out[mask] = bn(rows)
+    return out.transpose(1, 2)
+
+
+class MetadataEmbedding(nn.Module):
+    """Speaker age and gender (`Batch.metadata_tensor`, 5 values) -> a small learned vector."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.dim = dim
+        self.net = nn.Sequential(nn.Linear(METADATA_DIM, dim), nn.ReLU())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.net(batch.metadata_tensor().to(self.net[0].weight.dtype))
+
+
+def presence(batch: Batch, modality: str) -> torch.Tensor:
+    """``[B]`` bool: where `modality` is present (all False when the batch does not carry it)."""
+    mask = batch.present.get(modality)
+    if mask is None:
+        return torch.zeros(len(batch), dtype=torch.bool, device=batch.labels.device)
+    return mask.to(batch.labels.device).bool()
+
+
+def classifier_head(in_dim: int, hidden: int, num_classes: int, dropout: float) -> tuple[nn.Sequential, nn.Linear]:
+    """Linear -> batch norm -> ReLU -> dropout (the embedding), then a linear layer to the classes."""
+    body = nn.Sequential(nn.Linear(in_dim, hidden), BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout))
+    return body, nn.Linear(hidden, num_classes)

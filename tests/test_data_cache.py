@@ -1,0 +1,149 @@
+"""The feature cache: hits, misses, invalidation by input and by config, and crash safety."""
+from __future__ import annotations
+
+import shutil
+from typing import ClassVar
+
+import pytest
+import torch
+
+from emofuse.core.compose import default_data_dir
+from emofuse.core.component import ComponentConfig
+from emofuse.core.config import DataConfig
+from emofuse.core.data.cache import FeatureCache, batch_keys, sample_key
+from emofuse.core.data.pipeline import load_data, make_batch
+from emofuse.core.interfaces import Encoder
+from emofuse.core.types import AUDIO, TEXT, Batch, EncoderOutput
+
+DATA = default_data_dir()
+pytestmark = pytest.mark.skipif(DATA is None, reason="the shared corpora (../shared/data) are not beside this checkout")
+
+
+class FrameEnergyConfig(ComponentConfig):
+    frame: int = 400
+
+
+class FrameEnergy(Encoder):
+    """Frozen 'backbone': log energy of each `frame`-sample window of the waveform (variable length)."""
+
+    name: ClassVar[str] = "test-frame-energy"
+    Config: ClassVar[type[ComponentConfig]] = FrameEnergyConfig
+    modalities: ClassVar[tuple[str, ...]] = (AUDIO,)
+
+    def __init__(self, config, num_classes=2):
+        super().__init__(config, num_classes)
+        self.calls = 0
+        self.seen: list[str] = []
+
+    def extract(self, batch: Batch):
+        self.calls += 1
+        self.seen += batch.ids
+        out = []
+        for wave, n in zip(batch.audio, batch.audio_lengths):
+            frames = wave[: int(n) // self.config.frame * self.config.frame].view(-1, self.config.frame)
+            out.append({"energy": frames.pow(2).mean(dim=1).add(1e-8).log(), "peak": wave.abs().max()})
+        return out
+
+    def forward(self, batch, extracted=None):
+        e = self.extracted_for(batch, extracted)
+        return EncoderOutput(logits=e["energy"].mean(dim=1, keepdim=True).expand(-1, self.num_classes))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Four real clips copied into a manifest, so the test can change one of them."""
+    clips = sorted((DATA / "ravdess-speech" / "Actor_03").glob("03-01-0[2-3]-01-0[12]-01-03.ogg"))
+    assert len(clips) == 4
+    rows = ["id,label,speaker,audio,text"]
+    for i, clip in enumerate(clips):
+        shutil.copy(clip, tmp_path / clip.name)
+        rows.append(f"c{i},{'calm' if '-02-' in clip.name else 'happy'},Actor_03,{clip.name},words {i}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    config = DataConfig(dataset="manifest", data_dir=tmp_path, split="balanced",
+                        options={"path": "m.csv", "labels": ["calm", "happy"]})
+    bundle = load_data(config, {"audio"})
+    return tmp_path, bundle, sorted(bundle.splits["train"], key=lambda s: s.id)
+
+
+def test_second_pass_hits_the_cache_and_matches_fresh_output(corpus, tmp_path):
+    folder, bundle, samples = corpus
+    cache = FeatureCache(tmp_path / "cache")
+    enc = FrameEnergy(FrameEnergyConfig())
+    batch = make_batch(samples, {"audio"}, bundle.normalizer)
+    first = cache.extract(enc, batch)
+    assert enc.calls == 1 and cache.stats.misses == 4 and cache.stats.hits == 0
+    assert first["energy"].dim() == 2 and first["energy_lengths"].tolist() == [
+        int(n) // 400 for n in batch.audio_lengths]
+    again = FeatureCache(tmp_path / "cache").extract(enc, batch)  # a new process would see the same
+    assert enc.calls == 1
+    for key in first:
+        assert torch.equal(first[key], again[key])
+    direct = enc.extracted_for(batch, None)
+    assert torch.allclose(direct["energy"], first["energy"]) and torch.allclose(direct["peak"], first["peak"])
+    # Batches built without decoding audio are served entirely from disk.
+    no_audio = make_batch(samples, {"text"}, bundle.normalizer)
+    assert no_audio.audio is None
+    assert torch.equal(cache.extract(enc, no_audio)["energy"], first["energy"])
+    assert batch_keys(no_audio, enc.modalities) == batch_keys(batch, enc.modalities)
+
+
+def test_only_missing_samples_are_computed(corpus, tmp_path):
+    _, bundle, samples = corpus
+    cache = FeatureCache(tmp_path / "cache")
+    enc = FrameEnergy(FrameEnergyConfig())
+    cache.extract(enc, make_batch(samples[:2], {"audio"}, bundle.normalizer))
+    enc.seen.clear()
+    out = cache.extract(enc, make_batch(samples, {"audio"}, bundle.normalizer))
+    assert enc.seen == [samples[2].id, samples[3].id] and out["energy"].shape[0] == 4
+
+
+def test_changed_input_file_or_config_invalidates_only_what_changed(corpus, tmp_path):
+    folder, bundle, samples = corpus
+    cache = FeatureCache(tmp_path / "cache")
+    enc = FrameEnergy(FrameEnergyConfig())
+    cache.extract(enc, make_batch(samples, {"audio"}, bundle.normalizer))
+    # Replace one clip's file with another recording: its key changes, the others stay cached.
+    target = samples[1].audio_path
+    shutil.copy(DATA / "ravdess-speech" / "Actor_05" / "03-01-03-02-02-02-05.ogg", target)
+    enc.seen.clear()
+    cache.extract(enc, make_batch(samples, {"audio"}, bundle.normalizer))
+    assert enc.seen == [samples[1].id]
+    # Another text does not touch an audio encoder's entries.
+    samples[0].text = "different words"
+    enc.seen.clear()
+    cache.extract(enc, make_batch(samples, {"audio"}, bundle.normalizer))
+    assert enc.seen == []
+    assert sample_key(samples[0], {TEXT}) != sample_key(samples[2], {TEXT})
+    # Another option means another fingerprint, hence a separate namespace.
+    other = FrameEnergy(FrameEnergyConfig(frame=800))
+    cache.extract(other, make_batch(samples, {"audio"}, bundle.normalizer))
+    assert other.calls == 1 and len(cache.namespaces()) == 2
+
+
+def test_interrupted_or_damaged_writes_are_never_trusted(corpus, tmp_path):
+    _, bundle, samples = corpus
+    root = tmp_path / "cache"
+    cache = FeatureCache(root)
+    enc = FrameEnergy(FrameEnergyConfig())
+    batch = make_batch(samples, {"audio"}, bundle.normalizer)
+    cache.extract(enc, batch)
+    (shard,) = list(root.glob("*/*.safetensors"))
+    (shard.parent / f".{shard.name}.123.tmp").write_bytes(shard.read_bytes()[:100])  # a crash mid-write
+    shard.write_bytes(shard.read_bytes()[:200])  # a damaged shard
+    fresh = FeatureCache(root)
+    enc.calls = 0
+    out = fresh.extract(enc, batch)
+    assert enc.calls == 1 and out["energy"].shape[0] == 4
+    assert list(root.glob("*/*.corrupt"))  # the damaged shard is set aside, not reread
+    assert FeatureCache(root).missing(fresh.namespaces()[0], batch_keys(batch, enc.modalities)) == []
+
+
+def test_put_and_get_many_round_trip_any_tensors(tmp_path):
+    cache = FeatureCache(tmp_path)
+    values = [{"x": torch.arange(6, dtype=torch.float16).view(2, 3), "n": torch.tensor(3)}, {}]
+    cache.put_many("ns-1", ["k1", "k2"], values)
+    got = cache.get_many("ns-1", ["k2", "nope", "k1"])
+    assert got[0] == {} and got[1] is None
+    assert torch.equal(got[2]["x"], values[0]["x"]) and got[2]["x"].dtype == torch.float16
+    with pytest.raises(ValueError):
+        cache.put_many("../escape", ["k"], [{}])

@@ -1,0 +1,150 @@
+"""Focal loss and cross-entropy against independent computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emofuse.core.class_balance import balanced_weights
+from emofuse.core.config import ComponentRef
+from emofuse.core.compose import build_loss
+from emofuse.core.errors import ConfigError
+from emofuse.plugins.losses.cross_entropy import CrossEntropyLoss
+from emofuse.plugins.losses.focal import FocalLoss
+
+C = 7
+
+
+def focal(**options):
+    return FocalLoss(FocalLoss.make_config(options), C)
+
+
+def reference_focal(logits: np.ndarray, labels: np.ndarray, gamma: float, alpha) -> float:
+    """The formula written out in numpy, one sample at a time, from softmax probabilities."""
+    total = 0.0
+    for row, y in zip(logits.astype(np.float64), labels):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        a = alpha[y] if isinstance(alpha, (list, np.ndarray)) else alpha
+        total += -a * (1.0 - p[y]) ** gamma * math.log(p[y])
+    return total / len(labels)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 12),
+    gamma=st.sampled_from([0.0, 0.5, 1.0, 2.0, 5.0]),
+    scale=st.floats(0.1, 20.0),
+)
+def test_focal_matches_the_formula(seed, n, gamma, scale):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, C, generator=g) * scale
+    labels = torch.randint(0, C, (n,), generator=g)
+    alpha = (torch.rand(C, generator=g) + 0.1).tolist()
+    for a in (1.0, 0.25, alpha):
+        got = float(focal(gamma=gamma, alpha=a)(logits, labels))
+        want = reference_focal(logits.numpy(), labels.numpy(), gamma, a)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_gamma_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, C, generator=g) * 3
+    labels = torch.randint(0, C, (64,), generator=g)
+    got = focal(gamma=0.0, alpha=1.0)(logits, labels)
+    torch.testing.assert_close(got, F.cross_entropy(logits, labels))
+
+
+def test_focal_downweights_easy_examples():
+    logits = torch.tensor([[8.0, 0, 0, 0, 0, 0, 0], [0.1, 0, 0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 0])
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    fl = torch.stack([focal(gamma=2.0)(logits[i:i + 1], labels[i:i + 1]) for i in range(2)])
+    ratio = fl / ce
+    assert ratio[0] < 1e-5 and 0.5 < ratio[1] < 1.0  # confident -> almost nothing; unsure -> most of CE
+
+
+def test_focal_gradient_matches_autograd_of_the_formula():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, C, generator=g, requires_grad=True)
+    labels = torch.randint(0, C, (10,), generator=g)
+    focal(gamma=2.0, alpha=0.5)(logits, labels).backward()
+    ours = logits.grad.clone()
+    x = logits.detach().double().requires_grad_()
+    p = torch.softmax(x, 1).gather(1, labels[:, None]).squeeze(1)
+    (-(0.5) * (1 - p) ** 2 * torch.log(p)).mean().backward()
+    torch.testing.assert_close(ours.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_balanced_alpha_comes_from_class_counts():
+    counts = torch.tensor([10, 20, 40, 10, 5, 5, 0])
+    loss = FocalLoss(FocalLoss.make_config({"alpha": "balanced", "gamma": 0.0}), C, counts)
+    n = counts.sum().item()
+    expected = [n / (C * c) if c else 1.0 for c in counts.tolist()]
+    torch.testing.assert_close(loss.alpha, torch.tensor(expected, dtype=torch.float32))
+    # sklearn agrees on the classes that occur
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.repeat(np.arange(C), counts.numpy())
+    sk = compute_class_weight("balanced", classes=np.arange(6), y=y)
+    np.testing.assert_allclose(balanced_weights(counts[:6]).numpy(), sk, rtol=1e-6)
+
+
+def test_unlabelled_rows_are_ignored_and_empty_batch_is_zero():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, C, generator=g, requires_grad=True)
+    labels = torch.tensor([1, -1, 2, -1, 3])
+    for loss in (focal(gamma=2.0), CrossEntropyLoss(CrossEntropyLoss.make_config({}), C)):
+        keep = labels >= 0
+        torch.testing.assert_close(loss(logits, labels), loss(logits[keep], labels[keep]))
+        empty = loss(logits, torch.full((5,), -1))
+        assert float(empty.detach()) == 0.0
+        empty.backward()  # still part of the graph
+
+
+def test_cross_entropy_label_smoothing_and_weights_match_torch():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(32, C, generator=g)
+    labels = torch.randint(0, C, (32,), generator=g)
+    w = (torch.rand(C, generator=g) + 0.5)
+    loss = CrossEntropyLoss(CrossEntropyLoss.make_config({"label_smoothing": 0.1, "class_weights": w.tolist()}), C)
+    want = F.cross_entropy(logits, labels, weight=w, label_smoothing=0.1, reduction="none").mean()
+    torch.testing.assert_close(loss(logits, labels), want)
+    plain = CrossEntropyLoss(CrossEntropyLoss.make_config({}), C)
+    torch.testing.assert_close(plain(logits, labels), F.cross_entropy(logits, labels))
+
+
+def test_mean_of_equal_shards_is_the_batch_loss():
+    """What makes data-parallel training match one process: the loss is a plain per-sample mean."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, C, generator=g)
+    labels = torch.randint(0, C, (8,), generator=g)
+    for loss in (focal(gamma=2.0, alpha=[0.5 + i for i in range(C)]),
+                 CrossEntropyLoss(CrossEntropyLoss.make_config({"class_weights": [1.0 + i for i in range(C)]}), C)):
+        whole = loss(logits, labels)
+        halves = (loss(logits[:4], labels[:4]) + loss(logits[4:], labels[4:])) / 2
+        torch.testing.assert_close(whole, halves)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="loss.alpha: 3 per-class values for 7 classes"):
+        focal(alpha=[1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="class counts"):
+        focal(alpha="balanced")
+    with pytest.raises(ConfigError, match="gamma"):
+        FocalLoss.make_config({"gamma": -1})
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        CrossEntropyLoss.make_config({"label_smoothing": 1.5})
+
+
+def test_losses_build_through_the_registry():
+    counts = torch.tensor([3, 1, 1, 1, 1, 1, 1])
+    loss = build_loss(ComponentRef(name="focal", alpha="balanced", gamma=1.0), C, counts)
+    assert isinstance(loss, FocalLoss) and loss.alpha[0] < loss.alpha[1]
+    assert isinstance(build_loss(ComponentRef(name="cross-entropy"), C), CrossEntropyLoss)
