@@ -44,7 +44,11 @@ class DataConfig(_Strict):
     data_dir: Path | None = None
     #: Options passed to the dataset reader (root, labels, ...).
     options: dict[str, Any] = Field(default_factory=dict)
-    split: Literal["speaker", "balanced"] = "speaker"
+    #: speaker: no speaker in two splits (corpora with their own partition, like MELD, keep it);
+    #: balanced: stratified 70/15/15; given: the corpus' own partition.
+    split: Literal["speaker", "balanced", "given"] = "speaker"
+    #: Seed of the split alone, so training seeds vary while the held-out clips stay the same.
+    split_seed: int = 0
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     #: Reuse (or write) the split here so later runs score the same clips.

@@ -23,7 +23,7 @@ class Encoder(Component, nn.Module):
 
     An encoder may split into a frozen, cacheable part and a trainable head: `extract` runs the
     frozen backbone and returns per-sample tensors, which the trainer caches on disk
-    (`emofuse.core.cache`) so a frozen backbone runs once per clip, not once per epoch.
+    (`emofuse.core.data.cache`) so a frozen backbone runs once per clip, not once per epoch.
     `forward(batch, extracted)` then runs only the head. Encoders without a frozen part leave
     `extract` returning None.
     """

@@ -3,8 +3,8 @@
 - Storage is a real database: a SQLite file under the output folder by default (a study resumes by
   name), or any Optuna storage URL; PostgreSQL lets workers on several machines share one study.
 - Trials over frozen branches (a fused config whose space touches only the fusion stage: ``fusion.*``,
-  ``fusion_train.*``, ``loss.*``) train the branches once and reuse them, so a trial trains only the
-  fusion over cached branch outputs: seconds, not hours.
+  ``fusion_train.*``) train the branches once per study and reuse them, so a trial trains only the
+  fusion over cached branch outputs: seconds, not hours. Trials share the run's feature cache.
 - Unpromising trials are pruned from their per-epoch validation scores (median or Hyperband).
 - A trial killed outright (power, OOM killer) stops beating its heartbeat and is re-queued, and one
   interrupted (Ctrl-C, SIGTERM) re-queues itself, so a resumed study loses no trial and repeats none.
@@ -36,13 +36,14 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 from emofuse.core.config import RunConfig, to_toml, validate
 from emofuse.core.errors import ConfigError, MissingDependencyError
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.search_space import SearchSpace, default_space
+from emofuse.core.search_space import SearchSpace, default_space, focal_loss_key
 
 Scope = Literal["auto", "fusion", "full"]
 PrunerName = Literal["median", "hyperband", "none"]
 
 #: Key prefixes a trial may change while the branches stay frozen (only the fusion stage retrains).
-FUSION_STAGE_PREFIXES = ("fusion.", "fusion_train.", "loss.")
+#: `loss` is not one: it trains the branches too (a fusion-stage `fusion_loss` would be).
+FUSION_STAGE_PREFIXES = ("fusion.", "fusion_train.", "fusion_loss.")
 #: Config keys that differ between machines of one study and so are not compared on resume.
 MACHINE_LOCAL_KEYS = ("name", "output_dir", "cache_dir", "search", "data.data_dir", "data.split_file",
                       "train.device", "train.num_workers", "fusion_train.device", "fusion_train.num_workers")
@@ -69,8 +70,9 @@ class Trainer(Protocol):
         """
         ...
 
-    def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
-        """Train `config`'s branches once (stage 1); return each branch's checkpoint."""
+    def train_branches(self, config: RunConfig, *, data: Any) -> dict[str, Path]:
+        """Train `config`'s branches (stage 1) where trials of `config` will find them, or reuse the
+        ones already trained there; return each branch's checkpoint."""
         ...
 
 
@@ -167,7 +169,8 @@ def _serialize_sqlite_writers(storage: RDBStorage) -> None:
     SQLite's default deferred transactions take the write lock only at their first write; two
     processes that both read and then write deadlock, and SQLite answers one of them "database is
     locked" at once, whatever the busy timeout. Taking the write lock up front makes writers queue
-    (up to the busy timeout) instead; WAL lets readers proceed while one writes.
+    (up to the busy timeout) instead; WAL lets readers proceed while one writes. (WAL needs a local
+    file system: for workers on several machines use a server database.)
     """
     engine = storage.engine
 
@@ -176,6 +179,7 @@ def _serialize_sqlite_writers(storage: RDBStorage) -> None:
         dbapi_connection.isolation_level = None  # let SQLAlchemy's begin event below open transactions
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: no corruption on a crash, one fsync per checkpoint
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -306,7 +310,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 class TrainRunTrainer:
-    """The real trainer: `emofuse.core.training.train_run` with the data loaded once for every trial."""
+    """The real trainer: `emofuse.core.training.train_run`, the data loaded once for every trial.
+
+    Stage-1 runs live in ``<output_dir>/branches/<branch>-<fingerprint>`` and a fused run reuses a
+    finished one with its fingerprint, so trials that share an output folder and leave the keys
+    that shape the branches alone all fuse the same frozen branches.
+    """
 
     def __init__(self, registry: Registry):
         self.registry = registry
@@ -315,13 +324,24 @@ class TrainRunTrainer:
               branch_checkpoints: Mapping[str, Path] | None) -> Any:
         from emofuse.core import training
 
-        return training.train_run(config, registry=self.registry, resume=False, progress=False, on_epoch=on_epoch,
-                                  data=data, branch_checkpoints=branch_checkpoints)
+        result = training.train_run(config, registry=self.registry, resume=True, progress=False,
+                                    on_epoch=on_epoch, data=data)
+        for branch, expected in (branch_checkpoints or {}).items():
+            got = result.branch_results[branch].checkpoint
+            if Path(got).resolve() != Path(expected).resolve():
+                raise ConfigError(f"trial {config.name} retrained branch {branch!r} ({got}) instead of reusing {expected}",
+                                  hint="the search space changes a key that shapes the branches; use --scope full")
+        return result
 
-    def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
+    def train_branches(self, config: RunConfig, *, data: Any) -> dict[str, Path]:
         from emofuse.core import training
 
-        return training.train_branches(config, out_dir=out_dir, registry=self.registry, data=data)
+        checkpoints = {}
+        for branch in config.branches:
+            branch_config = training.branch_run_config(config, branch)
+            result = training.train_run(branch_config, registry=self.registry, resume=True, progress=True, data=data)
+            checkpoints[branch] = Path(result.checkpoint)
+        return checkpoints
 
 
 class Study:
@@ -338,15 +358,21 @@ class Study:
         self.name = self.options.study_name or config.name
         raw_space = config.search or None
         self.scope = resolve_scope(config, list(raw_space or {}), self.options.scope)
+        self.notes: list[str] = []
         if raw_space is None:
-            train_key = "fusion_train" if self.scope == "fusion" else "train"
-            raw_space = default_space(config, train_key=train_key, registry=self.registry)
+            raw_space = default_space(config, scope=self.scope, registry=self.registry)
+            if config.loss.name == "focal" and focal_loss_key(config, self.scope) is None:
+                self.notes.append("focal alpha/gamma are not searched over frozen branches: `loss` also trains the "
+                                  "branches (search them with --scope full, at the cost of retraining every trial)")
         self.space = SearchSpace.parse(raw_space)
         self.monitor = monitor_of(config)
         self.direction = "minimize" if self.monitor == "loss" else "maximize"
         self.out_dir = Path(self.options.out_dir or Path(config.output_dir) / "search" / self.name)
         self.base = config.model_dump(mode="json", exclude_none=True)
         self.base.pop("search", None)
+        # Trials run in the study folder but read the run's feature cache: frozen backbones never rerun.
+        self.trial_base = {**copy.deepcopy(self.base), "output_dir": str(self.out_dir / "trials"),
+                           "cache_dir": str(config.cache_dir or Path(config.output_dir) / ".cache")}
         self.trainer = trainer or TrainRunTrainer(self.registry)
         self.data = data
         self._check_space()
@@ -413,9 +439,9 @@ class Study:
         if self.branch_checkpoints is None:
             # One worker per machine trains them; the others wait on the lock and reuse its checkpoints.
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            config = validate({**self.trial_base, "name": "branches"}, source=f"study {self.name!r}")
             with FileLock(str(self.out_dir / "branches.lock")):
-                self.branch_checkpoints = self.trainer.train_branches(
-                    self.config, out_dir=self.out_dir / "branches", data=self.data)
+                self.branch_checkpoints = self.trainer.train_branches(config, data=self.data)
         return self.branch_checkpoints
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -453,8 +479,7 @@ class Study:
         number = trial.number if isinstance(trial, optuna.Trial) else None
         base = copy.deepcopy(self.base)
         if number is not None:
-            base["name"] = f"trial-{number:04d}"
-            base["output_dir"] = str(self.out_dir / "trials")
+            base = {**copy.deepcopy(self.trial_base), "name": f"trial-{number:04d}"}
         where = f"study {self.name!r} trial {number}" if number is not None else f"study {self.name!r}"
         return materialize(self.space, base, trial, source=where)
 
@@ -472,7 +497,7 @@ class Study:
             callbacks.append(self._print_trial)
         with _sigterm_as_interrupt():
             self.study.optimize(self.objective, n_trials=remaining, timeout=self.options.timeout,
-                                callbacks=callbacks, gc_after_trial=True, catch=(RuntimeError, FloatingPointError))
+                                callbacks=callbacks, catch=(RuntimeError, FloatingPointError))
 
     def _print_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         value = "" if trial.value is None else f" {self.monitor}={trial.value:.4f}"
@@ -527,6 +552,7 @@ class Study:
             },
             "importances": importances,
             "importance_note": importance_note,
+            "notes": self.notes,
             "space": self.space.to_dict(),
             "branch_checkpoints": {k: str(v) for k, v in (self.branch_checkpoints or {}).items()} or None,
             "elapsed_s": elapsed_s,
@@ -556,8 +582,8 @@ class Study:
 def _retry_of(trial: FrozenTrial) -> int | None:
     if ATTR_RETRY_OF in trial.user_attrs:
         return int(trial.user_attrs[ATTR_RETRY_OF])
-    history = RetryHeartbeatStaleTrialCallback.retry_history(trial) if "retry_history" in trial.system_attrs else []
-    return history[-1] if history else None
+    history = trial.system_attrs.get("retry_history") or []  # set by RetryHeartbeatStaleTrialCallback
+    return int(history[-1]) if history else None
 
 
 def _fmt(value: Any) -> str:
@@ -574,17 +600,18 @@ def run_search(config: RunConfig, options: SearchOptions | None = None, *, regis
     started = time.perf_counter()
     study = Study(config, options, registry=registry, trainer=trainer, data=data, console=console)
     if study.data is None and trainer is None and not any(p.startswith("data.") for p in study.space.paths):
-        study.data = _load_data(config, study.registry)
+        study.data = _load_data(config, study.registry, study.out_dir)
     study.optimize(progress=progress)
     return study.summarize(elapsed_s=round(time.perf_counter() - started, 3))
 
 
-def _load_data(config: RunConfig, registry: Registry) -> Any:
-    """The data every trial shares, loaded once (the space leaves `data.*` alone)."""
+def _load_data(config: RunConfig, registry: Registry, out_dir: Path) -> Any:
+    """The data every trial shares, loaded once (the space leaves `data.*` alone); the split is
+    written to the study folder."""
     from emofuse.core.compose import required_modalities
     from emofuse.core.data.pipeline import load_data
 
-    return load_data(config.data, required_modalities(config, registry))
+    return load_data(config.data, required_modalities(config, registry), registry, split_dir=out_dir)
 
 
 def print_summary(result: SearchResult, console: Any) -> None:
@@ -593,6 +620,8 @@ def print_summary(result: SearchResult, console: Any) -> None:
 
     counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
     console.print(f"[bold]study {result.study_name}[/] ({result.storage}, scope {result.scope}): {counts or 'no trials'}")
+    for note in result.summary.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
     if result.best_number is None:
         console.print("[yellow]no trial completed: nothing to export[/]")
         return

@@ -200,9 +200,10 @@ class SearchSpace:
         """A copy of config dict `base` with each spec's value drawn from `trial` and set at its path."""
         config = copy.deepcopy(dict(base))
         for path, spec in self.specs.items():
+            for key in (path, *spec.when):
+                _inherit(config, key)
             if not all(get_path(config, k, _MISSING) == v for k, v in spec.when.items()):
                 continue
-            _inherit_fusion_train(config, path)
             set_path(config, path, _suggest(trial, path, spec, config))
         return config
 
@@ -243,21 +244,42 @@ def _suggest(trial: Suggester, path: str, spec: Any, config: Mapping[str, Any]) 
     return [weight if b == spec.branch else rest for b in branches]
 
 
-def _inherit_fusion_train(config: dict[str, Any], path: str) -> None:
-    """`fusion_train` defaults to `train`: copy it before one of its keys is changed, so the rest stays."""
-    if path.startswith("fusion_train.") and config.get("fusion_train") is None:
-        config["fusion_train"] = copy.deepcopy(config.get("train") or {})
+#: Stage-2 tables that default to their stage-1 counterpart when absent.
+INHERITED_TABLES = {"fusion_train": "train", "fusion_loss": "loss"}
+
+
+def _inherit(config: dict[str, Any], path: str) -> None:
+    """`fusion_train` defaults to `train` (and `fusion_loss` to `loss`, where the config has one):
+    copy the default in before one of its keys is read or changed, so the rest of it stays."""
+    table = path.split(".", 1)[0]
+    source = INHERITED_TABLES.get(table)
+    if source is not None and table in RunConfig.model_fields and config.get(table) is None:
+        config[table] = copy.deepcopy(config.get(source) or {})
 
 
 # -- the reference design's default space ------------------------------------------------------------
-def default_space(config: RunConfig, *, train_key: str = "train", registry: Registry | None = None) -> dict[str, dict[str, Any]]:
+def focal_loss_key(config: RunConfig, scope: str) -> str | None:
+    """Where the focal loss's options live for a search of `scope`, or None when they cannot be
+    searched there: over frozen branches only a fusion-stage loss (`fusion_loss`) may change, since
+    `loss` also trains the branches."""
+    if scope == "fusion":
+        if "fusion_loss" not in RunConfig.model_fields:
+            return None
+        loss = getattr(config, "fusion_loss", None) or config.loss
+        return "fusion_loss" if loss.name == "focal" else None
+    return "loss" if config.loss.name == "focal" else None
+
+
+def default_space(config: RunConfig, *, scope: str = "full", registry: Registry | None = None) -> dict[str, dict[str, Any]]:
     """The reference design's space for `config`: learning rate 1e-5..1e-3 (log), batch size 4/6/8,
     the video branch's initial weight 0.3..0.8 (when the fusion takes `init_weights` and the config
     has a video branch and another), and focal alpha/gamma (when the loss is focal).
 
-    `train_key` is ``"fusion_train"`` when trials train only the fusion over frozen branches.
+    With `scope` ``"fusion"`` (trials over frozen branches) the keys are the fusion stage's:
+    ``fusion_train.*``, ``fusion.*`` and the fusion-stage loss.
     """
     registry = registry or get_registry()
+    train_key = "fusion_train" if scope == "fusion" else "train"
     space: dict[str, dict[str, Any]] = {
         f"{train_key}.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
         f"{train_key}.batch_size": {"type": "categorical", "choices": [4, 6, 8]},
@@ -267,11 +289,12 @@ def default_space(config: RunConfig, *, train_key: str = "train", registry: Regi
         if INIT_WEIGHTS_OPTION in fusion_cls.Config.model_fields:
             low, high = VIDEO_WEIGHT_RANGE
             space[f"fusion.{INIT_WEIGHTS_OPTION}"] = {"type": "share", "branch": VIDEO_BRANCH, "low": low, "high": high}
-    if config.loss.name == "focal":
+    loss_key = focal_loss_key(config, scope)
+    if loss_key is not None:
         fields = registry.cls("loss", "focal").Config.model_fields
-        focal = {"loss.name": "focal"}
+        focal = {f"{loss_key}.name": "focal"}
         if "alpha" in fields:
-            space["loss.alpha"] = {"type": "float", "low": 0.1, "high": 1.0, "when": focal}
+            space[f"{loss_key}.alpha"] = {"type": "float", "low": 0.1, "high": 1.0, "when": focal}
         if "gamma" in fields:
-            space["loss.gamma"] = {"type": "float", "low": 0.5, "high": 4.0, "when": focal}
+            space[f"{loss_key}.gamma"] = {"type": "float", "low": 0.5, "high": 4.0, "when": focal}
     return space

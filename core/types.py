@@ -116,7 +116,8 @@ class Batch:
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})
 
     def metadata_tensor(self) -> torch.Tensor:
-        """Speaker metadata as a float ``[B, 5]`` tensor: age/100, age known, male, female, gender known.
+        """Speaker metadata as a float ``[B, 5]`` tensor: age (standardised by the data normaliser),
+        age known, male, female, gender known.
 
         A shared encoding so every encoder that takes metadata reads it the same way.
         """
@@ -127,7 +128,7 @@ class Batch:
         known = ~torch.isnan(age)
         return torch.stack(
             [
-                torch.where(known, age / 100.0, torch.zeros_like(age)),
+                torch.where(known, age, torch.zeros_like(age)),
                 known.float(),
                 (gender == GENDER_CODES["male"]).float(),
                 (gender == GENDER_CODES["female"]).float(),

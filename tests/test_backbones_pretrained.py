@@ -158,3 +158,22 @@ def test_egemaps_without_opensmile_names_the_extra(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"emofuse\[egemaps\]"):
         EgemapsFrontEnd()
 
+
+
+def test_wav2vec2_family_from_a_local_folder(tmp_path):
+    """The transformers audio path (what facebook/wav2vec2-base takes online), with a small randomly
+    initialised Wav2Vec2 saved to a folder: 50 frames/s of hidden states, one clip at a time."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v")
+    front = make_audio_backbone(str(tmp_path / "w2v"))
+    assert front.has_weights and front.dim == 32 and front.frame_rate == 50
+    with torch.no_grad():
+        one, two = front([torch.randn(16_000) * 0.1, torch.randn(8_000) * 0.1])
+    assert one.shape == (49, 32) and two.shape == (24, 32)
+    enc_cls = REG.cls("encoder", "mm-lstm")
+    enc = enc_cls(enc_cls.make_config({"audio_backbone": str(tmp_path / "w2v")}), 3)
+    assert len(enc.audio_front.convs) == 1  # 50 -> 25 frames/s
+    assert not any(p.requires_grad for p in enc.audio_backbone.parameters())

@@ -147,3 +147,14 @@ def test_put_and_get_many_round_trip_any_tensors(tmp_path):
     assert torch.equal(got[2]["x"], values[0]["x"]) and got[2]["x"].dtype == torch.float16
     with pytest.raises(ValueError):
         cache.put_many("../escape", ["k"], [{}])
+
+
+def test_warm_fills_the_cache_from_a_loader_once(corpus, tmp_path):
+    _, bundle, samples = corpus
+    cache = FeatureCache(tmp_path / "cache")
+    enc = FrameEnergy(FrameEnergyConfig())
+    loader = bundle.loader("train", batch_size=3, shuffle=False, seed=0, modalities={"audio"}, num_workers=2)
+    first = cache.warm([enc], loader, progress=False)
+    assert (first.hits, first.misses) == (0, len(samples))
+    again = cache.warm({"audio": enc}, loader, progress=False)
+    assert (again.hits, again.misses) == (len(samples), 0) and again.hit_rate == 1.0

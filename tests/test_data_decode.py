@@ -125,3 +125,31 @@ def test_every_shared_ravdess_clip_passes_the_truncation_checks():
     for clip in clips[:: max(1, len(clips) // 24)]:
         assert decode_audio(clip).shape[0] > SAMPLE_RATE
     assert os.path.getsize(clips[0]) > 0
+
+
+def test_long_clip_stops_decoding_early_but_still_notices_a_cut_tail(tmp_path):
+    """Frames are picked before the end of a long clip; the rest is only demuxed, yet a cut is caught."""
+    import fractions
+
+    long_clip = tmp_path / "long.flv"
+    with av.open(str(long_clip), "w", format="flv") as out:
+        stream = out.add_stream("flv1", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        n = 0
+        for _ in range(5):  # the real clip five times over: ~11 s
+            with av.open(str(FLV)) as inp:
+                for frame in inp.decode(video=0):
+                    f = av.VideoFrame.from_ndarray(frame.to_ndarray(width=320, height=240, format="yuv420p"),
+                                                   format="yuv420p")
+                    f.pts, f.time_base, n = n, fractions.Fraction(1, 30), n + 1
+                    for packet in stream.encode(f):
+                        out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    assert probe(long_clip).duration > 10
+    assert decode_video(long_clip).shape == (8, 224, 224, 3)
+    data = long_clip.read_bytes()
+    cut = tmp_path / "cut.flv"
+    cut.write_bytes(data[: int(len(data) * 0.95)])
+    with pytest.raises(DataError, match=f"^{cut}: .*(truncated|corrupt)"):
+        decode_video(cut)

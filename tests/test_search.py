@@ -153,11 +153,10 @@ class FeatureTrainer:
                   config.train, train["labels"].shape[0])
         return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
 
-    def train_branches(self, config: RunConfig, *, out_dir: Path, data) -> dict[str, Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def train_branches(self, config: RunConfig, *, data) -> dict[str, Path]:
         paths = {}
         for branch in config.branches:
-            path = out_dir / branch / "model"
+            path = Path(config.output_dir) / "branches" / branch / "model"
             if not path.with_suffix(".safetensors").is_file():
                 save_checkpoint(path, self._train_branch(config, branch, data), {"branch": branch})
                 self.branch_trainings += 1
@@ -216,6 +215,15 @@ def base_config(tmp: Path, **train: Any) -> RunConfig:
         "fusion_train": {"epochs": 4, "batch_size": 8, "lr": 1e-4, "seed": 0, **train},
         "output_dir": str(tmp / "runs"),
     })
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is many times faster than two that spin-wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +301,18 @@ def test_default_space_is_the_reference_designs(registry):
     fused = compose_config(preset="enhanced-late-fusion")
     scope = resolve_scope(fused, [], "auto")
     assert scope == "fusion"
-    space = default_space(fused, train_key="fusion_train", registry=registry)
+    space = default_space(fused, scope="fusion", registry=registry)
     assert space["fusion_train.lr"] == {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}
     assert space["fusion_train.batch_size"] == {"type": "categorical", "choices": [4, 6, 8]}
     assert space["fusion.init_weights"] == {"type": "share", "branch": "video", "low": 0.3, "high": 0.8}
-    assert {"loss.alpha", "loss.gamma"} <= set(space)
+    # `loss` trains the branches too, so over frozen branches only a fusion-stage loss may be searched.
+    focal = {"alpha", "gamma"} if "fusion_loss" in RunConfig.model_fields else set()
+    assert {k.split(".")[1] for k in space if k.startswith("fusion_loss.")} == focal
+    assert not any(k.startswith("loss.") for k in space)
+    # Retraining everything per trial, the focal loss's options are searched where they are.
+    full = default_space(fused, scope="full", registry=registry)
+    assert {"train.lr", "train.batch_size", "fusion.init_weights", "loss.alpha", "loss.gamma"} == set(full)
+    assert full["loss.gamma"]["when"] == {"loss.name": "focal"}
     # One branch, cross-entropy: learning rate and batch size of the only stage, nothing else.
     single = compose_config(preset="mm-lstm")
     assert resolve_scope(single, [], "auto") == "full"
@@ -321,8 +336,7 @@ def test_search_exports_a_best_config_that_reproduces_its_metric(tmp_path, regis
                         trainer=trainer, data=features)
     assert result.scope == "fusion" and result.counts["complete"] == 6
     assert trainer.branch_trainings == 2  # the branches were trained once for all six trials
-    assert set(result.best_params) == {"fusion_train.lr", "fusion_train.batch_size", "fusion.init_weights.video",
-                                       "loss.alpha", "loss.gamma"}
+    assert {"fusion_train.lr", "fusion_train.batch_size", "fusion.init_weights.video"} <= set(result.best_params)
     assert 0.3 <= result.best_params["fusion.init_weights.video"] <= 0.8
     summary = json.loads(result.summary_path.read_text())
     assert summary["best"]["value"] == result.best_value and summary["best"]["params"] == result.best_params
@@ -406,7 +420,7 @@ WORKER = r"""
 import json, os, sys, time
 sys.path.insert(0, {tests!r})
 import test_search as t
-t.torch.set_num_threads(1)  # two workers on two cores
+t.torch.set_num_threads(1)  # tiny models: one thread per worker
 args = json.loads(sys.argv[1])
 registry = t.make_registry()
 ready, go = os.path.join(args["sync"], f"ready-{{os.getpid()}}"), os.path.join(args["sync"], "go")

@@ -21,9 +21,13 @@ SAMPLE_RATE = 16_000
 
 #: A decoded stream may end this much before its declared duration (codec priming, rounding).
 _MIN_SLACK_S = 0.2
-_REL_SLACK = 0.05
+_REL_SLACK = 0.02
 
 _BAD_HINT = "re-encode or replace the file, or pass --on-bad-sample skip to leave it out"
+
+#: What a damaged file can make PyAV/ffmpeg raise (FFmpegError subclasses OSError); all mean bad input.
+_DECODE_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, IndexError, ZeroDivisionError, RuntimeError,
+                  UnicodeDecodeError)
 
 # ffmpeg logs recoverable glitches of damaged files; the checks below decide, not the log.
 av.logging.set_level(av.logging.FATAL)
@@ -66,30 +70,30 @@ def decode_audio(
         limit = int(max_seconds * sample_rate) if max_seconds else None
         chunks: list[np.ndarray] = []
         total = 0
+        cut = False
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    total += chunk.shape[0]
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += chunks[-1].shape[0]
                 if limit is not None and total >= limit:
+                    cut = True
                     break
-            else:
+            if not cut:
                 for out in resampler.resample(None):
-                    chunk = out.to_ndarray().reshape(-1)
-                    chunks.append(chunk)
-                    total += chunk.shape[0]
-        except (av.FFmpegError, ValueError, EOFError, OSError) as exc:
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += chunks[-1].shape[0]
+        except _DECODE_ERRORS as exc:
             raise DataError(path, f"audio is corrupt: {_reason(exc)}", hint=_BAD_HINT) from None
     if total == 0:
         raise DataError(path, "audio track holds no samples", hint=_BAD_HINT)
     audio = np.concatenate(chunks).astype(np.float32, copy=False)
-    if limit is None:
+    if cut:
+        audio = audio[:limit]
+    else:
         _check_complete(path, "audio", total / sample_rate, declared)
         if is_ogg:
             _check_ogg_complete(path)
-    else:
-        audio = audio[:limit]
     if not np.isfinite(audio).all():
         raise DataError(path, "audio decodes to non-finite values", hint=_BAD_HINT)
     return audio
@@ -120,7 +124,7 @@ def decode_video(path: str | os.PathLike, *, num_frames: int = 8, size: int = 22
                 frames, end = _frames_at_times(container, stream, start, declared, num_frames, size, rate)
             else:
                 frames, end = _frames_by_index(container, stream, num_frames, size, rate)
-        except (av.FFmpegError, ValueError, EOFError, OSError) as exc:
+        except _DECODE_ERRORS as exc:
             raise DataError(path, f"video is corrupt: {_reason(exc)}", hint=_BAD_HINT) from None
     if not frames:
         raise DataError(path, "video track holds no frames", hint=_BAD_HINT)
@@ -135,15 +139,23 @@ def _frames_at_times(container, stream, start, duration, num_frames, size, rate)
     picked: list[np.ndarray] = []
     previous = None
     end = start
+    stopped_early = False
     for index, frame in enumerate(container.decode(stream)):
         t = _frame_time(frame, index, rate, start)
         end = t + (1.0 / rate if rate else 0.0)
         while len(picked) < num_frames and t > targets[len(picked)]:
             picked.append(_to_rgb(previous if previous is not None else frame, size))
         if len(picked) == num_frames:
+            stopped_early = True
             break
         previous = frame
-    if previous is not None:
+    if stopped_early:
+        # All frames are picked before the clip ends: read the rest's packet times (no decoding), so
+        # a truncated tail is still noticed.
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+    elif previous is not None:
         while len(picked) < num_frames:
             picked.append(_to_rgb(previous, size))
     return picked, end
@@ -176,7 +188,7 @@ def _open(path: str | os.PathLike):
         raise DataError(path, "file is empty", hint=_BAD_HINT)
     try:
         return av.open(str(p), mode="r")
-    except (av.FFmpegError, ValueError, EOFError, OSError, UnicodeDecodeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise DataError(path, f"not a readable media file: {_reason(exc)}", hint=_BAD_HINT) from None
 
 

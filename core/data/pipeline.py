@@ -174,7 +174,7 @@ def load_data(
     registry=None,
     *,
     split_dir: Path | None = None,
-    split_seed: int = 0,
+    split_seed: int | None = None,
     spec: PreprocessSpec | None = None,
 ) -> DataBundle:
     """Read, split (reusing the split file when there is one), limit, and fit the normaliser on train.
@@ -183,6 +183,7 @@ def load_data(
     for the loaders. The split file is `config.split_file`, else ``split_dir/split.json``.
     """
     spec = spec or PreprocessSpec()
+    split_seed = config.split_seed if split_seed is None else split_seed
     reader = build_reader(config, registry)
     if hasattr(reader, "on_bad_sample"):
         reader.on_bad_sample = config.on_bad_sample

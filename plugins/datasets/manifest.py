@@ -21,8 +21,8 @@ FIELDS = ("id", "label", "speaker", "age", "gender", "text", "audio", "video", "
 
 
 class ManifestConfig(CorpusReaderConfig):
-    #: The manifest file (relative to the root, which defaults to the data folder).
-    path: Path | None = None
+    #: The manifest file (relative to the root, which defaults to the data folder). Required.
+    path: Path
     #: Field -> column name, for manifests whose columns are named otherwise (e.g. {"label": "emotion"}).
     columns: dict[str, str] = {}
     #: Feature set name -> column prefix (or the JSON key holding a list).
@@ -43,9 +43,6 @@ class ManifestReader(CorpusReader):
 
     def samples(self) -> Iterator[Sample]:
         cfg: ManifestConfig = self.config  # type: ignore[assignment]
-        if cfg.path is None:
-            raise ConfigError("data.options.path: the manifest reader needs the manifest file",
-                              hint="e.g. --set data.options.path=clips.csv")
         unknown = sorted(set(cfg.columns) - set(FIELDS))
         if unknown:
             raise ConfigError(f"data.options.columns: unknown field(s) {', '.join(unknown)}",
