@@ -279,6 +279,8 @@ class ComparisonResult:
     label_names: list[str]
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    #: Clips per split (after ``data.limit``).
+    split_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def fusions_to_compare(fusions: Sequence[str] | None, registry: Registry) -> list[str]:
@@ -377,8 +379,14 @@ def compare(
                 continue
             models.append(TrainedModel(f"{FUSION}:{fusion}", fusion_title(fusion), FUSION, fusion, ckpt, loaded,
                                        time.perf_counter() - start))
-        say(f"seed {seed}: scoring {len(models)} models")
-        scores = score_models(models, splits, ablations=ablations, batch_size=batch_size, device=device,
+        # train/val accuracy as the trainer recorded it in each checkpoint; scored here only when missing
+        to_score = {"test": splits["test"]}
+        for split in ("train", "val"):
+            if split in splits and any(recorded_accuracy(m.loaded, split) is None for m in models):
+                to_score[split] = splits[split]
+        say(f"seed {seed}: scoring {len(models)} models on {', '.join(to_score)}"
+            + (f" (and without {', '.join(ablations)})" if ablations else ""))
+        scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
                               bootstrap=bootstrap, seed=seed)
         for m in models:
             titles[m.key] = m.title
@@ -390,9 +398,17 @@ def compare(
 
     rows = aggregate(per_seed, ablations)
     result = ComparisonResult(out_dir, rows, per_seed, failures, ablations, list(seeds), label_names,
-                              {k: v.tolist() for k, v in confusion.items()})
+                              {k: v.tolist() for k, v in confusion.items()},
+                              split_sizes={k: len(v) for k, v in splits.items()})
     result.files = write_comparison(result, titles, config=config)
     return result
+
+
+def recorded_accuracy(loaded: LoadedModel, split: str) -> float | None:
+    """The accuracy on `split` that training stored in the checkpoint's sidecar, if any."""
+    value = (loaded.meta.get("metrics") or {}).get(split, {})
+    value = value.get("accuracy") if isinstance(value, Mapping) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _seed_row(m: TrainedModel, scores: Mapping[str, tuple[MetricReport, SplitOutputs]], ablations: Sequence[str],
@@ -417,6 +433,8 @@ def _seed_row(m: TrainedModel, scores: Mapping[str, tuple[MetricReport, SplitOut
     for split in ("train", "val"):
         if split in scores:
             row[f"{split}_accuracy"] = scores[split][0].metrics["accuracy"]
+        elif recorded_accuracy(m.loaded, split) is not None:
+            row[f"{split}_accuracy"] = recorded_accuracy(m.loaded, split)
     for mod in ablations:
         variant = scores.get(f"test-without-{mod}")
         if variant is not None:
@@ -524,6 +542,7 @@ def write_comparison(result: ComparisonResult, titles: Mapping[str, str], *,
                          [{k: v for k, v in r.items() if k not in CSV_SKIP} for r in result.rows]),
         "json": write_json(out / "comparison.json", {
             "seeds": result.seeds,
+            "split_sizes": result.split_sizes,
             "ablations": result.ablations,
             "label_names": result.label_names,
             "config": config.model_dump(mode="json") if config is not None else None,

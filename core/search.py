@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -64,9 +65,10 @@ class Trainer(Protocol):
               branch_checkpoints: Mapping[str, Path] | None) -> Any:
         """Train one config; return an object with ``metrics`` (``{split: {metric: value}}``).
 
-        ``on_epoch(epoch, val_metrics)`` is called after each validated epoch and may raise
-        `optuna.TrialPruned`. ``branch_checkpoints`` (branch -> checkpoint) skips stage 1 and
-        fuses those frozen branches over their cached outputs.
+        ``on_epoch(epoch, val_metrics)`` is called after each validated epoch of the last stage and
+        may raise `optuna.TrialPruned`. ``branch_checkpoints`` (branch -> checkpoint, from
+        `train_branches`; None when every trial trains everything) are the frozen branches the
+        trial must fuse, over their cached outputs, instead of training its own.
         """
         ...
 
@@ -148,6 +150,7 @@ def normalize_url(url: str) -> str:
     if parsed.drivername in ("postgresql", "postgres"):
         import importlib.util
 
+        parsed = parsed.set(drivername="postgresql")  # SQLAlchemy no longer reads the "postgres" alias
         if importlib.util.find_spec("psycopg2") is None:
             if importlib.util.find_spec("psycopg") is None:
                 raise MissingDependencyError("a PostgreSQL storage needs a driver", hint="pip install 'psycopg[binary]'")
@@ -281,6 +284,17 @@ def materialize(space: SearchSpace, base: Mapping[str, Any], params: Mapping[str
     return validate(raw, source=source)
 
 
+def sampler_seed(seed: int | None, trials_so_far: int) -> int | None:
+    """The sampler's seed for a worker joining a study that holds `trials_so_far` trials.
+
+    A fresh study uses `seed` itself (reproducible); a resumed one a seed derived from it and the
+    trial count, since replaying the first run's random stream would draw its parameters again.
+    """
+    if seed is None or trials_so_far == 0:
+        return seed
+    return int(hashlib.sha256(f"{seed}:{trials_so_far}".encode()).hexdigest()[:8], 16)
+
+
 def _make_pruner(name: PrunerName, config: RunConfig) -> optuna.pruners.BasePruner:
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
@@ -317,8 +331,10 @@ class TrainRunTrainer:
     that shape the branches alone all fuse the same frozen branches.
     """
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, *, progress: bool = True):
         self.registry = registry
+        #: Show stage 1's progress (it may take long); trials themselves report one line each.
+        self.progress = progress
 
     def train(self, config: RunConfig, *, on_epoch: Callable, data: Any,
               branch_checkpoints: Mapping[str, Path] | None) -> Any:
@@ -339,7 +355,8 @@ class TrainRunTrainer:
         checkpoints = {}
         for branch in config.branches:
             branch_config = training.branch_run_config(config, branch)
-            result = training.train_run(branch_config, registry=self.registry, resume=True, progress=True, data=data)
+            result = training.train_run(branch_config, registry=self.registry, resume=True, progress=self.progress,
+                                        data=data)
             checkpoints[branch] = Path(result.checkpoint)
         return checkpoints
 
@@ -401,10 +418,10 @@ class Study:
                 f"study {self.name!r} already exists in {self.storage_url}",
                 hint="resume it (drop --no-resume), or choose another name with --study",
             )
-        sampler = optuna.samplers.TPESampler(seed=self.options.sampler_seed, constant_liar=True)
         study = optuna.create_study(storage=self.storage, study_name=self.name, direction=self.direction,
-                                    sampler=sampler, pruner=_make_pruner(self.options.pruner, self.config),
-                                    load_if_exists=True)
+                                    pruner=_make_pruner(self.options.pruner, self.config), load_if_exists=True)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=sampler_seed(self.options.sampler_seed, len(study.get_trials(deepcopy=False))), constant_liar=True)
         if study.direction.name.lower() != self.direction:
             raise ConfigError(f"study {self.name!r} in {self.storage_url} {study.direction.name.lower()}s its "
                               f"value, this config would {self.direction} {self.monitor}", hint="use another --study")
@@ -600,12 +617,16 @@ def run_search(config: RunConfig, options: SearchOptions | None = None, *, regis
     started = time.perf_counter()
     study = Study(config, options, registry=registry, trainer=trainer, data=data, console=console)
     if study.data is None and trainer is None and not any(p.startswith("data.") for p in study.space.paths):
-        study.data = _load_data(config, study.registry, study.out_dir)
-    study.optimize(progress=progress)
+        study.data = load_search_data(config, study.registry, study.out_dir)
+    try:
+        study.optimize(progress=progress)
+    except KeyboardInterrupt:
+        study.summarize(elapsed_s=round(time.perf_counter() - started, 3))  # what is done so far stays readable
+        raise
     return study.summarize(elapsed_s=round(time.perf_counter() - started, 3))
 
 
-def _load_data(config: RunConfig, registry: Registry, out_dir: Path) -> Any:
+def load_search_data(config: RunConfig, registry: Registry, out_dir: Path) -> Any:
     """The data every trial shares, loaded once (the space leaves `data.*` alone); the split is
     written to the study folder."""
     from emofuse.core.compose import required_modalities
@@ -653,4 +674,4 @@ def search_cli(config: RunConfig, *, trials: int = 50, storage: str | None = Non
 
 
 __all__ = ["SearchOptions", "SearchResult", "Study", "run_search", "search_cli", "open_storage", "print_summary",
-           "default_space", "SearchSpace", "Trainer", "TrainRunTrainer"]
+           "default_space", "SearchSpace", "Trainer", "TrainRunTrainer", "load_search_data"]

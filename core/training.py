@@ -162,20 +162,26 @@ class EarlyStopping:
 
 
 class EpochProgress:
-    """A rich progress bar over the optimizer's batches, one line of metrics per epoch (main rank only)."""
+    """A rich progress bar over the epoch's batches (on a terminal) and one line of metrics per epoch
+    (always), on the main rank only."""
 
     def __init__(self, stage: str, epochs: int, enabled: bool):
         self.stage, self.epochs, self.enabled = stage, epochs, enabled
+        self._console = None
         self._progress = None
         self._task = None
 
     def __enter__(self) -> "EpochProgress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if not self.enabled:
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        self._console = Console()
+        if self._console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), transient=True,
+                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), transient=True, console=self._console,
             )
             self._progress.__enter__()
         return self
@@ -198,15 +204,20 @@ class EpochProgress:
             self._progress.update(self._task, advance=1, **({"loss": f"{loss:.4f}"} if loss is not None else {}))
 
     def epoch_line(self, row: Mapping[str, Any], monitor: str) -> None:
-        if self._progress is None:
+        if self._console is None:
             return
         val = row.get(f"val_{monitor}")
         mark = " [green]*best*[/]" if row.get("improved") else ""
-        self._progress.console.print(
+        self._console.print(
             f"{self.stage} epoch {row['epoch'] + 1}/{self.epochs}: train loss {row['train_loss']:.4f}, "
             f"val loss {row['val_loss']:.4f}, val {monitor} {val:.4f}, lr {row['lr']:.2e}{mark}",
-            highlight=False,
+            highlight=False, soft_wrap=True,
         )
+
+    @property
+    def live(self) -> bool:
+        """True when a bar is drawn (then per-batch loss values are worth fetching)."""
+        return self._progress is not None
 
 
 # =================================================================================================
@@ -419,14 +430,18 @@ def fit(
                         scaler.unscale_(optimizer)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    stepped = True
                     if scaler is not None:
+                        scale = scaler.get_scale()
                         scaler.step(optimizer)
                         scaler.update()
+                        stepped = scaler.get_scale() >= scale  # a shrunk scale means inf/NaN: step skipped
                     else:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                bar.advance(float(loss.detach()) if show else None)
+                    if stepped:
+                        scheduler.step()
+                bar.advance(float(loss.detach()) if bar.live else None)
             total_loss = ctx.all_reduce_sum(loss_sum)
             total_count = ctx.all_reduce_sum(count_sum)
             train_loss = float(total_loss / total_count) if float(total_count) > 0 else float("nan")
@@ -545,7 +560,9 @@ def ensure_extracted(encoder: Encoder, cache: Any, bundle: Any, *, splits: Seque
 
 @contextlib.contextmanager
 def _simple_progress(description: str, total: int | None, enabled: bool) -> Iterator[Callable[[], None]]:
-    if not enabled:
+    from rich.console import Console
+
+    if not enabled or not Console().is_terminal:
         yield lambda: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -341,6 +341,8 @@ def test_search_exports_a_best_config_that_reproduces_its_metric(tmp_path, regis
     summary = json.loads(result.summary_path.read_text())
     assert summary["best"]["value"] == result.best_value and summary["best"]["params"] == result.best_params
     assert len(summary["trials"]) == 6 and summary["counts"]["complete"] == 6
+    if "fusion_loss" not in RunConfig.model_fields:
+        assert any("focal alpha/gamma" in note for note in summary["notes"])
     assert set(result.importances) == set(result.best_params)
     assert sum(result.importances.values()) == pytest.approx(1.0)
     # `emofuse train --config best.toml` composes exactly this config ...
@@ -369,7 +371,7 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, registry, features
     assert states == ["COMPLETE"] * 3 + ["FAIL", "WAITING"]
     interrupted = study.get_trials()[3]
     resumed = FeatureTrainer(registry)
-    result = run_search(cfg, options(tmp_path, n_trials=7, pruner="none", sampler_seed=1), registry=registry,
+    result = run_search(cfg, options(tmp_path, n_trials=7, pruner="none"), registry=registry,
                         trainer=resumed, data=features)
     assert result.counts["complete"] == 7 and resumed.calls == 4  # only the missing trials ran
     study = optuna.load_study(study_name="feat", storage=open_storage(f"sqlite:///{tmp_path / 'studies.db'}"))
@@ -381,7 +383,7 @@ def test_interrupted_study_resumes_where_it_stopped(tmp_path, registry, features
     again = FeatureTrainer(registry)
     run_search(cfg, options(tmp_path, n_trials=7), registry=registry, trainer=again, data=features)
     assert again.calls == 0
-    run_search(cfg, options(tmp_path, n_trials=8, sampler_seed=2), registry=registry, trainer=again, data=features)
+    run_search(cfg, options(tmp_path, n_trials=8), registry=registry, trainer=again, data=features)
     assert again.calls == 1 and max(t.number for t in study.get_trials()) == 8
 
 
@@ -452,11 +454,11 @@ def start_workers(tmp: Path, storage: str, seeds: list[int], n_trials: int, **ex
 
 
 def run_two_workers(tmp: Path, storage: str) -> None:
-    procs = start_workers(tmp, storage, seeds=[11, 22], n_trials=12, delay=0.02)
+    procs = start_workers(tmp, storage, seeds=[11, 22], n_trials=10, delay=0.02)
     for p in procs:
         assert p.wait(timeout=120) == 0
     study = optuna.load_study(study_name="feat", storage=open_storage(storage))
-    assert_no_trial_lost_or_repeated(study, 12, workers=2)
+    assert_no_trial_lost_or_repeated(study, 10, workers=2)
     workers = {t.user_attrs["worker"] for t in finished(study)}
     assert len(workers) == 2, f"both workers should have run trials, got {workers}"
 
@@ -529,7 +531,7 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
     done_before = len(finished(study))
     time.sleep(2.5)  # the grace period passes without a heartbeat
     result = run_search(base_config(tmp_path), options(tmp_path, n_trials=6, heartbeat_interval=1, grace_period=2,
-                                                       sampler_seed=6),
+                                                       pruner="none"),
                         registry=registry, trainer=FeatureTrainer(registry), data=features)
     assert result.counts["complete"] == 6
     study = optuna.load_study(study_name="feat", storage=open_storage(storage))
@@ -538,3 +540,33 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
     assert retry.state.name == "COMPLETE" and retry.params == killed.params
     assert len(finished(study)) == 6 and done_before >= 2
     assert_no_trial_lost_or_repeated(study, 6)
+
+
+# -- the real trainer --------------------------------------------------------------------------------
+def test_search_with_train_run_trains_the_branches_once_and_reproduces(tmp_path, shared_data):
+    """`emofuse.core.training.train_run` behind the search, on RAVDESS with two feature branches."""
+    from emofuse.core.training import train_run
+
+    config = validate({
+        "name": "real",
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data)},
+        "branches": {"video": {"name": "features", "features": ["au"]},
+                     "audio_text": {"name": "features", "features": ["mfcc"]}},
+        "fusion": {"name": "enhanced-late"},
+        "loss": {"name": "focal"},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 1e-3},
+        "fusion_train": {"epochs": 3, "batch_size": 8, "lr": 1e-4},
+        "output_dir": str(tmp_path / "runs"),
+    })
+    result = run_search(config, SearchOptions(n_trials=3, sampler_seed=0))
+    assert result.scope == "fusion" and result.counts["complete"] == 3
+    study_dir = tmp_path / "runs" / "search" / "real"
+    assert (tmp_path / "runs" / "search" / "studies.db").is_file()  # the default storage
+    branch_runs = sorted(p.name for p in (study_dir / "trials" / "branches").iterdir())
+    assert [name.split("-")[0] for name in branch_runs] == ["audio_text", "video"]  # trained once, for all trials
+    for n in range(3):
+        used = json.loads((study_dir / "trials" / f"trial-{n:04d}" / "result.json").read_text())["branches"]
+        assert sorted(Path(p).name for p in used.values()) == branch_runs
+    trained = compose_config(config_file=result.best_config_path)
+    rerun = train_run(trained, progress=False)
+    assert rerun.metrics["val"]["accuracy"] == pytest.approx(result.best_value, abs=1e-6)

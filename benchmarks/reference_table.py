@@ -1,0 +1,359 @@
+"""Reproduce the reference report's comparison table on real RAVDESS data, and say where fusion helps.
+
+Branches (the ``ravdess-reference`` preset): ``video`` = the ``features`` encoder over the clip's
+facial action units (the AU table in ``../shared/data``), ``audio_text`` = the ``mm-lstm`` encoder
+over the speech recording and its statement text. Every registered fusion (or ``--fusions``) is
+trained over the same frozen branches, per seed, and each branch is also scored alone; robustness
+columns score every model with one modality removed at test time.
+
+Two protocols:
+
+- ``split`` (default): one speaker-independent train/val/test split of actors 1-12, several seeds.
+- ``actor-cv``: cross-validation with folds over actors (``--folds 4``: actors 1-3, 4-6, 7-9, 10-12
+  held out in turn; two further actors validate, the rest train), the protocol of the baselines
+  the project must beat (grouped CV by actor, 8 classes: eGeMAPS alone 47.2%, AUs alone 58.3%, both
+  concatenated in one logistic regression 71.7%, averaged probabilities 67.9%). ``--baselines``
+  recomputes those four logistic-regression baselines on exactly the same folds/split, so the
+  comparison is like for like rather than against numbers measured elsewhere.
+
+The Markdown written to ``--markdown`` starts with the exact command that made it.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py --seeds 0,1,2 --baselines
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py --protocol actor-cv --folds 4 --seeds 0 --baselines
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from emofuse.core.compare import ComparisonResult, compare, comparison_columns  # noqa: E402
+from emofuse.core.compose import build_reader, resolve_data_dir  # noqa: E402
+from emofuse.core.config import RunConfig  # noqa: E402
+from emofuse.core.data.splits import save_split  # noqa: E402
+from emofuse.core.presets import compose_config  # noqa: E402
+from emofuse.core.report import Column, markdown_table, write_json, write_text  # noqa: E402
+from emofuse.core.types import Sample  # noqa: E402
+
+PRESET = "ravdess-reference"
+ROOT = Path(__file__).resolve().parents[1]
+#: The baselines the project must beat, as reported for grouped CV by actor on actors 1-12 (8 classes).
+REPORTED_BASELINES = {"egemaps": 0.472, "au": 0.583, "concat": 0.717, "average": 0.679}
+BASELINE_TITLES = {
+    "au": "baseline: AUs, logistic regression",
+    "egemaps": "baseline: eGeMAPS, logistic regression",
+    "concat": "baseline: AUs + eGeMAPS concatenated, logistic regression",
+    "average": "baseline: averaged probabilities of the two",
+}
+
+log = logging.getLogger("emofuse.benchmark")
+
+
+# --- configuration -------------------------------------------------------------------------------------
+def base_config(data_dir: Path | None, sets: Sequence[str], out: Path) -> RunConfig:
+    overrides: dict[str, Any] = {"output_dir": str(out)}
+    if data_dir is not None:
+        overrides["data"] = {"data_dir": str(data_dir)}
+    return compose_config(preset=PRESET, overrides=overrides, sets=list(sets))
+
+
+def corpus_samples(config: RunConfig) -> list[Sample]:
+    reader = build_reader(config.data)
+    return [s for s in reader.samples() if s.label is not None]
+
+
+def actor_folds(samples: Sequence[Sample], folds: int) -> list[dict[str, list[str]]]:
+    """Contiguous groups of actors held out in turn (mixed sexes: odd actors are male, even female);
+    the next two actors after the held-out group validate, the others train."""
+    actors = sorted({s.speaker for s in samples if s.speaker})
+    if not 2 <= folds <= len(actors) // 2:
+        raise SystemExit(f"--folds must be between 2 and {len(actors) // 2} for {len(actors)} actors")
+    groups = [list(g) for g in np.array_split(actors, folds)]
+    out = []
+    for k, test_actors in enumerate(groups):
+        rest = [a for a in actors if a not in test_actors]
+        start = actors.index(test_actors[-1]) + 1
+        ordered = [a for a in actors[start:] + actors[:start] if a in rest]
+        val_actors = ordered[:2]
+        role = {a: "test" for a in test_actors} | {a: "val" for a in val_actors}
+        split = {"train": [], "val": [], "test": []}
+        for s in samples:
+            split[role.get(s.speaker, "train")].append(s.id)
+        out.append(split)
+    return out
+
+
+# --- logistic-regression baselines --------------------------------------------------------------------
+def egemaps_functionals(samples: Sequence[Sample], cache: Path) -> dict[str, np.ndarray]:
+    """The 88 eGeMAPS v02 functionals of each clip's speech (openSMILE), cached as JSON."""
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if all(s.id in stored for s in samples):
+            return {k: np.asarray(v, dtype=np.float64) for k, v in stored.items()}
+    import opensmile
+
+    from emofuse.core.data.decode import SAMPLE_RATE, decode_audio
+
+    smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=opensmile.FeatureLevel.Functionals)
+    out = {}
+    for i, s in enumerate(samples):
+        signal = decode_audio(s.audio_path)
+        out[s.id] = smile.process_signal(signal, SAMPLE_RATE).to_numpy().reshape(-1)
+        if (i + 1) % 100 == 0:
+            log.info("eGeMAPS: %d/%d clips", i + 1, len(samples))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({k: v.tolist() for k, v in out.items()}))
+    return out
+
+
+def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egemaps: dict[str, np.ndarray],
+                    num_classes: int) -> dict[str, dict[str, float]]:
+    """Accuracy/F1s of the four logistic-regression baselines trained on train+val, scored on test."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import torch
+
+    from emofuse.core.metrics import classification_metrics
+
+    by_id = {s.id: s for s in samples}
+    fit_ids = split["train"] + split["val"]
+    test_ids = split["test"]
+
+    def matrix(ids, kind):
+        rows = []
+        for i in ids:
+            au = np.asarray(by_id[i].features["au"], dtype=np.float64).reshape(-1)
+            eg = egemaps[i]
+            rows.append({"au": au, "egemaps": eg, "concat": np.concatenate([au, eg])}[kind])
+        return np.stack(rows)
+
+    y_fit = np.array([by_id[i].label for i in fit_ids])
+    y_test = torch.tensor([by_id[i].label for i in test_ids])
+    probs = {}
+    for kind in ("au", "egemaps", "concat"):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+        model.fit(matrix(fit_ids, kind), y_fit)
+        p = np.zeros((len(test_ids), num_classes))
+        p[:, model.classes_] = model.predict_proba(matrix(test_ids, kind))
+        probs[kind] = p
+    probs["average"] = (probs["au"] + probs["egemaps"]) / 2
+    return {k: classification_metrics(y_test, torch.from_numpy(p), num_classes) for k, p in probs.items()}
+
+
+def baseline_rows(per_run: Sequence[dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    rows = []
+    for kind in ("au", "egemaps", "concat", "average"):
+        row: dict[str, Any] = {"key": f"baseline:{kind}", "model": BASELINE_TITLES[kind],
+                               "short": BASELINE_TITLES[kind].removeprefix("baseline: "),
+                               "reported_accuracy": REPORTED_BASELINES[kind],
+                               "modalities": {"au": "features", "egemaps": "audio"}.get(kind, "audio+features")}
+        for metric in ("accuracy", "macro_f1", "weighted_f1", "uar"):
+            values = [r[kind][metric] for r in per_run]
+            row[metric] = float(np.mean(values))
+            row[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+BASELINE_COLUMNS = [
+    Column("model", "Baseline (same clips)", justify="left"),
+    Column("accuracy", "Acc %", ".1f", std_key="accuracy_std", pct=True),
+    Column("macro_f1", "Macro F1 %", ".1f", std_key="macro_f1_std", pct=True),
+    Column("weighted_f1", "Weighted F1 %", ".1f", std_key="weighted_f1_std", pct=True),
+    Column("uar", "UA %", ".1f", std_key="uar_std", pct=True),
+    Column("reported_accuracy", "Reported acc % (grouped CV, elsewhere)", ".1f", pct=True),
+]
+
+
+# --- aggregation over folds -----------------------------------------------------------------------------
+def over_folds(results: Sequence[ComparisonResult]) -> list[dict[str, Any]]:
+    """One row per model: each fold's seed-mean, then mean and std across folds."""
+    keys = [r["key"] for r in results[0].rows]
+    numeric = [k for k, v in results[0].rows[0].items()
+               if isinstance(v, (int, float)) and not k.endswith("_std") and k not in ("rank", "seeds")]
+    rows = []
+    for key in keys:
+        fold_rows = [next(r for r in res.rows if r["key"] == key) for res in results if any(r["key"] == key for r in res.rows)]
+        row = {k: fold_rows[0][k] for k in ("key", "model", "kind", "component", "modalities")}
+        row["folds"] = len(fold_rows)
+        for k in numeric:
+            values = [r[k] for r in fold_rows if r.get(k) is not None]
+            if not values:
+                continue
+            row[k] = float(np.mean(values))
+            row[f"{k}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        for k in ("trainable_parameters", "total_parameters", "checkpoint_bytes", "test_clips"):
+            if k in row:
+                row[k] = int(round(row[k]))
+        rows.append(row)
+    rows.sort(key=lambda r: (-r.get("accuracy", -1), -r.get("macro_f1", -1)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+# --- the honest summary ----------------------------------------------------------------------------------
+def findings(rows: Sequence[dict[str, Any]], ablations: Sequence[str], baselines: Sequence[dict[str, Any]] | None,
+             spread: str) -> list[str]:
+    """Plain sentences computed from the table: does fusion beat the best branch, by how much, when not."""
+    def pct(v):
+        return f"{100 * v:.1f}%"
+
+    def pm(row, key="accuracy"):
+        std = row.get(f"{key}_std")
+        return pct(row[key]) + (f" ± {100 * std:.1f}" if std is not None else "")
+
+    branches = [r for r in rows if r["kind"] == "branch"]
+    fusions = [r for r in rows if r["kind"] == "fusion"]
+    out = []
+    if not branches or not fusions:
+        return out
+    best_branch = max(branches, key=lambda r: r["accuracy"])
+    best_fusion = max(fusions, key=lambda r: r["accuracy"])
+    gap = best_fusion["accuracy"] - best_branch["accuracy"]
+    noise = max(best_fusion.get("accuracy_std") or 0, best_branch.get("accuracy_std") or 0)
+    verdict = ("helps" if gap > noise else "does not clearly help" if gap > 0 else "does not help")
+    out.append(f"Best fusion `{best_fusion['component']}` reaches {pm(best_fusion)} accuracy against "
+               f"{pm(best_branch)} for the best single branch ({best_branch['model']}): "
+               f"{100 * gap:+.1f} points, so fusion {verdict} here"
+               + (f" (the gap is within one {spread} std)" if 0 < gap <= noise else "") + ".")
+    beaten = [f for f in fusions if f["accuracy"] <= best_branch["accuracy"]]
+    if beaten:
+        out.append("Fusions no better than the best branch alone: "
+                   + ", ".join(f"`{f['component']}` ({pm(f)})" for f in beaten) + ".")
+    for f in fusions:
+        if f.get("train_accuracy") is not None and f["train_accuracy"] - f["accuracy"] > 0.2:
+            out.append(f"`{f['component']}` fits the training clips far better than unseen actors "
+                       f"(train {pct(f['train_accuracy'])}, test {pct(f['accuracy'])}): speaker overfitting.")
+    for mod in ablations:
+        key = f"accuracy_without_{mod}"
+        if key in best_fusion:
+            drop = best_fusion["accuracy"] - best_fusion[key]
+            out.append(f"Without {mod} at test time, `{best_fusion['component']}` scores {pct(best_fusion[key])} "
+                       f"({-100 * drop:+.1f} points).")
+    if baselines:
+        best_base = max(baselines, key=lambda r: r["accuracy"])
+        diff = best_fusion["accuracy"] - best_base["accuracy"]
+        out.append(f"The strongest logistic-regression baseline on the same clips ({best_base['short']}) scores "
+                   f"{pm(best_base)}; the best fusion is {abs(100 * diff):.1f} points "
+                   f"{'above' if diff > 0 else 'below'} it.")
+    return out
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py " + shlex.join(list(argv))
+
+
+def render(rows, ablations, *, title: str, command: str, protocol_text: str, baselines, notes, spread: str) -> str:
+    lines = [f"### {title}", "", "Made with:", "", "```", command, "```", "", protocol_text, ""]
+    lines.append(markdown_table(rows, comparison_columns(ablations)))
+    lines.append(f"Mean ± std over {spread}. `Acc w/o X`: the same trained model with modality X removed from "
+                 "every test clip. Trainable parameters: what that row trained (a fusion's own parameters; the "
+                 "branches are frozen and shared).")
+    if baselines:
+        lines += ["", markdown_table(baselines, BASELINE_COLUMNS)]
+        lines.append("Baselines: standardised features, scikit-learn logistic regression, trained on train+val "
+                     "actors and scored on the same test actors as the models above. eGeMAPS = the 88 openSMILE "
+                     "eGeMAPSv02 functionals of the speech recording.")
+    if notes:
+        lines += ["", "**What the numbers say:**", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# --- main ------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=None, help="folder holding the corpora (default ../shared/data)")
+    p.add_argument("--protocol", choices=("split", "actor-cv"), default="split")
+    p.add_argument("--folds", type=int, default=4, help="actor-cv: number of folds over the 12 actors")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--fusions", default=None, help="comma-separated fusions (default: every registered one)")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("--baselines", action="store_true", help="also score the logistic-regression baselines")
+    p.add_argument("--no-robustness", action="store_true", help="skip the modality-removed columns")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "reference-table")
+    p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "results" / "reference_table.md")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    fusions = [f.strip() for f in args.fusions.split(",")] if args.fusions else None
+    out = args.out / args.protocol
+    config = base_config(args.data, args.sets, out)
+    samples = corpus_samples(config)
+    num_classes = len(build_reader(config.data).label_names)
+    started = time.time()
+
+    def say(msg: str) -> None:
+        log.info("%s", msg)
+
+    if args.protocol == "split":
+        splits_for_baselines: list[dict[str, list[str]]] = []
+        result = compare(config, fusions=fusions, seeds=seeds, robustness=not args.no_robustness, out_dir=out,
+                         on_progress=say)
+        rows, ablations = result.rows, result.ablations
+        splits_for_baselines.append(json.loads((out / "split.json").read_text())["splits"])
+        spread = f"{len(seeds)} seed(s)"
+        sizes = result.split_sizes
+        protocol_text = (f"RAVDESS speech, actors 1-12, 8 classes; one speaker-independent split "
+                         f"({sizes.get('train', 0)} train / {sizes.get('val', 0)} val / {sizes.get('test', 0)} "
+                         f"test clips, no actor in two splits); seeds {', '.join(map(str, seeds))}.")
+        failures = result.failures
+    else:
+        split_dir = out / "splits"
+        results = []
+        splits_for_baselines = actor_folds(samples, args.folds)
+        for k, split in enumerate(splits_for_baselines):
+            path = split_dir / f"fold-{k}.json"
+            save_split(path, split, method="speaker", seed=0, dataset=config.data.dataset,
+                       val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
+            fold_config = config.model_copy(update={"data": config.data.model_copy(update={"split_file": path})})
+            say(f"fold {k + 1}/{args.folds}: test actors "
+                f"{sorted({s.speaker for s in samples if s.id in set(split['test'])})}")
+            results.append(compare(fold_config, fusions=fusions, seeds=seeds, robustness=not args.no_robustness,
+                                   out_dir=out / f"fold-{k}", on_progress=say))
+        rows, ablations = over_folds(results), results[0].ablations
+        failures = [f for r in results for f in r.failures]
+        spread = f"{args.folds} actor folds (each fold the mean of seeds {', '.join(map(str, seeds))})"
+        protocol_text = (f"RAVDESS speech, actors 1-12, 8 classes; cross-validation over {args.folds} folds of "
+                         f"actors (each fold: its actors test, the next two actors validate, the rest train), "
+                         f"so every clip is a test clip once.")
+
+    baselines = None
+    if args.baselines:
+        egemaps = egemaps_functionals(samples, out.parent / "egemaps-functionals.json")
+        per_run = [baseline_scores(samples, split, egemaps, num_classes) for split in splits_for_baselines]
+        baselines = baseline_rows(per_run)
+
+    notes = findings(rows, ablations, baselines, spread)
+    if failures:
+        notes.append("Fusions that failed: " + "; ".join(f"`{f['fusion']}`: {f['error']}" for f in failures[:5]))
+    minutes = (time.time() - started) / 60
+    title = f"RAVDESS reference comparison ({'speaker-independent split' if args.protocol == 'split' else 'actor CV'})"
+    text = render(rows, ablations, title=title, command=command_line(argv), protocol_text=protocol_text,
+                  baselines=baselines, notes=notes, spread=spread)
+    text += f"\n_{minutes:.0f} minutes on {os.cpu_count()} CPU core(s); raw numbers in `{out}/`._\n"
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.markdown, text)
+    write_json(args.markdown.with_suffix(".json"), {"command": command_line(argv), "rows": rows,
+                                                    "baselines": baselines, "notes": notes})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The comparison engine on real RAVDESS features: every fusion over the same frozen branches, a
+third-party fusion registered at run time included, ranked table files, robustness columns."""
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+from typing import Sequence
+
+import pytest
+import torch
+from matplotlib.image import imread
+from torch import nn
+
+from emofuse.core.compare import _branch_identity, aggregate, compare, fusions_to_compare
+from emofuse.core.component import ComponentConfig
+from emofuse.core.config import validate
+from emofuse.core.errors import ConfigError
+from emofuse.core.hookspecs import hookimpl
+from emofuse.core.interfaces import Fusion
+from emofuse.core.model_io import load_model
+from emofuse.core.registry import Provider, Registry
+from emofuse.core.types import EncoderOutput
+
+
+class MeanProbabilityFusion(Fusion):
+    """Average of the present branches' probabilities, with one learnable temperature (a test plugin)."""
+
+    name = "test-mean-probability"
+    Config = ComponentConfig
+
+    def __init__(self, config, num_classes, branches):
+        super().__init__(config, num_classes, branches)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+        probs = 0
+        count = 0
+        for out in outputs:
+            mask = out.presence().to(out.logits.dtype).unsqueeze(1)
+            probs = probs + mask * torch.softmax(out.logits / self.log_temperature.exp(), dim=1)
+            count = count + mask
+        return torch.log(probs / count.clamp(min=1) + 1e-8)
+
+    def report(self):
+        return {"temperature": float(self.log_temperature.detach().exp())}
+
+
+class BrokenFusion(Fusion):
+    """A fusion that cannot build for these branches (shows one bad plugin does not stop the table)."""
+
+    name = "test-broken"
+    Config = ComponentConfig
+
+    def __init__(self, config, num_classes, branches):
+        raise ValueError("needs exactly three branches")
+
+
+class ThirdPartyPlugin:
+    @hookimpl
+    def register_fusions(self):
+        return [MeanProbabilityFusion, BrokenFusion]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    reg = Registry().load_entry_points()
+    reg.add_plugin(ThirdPartyPlugin(), Provider("test-plugin", "emofuse-test-plugin", "0.0.1"))
+    return reg
+
+
+def tiny_config(out_dir, data_dir):
+    return validate({
+        "name": "tiny",
+        "data": {"dataset": "ravdess", "data_dir": str(data_dir), "split": "speaker", "limit": 240},
+        "branches": {
+            "faces": {"name": "features", "features": ["au"], "hidden_dims": [32]},
+            "voice": {"name": "features", "features": ["mfcc"], "hidden_dims": [32]},
+        },
+        "loss": {"name": "cross-entropy"},
+        "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "patience": 4, "device": "cpu", "precision": "fp32"},
+        "fusion_train": {"epochs": 4, "batch_size": 32, "lr": 3e-2, "patience": 4, "device": "cpu", "precision": "fp32"},
+        "output_dir": str(out_dir),
+    })
+
+
+def test_third_party_fusion_is_listed_without_any_edit(registry):
+    names = fusions_to_compare(None, registry)
+    assert "test-mean-probability" in names and "weighted-late" in names
+    with pytest.raises(ConfigError, match="no fusion named 'nope'"):
+        fusions_to_compare(["nope"], registry)
+
+
+def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data, registry):
+    config = tiny_config(tmp_path / "runs", shared_data)
+    result = compare(config, fusions=["weighted-late", "test-mean-probability", "test-broken"], seeds=[0, 1],
+                     registry=registry, bootstrap=100, out_dir=tmp_path / "cmp")
+
+    keys = {r["key"] for r in result.rows}
+    assert keys == {"branch:faces", "branch:voice", "fusion:weighted-late", "fusion:test-mean-probability"}
+    assert [f["fusion"] for f in result.failures] == ["test-broken", "test-broken"]
+    assert "needs exactly three branches" in result.failures[0]["error"]
+
+    # ranked by mean test accuracy; mean and std over the two seeds
+    accs = [r["accuracy"] for r in result.rows]
+    assert accs == sorted(accs, reverse=True)
+    assert [r["rank"] for r in result.rows] == [1, 2, 3, 4]
+    for row in result.rows:
+        assert row["seeds"] == 2 and row["accuracy_std"] is not None
+        per = [r["accuracy"] for r in result.per_seed if r["key"] == row["key"]]
+        assert row["accuracy"] == pytest.approx(sum(per) / 2)
+        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
+        for mod in ("features", "metadata"):
+            assert 0 <= row[f"accuracy_without_{mod}"] <= 1
+    by_key = {r["key"]: r for r in result.rows}
+    assert by_key["fusion:weighted-late"]["trainable_parameters"] == 2
+    assert by_key["fusion:test-mean-probability"]["trainable_parameters"] == 1
+    assert by_key["branch:faces"]["trainable_parameters"] > 1000
+    assert by_key["branch:faces"]["checkpoint_bytes"] > 0
+    # without the feature vectors both branches see nothing but metadata: near chance (8 classes)
+    assert by_key["branch:faces"]["accuracy_without_features"] < by_key["branch:faces"]["accuracy"]
+
+    # every fusion of a seed fuses the very same frozen branches
+    for seed in (0, 1):
+        rows = {r["key"]: r for r in result.per_seed if r["seed"] == seed}
+        branch_ids = {name: _branch_identity(name, load_model(rows[f"branch:{name}"]["checkpoint"], registry=registry)
+                                             .model.branches[name]) for name in ("faces", "voice")}
+        for fusion in ("weighted-late", "test-mean-probability"):
+            model = load_model(rows[f"fusion:{fusion}"]["checkpoint"], registry=registry).model
+            assert {n: _branch_identity(n, e) for n, e in model.branches.items()} == branch_ids
+
+    # the files: Markdown, CSV, JSON, bar chart, a confusion matrix per model
+    md = (result.out_dir / "comparison.md").read_text()
+    assert "fusion: test-mean-probability" in md and "Acc w/o features %" in md and "test-broken" in md
+    with (result.out_dir / "comparison.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
+    data = json.loads((result.out_dir / "comparison.json").read_text())
+    assert len(data["per_seed"]) == 8 and data["ablations"] == ["text", "metadata", "features"]
+    assert imread(result.out_dir / "comparison.png").std() > 0.01
+    for key in keys:
+        png = result.out_dir / "confusion" / f"{key.replace(':', '_')}.png"
+        assert imread(png).ndim == 3
+        cm = torch.tensor(data["confusion_matrices"][key])
+        assert int(cm.sum()) == 2 * result.rows[0]["test_clips"]  # summed over both seeds
+
+
+def test_aggregate_single_seed_has_no_std():
+    per_seed = [{"key": "a", "model": "A", "kind": "fusion", "component": "x", "modalities": "audio", "seed": 0,
+                 "accuracy": 0.5, "macro_f1": 0.4, "trainable_parameters": 2},
+                {"key": "b", "model": "B", "kind": "branch", "component": "y", "modalities": "audio", "seed": 0,
+                 "accuracy": 0.7, "macro_f1": 0.6, "trainable_parameters": 10}]
+    rows = aggregate(per_seed)
+    assert [r["key"] for r in rows] == ["b", "a"]
+    assert rows[0]["accuracy_std"] is None and rows[0]["trainable_parameters"] == 10
+
+
+def test_compare_needs_two_branches(tmp_path):
+    config = validate({"branches": {"only": {"name": "features"}}, "output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="at least two branches"):
+        compare(config, data=SimpleNamespace(), trainer=SimpleNamespace())

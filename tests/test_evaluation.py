@@ -1,0 +1,92 @@
+"""Evaluating a real trained checkpoint: the run's own split, its normaliser, metrics that agree with
+scikit-learn and with what the trainer recorded, report files, and modalities removed at test time."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from rich.console import Console
+from sklearn.metrics import accuracy_score, f1_score
+
+from emofuse.core.config import validate
+from emofuse.core.errors import ConfigError
+from emofuse.core.evaluation import drop_modalities, evaluate_checkpoint, evaluate_cli
+from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, shared_data):
+    from emofuse.core.training import train_run
+
+    out = tmp_path_factory.mktemp("eval-run")
+    config = validate({
+        "name": "au",
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "split": "speaker", "limit": 300},
+        "branches": {"video": {"name": "features", "features": ["au"], "hidden_dims": [32]}},
+        "train": {"epochs": 6, "batch_size": 32, "lr": 3e-3, "patience": 6, "device": "cpu", "precision": "fp32"},
+        "output_dir": str(out),
+    })
+    result = train_run(config, progress=False, resume=False)
+    return result.checkpoint
+
+
+def test_scores_the_runs_own_test_split_like_the_trainer(checkpoint):
+    result = evaluate_checkpoint(checkpoint, split="test", bootstrap=200)
+    split = json.loads((checkpoint.parent / "split.json").read_text())
+    assert set(result.outputs.ids) <= set(split["splits"]["test"])
+    assert result.report.num_samples == len(result.outputs.ids) > 20
+
+    labels = result.outputs.labels.numpy()
+    preds = result.outputs.logits.argmax(1).numpy()
+    assert result.report.metrics["accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    assert result.report.metrics["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    recorded = json.loads(checkpoint.with_suffix(".json").read_text())["metrics"]["test"]
+    assert result.report.metrics["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-6)
+    assert result.report.metrics["accuracy"] > 1 / 8 + 0.1  # action units carry real signal
+    lo, hi = result.report.intervals["accuracy"]
+    assert lo <= result.report.metrics["accuracy"] <= hi
+    np.testing.assert_allclose(result.outputs.probabilities.sum(1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_removing_the_only_informative_modality_hurts(checkpoint):
+    full = evaluate_checkpoint(checkpoint, split="test", bootstrap=0)
+    blind = evaluate_checkpoint(checkpoint, split="test", bootstrap=0, drop=[FEATURES])
+    assert blind.dropped == (FEATURES,)
+    assert blind.report.metrics["accuracy"] < full.report.metrics["accuracy"]
+
+
+def test_cli_writes_json_markdown_and_png(checkpoint, tmp_path):
+    console = Console(record=True, width=120)
+    result = evaluate_cli(checkpoint, split="val", out_dir=tmp_path, bootstrap=100, console=console)
+    text = console.export_text()
+    assert "Macro F1" in text and "Per class" in text
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["split"] == "val" and data["checkpoint"] == str(checkpoint)
+    assert data["metrics"]["accuracy"] == pytest.approx(result.report.metrics["accuracy"])
+    assert sum(map(sum, data["confusion_matrix"])) == result.report.num_samples
+    assert "Confusion matrix" in (tmp_path / "report.md").read_text()
+    assert imread(tmp_path / "confusion_matrix.png").ndim == 3
+
+
+def test_bad_split_name_is_a_clear_error(checkpoint):
+    with pytest.raises(ConfigError, match="unknown split 'dev'"):
+        evaluate_checkpoint(checkpoint, split="dev", bootstrap=0)
+
+
+def test_drop_modalities_zeroes_and_masks_without_touching_the_input(batch_factory):
+    batch = batch_factory(3)
+    before = batch.audio.clone()
+    out = drop_modalities(batch, [AUDIO, TEXT, VIDEO, FEATURES, METADATA])
+    for m in (AUDIO, TEXT, VIDEO, FEATURES, METADATA):
+        assert not out.present[m].any()
+        assert batch.present[m].all()
+    assert out.audio.abs().sum() == 0 and out.video.abs().sum() == 0
+    assert out.text == ["", "", ""]
+    assert all(v.abs().sum() == 0 for v in out.features.values())
+    assert torch.isnan(out.age).all() and (out.gender == 0).all()
+    assert torch.equal(batch.audio, before) and batch.text[0]
+    with pytest.raises(ConfigError, match="unknown modality 'smell'"):
+        drop_modalities(batch, ["smell"])
