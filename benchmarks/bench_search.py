@@ -2,7 +2,7 @@
 the same search recomputing the branches in every trial (ratio in one run).
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_search.py [--trials 50] [--recompute-trials 50]
-        [--preset NAME] [--branch-epochs 30] [--fusion-epochs 20] [--threads 1]
+        [--preset NAME [--set key=value ...]] [--branch-epochs 30] [--fusion-epochs 20] [--threads 1]
 
 Both arms run the default search space (fusion-stage learning rate, batch size 4/6/8, video branch
 weight 0.3..0.8) with the same sampler seed and no pruning, on one RAVDESS data bundle loaded once:
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default=None, help="a fused preset instead of the feature pair")
     parser.add_argument("--branch-epochs", type=int, default=30)
     parser.add_argument("--fusion-epochs", type=int, default=20)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="key.path=value for --preset runs")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     recompute_trials = args.recompute_trials or args.trials
     try:
         if args.preset:
-            config = compose_config(preset=args.preset, overrides={"output_dir": str(out)})
+            config = compose_config(preset=args.preset, overrides={"output_dir": str(out)}, sets=args.sets)
         else:
             config = feature_pair_config(out, args.branch_epochs, args.fusion_epochs)
         registry = get_registry()

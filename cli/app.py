@@ -341,14 +341,23 @@ def search_cmd(
     precision: Optional[str] = PrecisionOpt,
     on_bad_sample: Optional[str] = BadSampleOpt,
     limit: Optional[int] = LimitOpt,
-    trials: int = typer.Option(50, "--trials", help="Number of trials (this worker)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: a SQLite file in the run folder)."),
+    trials: int = typer.Option(50, "--trials", help="Trials in the study, all workers together; a resumed study runs only the missing ones."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: SQLite under runs/search/); postgresql://... for several machines."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name (resumes when it exists)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an existing study of that name."),
+    scope: str = typer.Option("auto", "--scope", help="auto|fusion|full: fusion reuses frozen branches, full retrains them per trial."),
+    pruner: str = typer.Option("median", "--pruner", help="median|hyperband|none, from each epoch's validation score."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
 ):
     """Tune a composed variant with Optuna (resumable SQLite study by default, any storage URL)."""
+    from emofuse.core.errors import ConfigError
+
+    if scope not in ("auto", "fusion", "full") or pruner not in ("median", "hyperband", "none"):
+        raise ConfigError(f"--scope {scope!r} / --pruner {pruner!r}: expected auto|fusion|full and median|hyperband|none")
     cfg = compose_run_config(**_compose_args(locals()))
     search = engine("search", "hyper-parameter search")
-    search.search_cli(cfg, trials=trials, storage=storage, study_name=study, console=console)
+    search.search_cli(cfg, trials=trials, storage=storage, study_name=study, resume=resume, scope=scope,
+                      pruner=pruner, seed=seed, timeout=timeout, console=console)
 
 
 @app.command("predict")

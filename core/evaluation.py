@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from emofuse.core.compose import ComposedModel
-from emofuse.core.errors import ConfigError
+from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.metrics import MetricReport, metric_report
 from emofuse.core.model_io import LoadedModel, load_model
 from emofuse.core.registry import Registry
@@ -77,8 +77,14 @@ def batches_of(
 
     modalities = sorted(set(modalities))
     for start in range(0, len(samples), batch_size):
-        batch = make_batch(list(samples[start:start + batch_size]), modalities, normalizer, on_bad_sample=on_bad_sample)
-        if batch is not None and len(batch):
+        chunk = list(samples[start:start + batch_size])
+        try:
+            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample)
+        except DataError:
+            if on_bad_sample != "skip":
+                raise
+            continue  # every clip of this chunk was bad; make_batch logged each one
+        if len(batch):
             yield batch
 
 

@@ -207,7 +207,8 @@ def plot_comparison_bars(
     for i, metric in enumerate(metrics):
         values = [_num(r.get(metric)) for r in rows]
         errors = [_num(r.get(f"{metric}_std"), 0.0) for r in rows]
-        bars = ax.barh(y + (i - (len(metrics) - 1) / 2) * height, values, height, xerr=errors,
+        bars = ax.barh(y + (i - (len(metrics) - 1) / 2) * height, values, height,
+                       xerr=errors if any(e > 0 for e in errors) else None,
                        label=METRIC_TITLES.get(metric, metric), capsize=2)
         ax.bar_label(bars, labels=[f"{v:.3f}" if not math.isnan(v) else "" for v in values], padding=3, fontsize=7)
     ax.set_yticks(y, names)

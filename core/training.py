@@ -49,7 +49,7 @@ from emofuse.core.distributed import DistContext, ShardedBatchSampler, setup_dis
 from emofuse.core.errors import CheckpointError, ConfigError, DataError
 from emofuse.core.interfaces import Encoder, Fusion, Loss
 from emofuse.core.metrics import classification_metrics
-from emofuse.core.model_io import MODEL_PREFIX, load_model, model_state, save_model
+from emofuse.core.model_io import load_model, model_state, save_model
 from emofuse.core.precision import Precision, resolve_precision
 from emofuse.core.registry import Registry, get_registry
 from emofuse.core.schedule import warmup_cosine
@@ -403,8 +403,8 @@ def fit(
             started = time.perf_counter()
             module.train()
             bar.start_epoch(epoch, num_batches)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            count_sum = torch.zeros((), dtype=torch.float64, device=device)
+            step_losses: list[torch.Tensor] = []
+            step_labels: list[torch.Tensor] = []
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(task.train_batches(epoch)):
                 group_start = (i // accumulation) * accumulation
@@ -416,15 +416,17 @@ def fit(
                     with precision.autocast():
                         logits, labels = task.forward(model, prepared)
                     loss = loss_fn(logits.float(), labels)
-                    # The loss is a per-sample mean: weigh it by this rank's share of the global batch
-                    # so the all-reduced (averaged) gradient is the gradient of the global batch's mean.
-                    n_local = (labels >= 0).sum().to(torch.float64)
-                    n_global = ctx.all_reduce_sum(n_local)
-                    share = (n_local * ctx.world_size / n_global).float() if float(n_global) > 0 else n_local.float() * 0
-                    objective = loss * share / group_len
+                    objective = loss / group_len if group_len > 1 else loss
+                    if ctx.enabled:
+                        # The loss is a per-sample mean: weigh it by this rank's share of the global batch
+                        # so the all-reduced (averaged) gradient is the gradient of the global batch's mean.
+                        n_local = (labels >= 0).sum().to(torch.float64)
+                        n_global = ctx.all_reduce_sum(n_local)
+                        share = n_local * ctx.world_size / n_global.clamp_min(1)
+                        objective = objective * share.float()
                     (scaler.scale(objective) if scaler is not None else objective).backward()
-                loss_sum += loss.detach().to(torch.float64) * n_local
-                count_sum += n_local
+                step_losses.append(loss.detach())
+                step_labels.append(labels.detach())
                 if steps_now:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
@@ -442,9 +444,13 @@ def fit(
                     if stepped:
                         scheduler.step()
                 bar.advance(float(loss.detach()) if bar.live else None)
-            total_loss = ctx.all_reduce_sum(loss_sum)
-            total_count = ctx.all_reduce_sum(count_sum)
+            counts = torch.stack([(y >= 0).sum() for y in step_labels]).to(torch.float64) if step_labels else \
+                torch.zeros(1, dtype=torch.float64, device=device)
+            losses = torch.stack(step_losses).to(torch.float64) if step_losses else torch.zeros_like(counts)
+            total_loss = ctx.all_reduce_sum((losses * counts).sum())
+            total_count = ctx.all_reduce_sum(counts.sum())
             train_loss = float(total_loss / total_count) if float(total_count) > 0 else float("nan")
+            train_seconds = time.perf_counter() - started
 
             val, _, _ = evaluate_task(task, "val", loss_fn, settings.num_classes, ctx, precision)
             improved = stopper.update(val[cfg.monitor], epoch)
@@ -456,6 +462,7 @@ def fit(
                 "train_loss": train_loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
+                "train_seconds": train_seconds,
                 "improved": improved,
                 **{f"val_{k}": v for k, v in val.items()},
             }

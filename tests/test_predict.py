@@ -11,7 +11,7 @@ import torch
 from emofuse.core.compose import build_model
 from emofuse.core.config import validate
 from emofuse.core.evaluation import batches_of, normalizer_of, run_model
-from emofuse.core.model_io import load_model, save_model
+from emofuse.core.model_io import save_model
 from emofuse.core.predict import load, predict_cli
 from emofuse.core.types import Sample
 
@@ -66,7 +66,7 @@ def test_one_corrupt_file_among_good_ones(tmp_path, checkpoint, clips):
 def test_api_matches_the_evaluation_path(predictor, checkpoint, clips):
     records = predictor.predict([str(c) for c in clips], text=STATEMENT)
     samples = [Sample(id=c.stem, label=0, text=STATEMENT, audio_path=str(c)) for c in clips]
-    loaded = load_model(checkpoint)
+    loaded = predictor.loaded
     ref = run_model(loaded.model, batches_of(samples, loaded.model.modalities, normalizer_of(loaded), batch_size=2))
     for record, probs in zip(records, ref.probabilities):
         got = torch.tensor([record["probabilities"][n] for n in LABELS])
