@@ -77,8 +77,9 @@ def actor_folds(samples: Sequence[Sample], folds: int) -> list[dict[str, list[st
     """Contiguous groups of actors held out in turn (mixed sexes: odd actors are male, even female);
     the next two actors after the held-out group validate, the others train."""
     actors = sorted({s.speaker for s in samples if s.speaker})
-    if not 2 <= folds <= len(actors) // 2:
-        raise SystemExit(f"--folds must be between 2 and {len(actors) // 2} for {len(actors)} actors")
+    if not 2 <= folds <= len(actors) or len(actors) - len(actors) // folds - 2 < 1:
+        raise SystemExit(f"--folds must be between 2 and {len(actors)} for {len(actors)} actors "
+                         "(each fold keeps two validation actors and at least one training actor)")
     groups = [list(g) for g in np.array_split(actors, folds)]
     out = []
     for k, test_actors in enumerate(groups):

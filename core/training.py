@@ -648,26 +648,36 @@ def _load_partial(module: nn.Module, state: Mapping[str, torch.Tensor], *, where
     module.load_state_dict(dict(state), strict=False)
 
 
-def _data_config_hash(config: RunConfig) -> dict[str, Any]:
-    return config.data.model_dump(mode="json")
+def split_digest(bundle: Any) -> str:
+    """Hash of which clips are in which split: a branch trained on another split must not be reused
+    (its training clips could be test clips now)."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        h.update(f"[{split}]".encode())
+        for sample in bundle.splits.get(split, []):
+            h.update(sample.id.encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
-def branch_fingerprint(config: RunConfig) -> str:
-    """Everything that shapes a branch run's result (not its name, folder or device)."""
+def branch_fingerprint(config: RunConfig, bundle: Any = None) -> str:
+    """Everything that shapes a branch run's result (not its name, folder or device); with `bundle`,
+    also its split."""
     return config_hash({
         "stage": "branch",
-        "data": _data_config_hash(config),
+        "data": config.data.model_dump(mode="json"),
+        "split": split_digest(bundle) if bundle is not None else None,
         "branches": {k: v.model_dump(mode="json") for k, v in config.branches.items()},
         "loss": config.loss.model_dump(mode="json"),
         "train": train_settings(config.train),
     })
 
 
-def fusion_fingerprint(config: RunConfig, branch_checkpoints: Mapping[str, str]) -> str:
+def fusion_fingerprint(config: RunConfig, branch_checkpoints: Mapping[str, str], bundle: Any) -> str:
     fusion_train = config.fusion_train or config.train
     return config_hash({
         "stage": "fusion",
-        "data": _data_config_hash(config),
+        "data": config.data.model_dump(mode="json"),
+        "split": split_digest(bundle),
         "branch_checkpoints": dict(branch_checkpoints),
         "fusion": config.fusion.model_dump(mode="json") if config.fusion else None,
         "loss": config.loss.model_dump(mode="json"),
@@ -709,7 +719,7 @@ def _final_metrics(task: FitTask, loss_fn: Loss, num_classes: int, ctx: DistCont
 def train_branch(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Registry, ctx: DistContext, resume: bool,
                  progress: bool, on_epoch: Callable[[int, dict], None] | None = None) -> RunResult:
     """Stage 1: train `config`'s single branch and save it as a complete model."""
-    fingerprint = branch_fingerprint(config)
+    fingerprint = branch_fingerprint(config, bundle)
     if resume:
         done = _finished_result(run_dir, fingerprint)
         if done is not None:
@@ -812,24 +822,18 @@ def compute_branch_outputs(
         encoder.eval()
         namespace = outputs_namespace(name, encoder, checkpoint_sha[name])
         rows: dict[int, dict[str, torch.Tensor]] = {}
-        pending: list[Batch] = []
-        for batch in split_batches(bundle, split, modalities=light_modalities(encoder), batch_size=batch_size,
-                                   shuffle=False, seed=seed, epoch=0, ctx=alone, num_workers=num_workers):
-            keys = batch_keys(batch, encoder.modalities)
-            stored = cache.get_many(namespace, keys)
-            for i, sid in enumerate(batch.ids):
-                labels[position[sid]] = int(batch.labels[i])
-                seen[position[sid]] = True
-            if any(v is None for v in stored):
-                pending.append(batch)
-            else:
-                rows.update({position[sid]: v for sid, v in zip(batch.ids, stored)})
-        if pending:
-            with _simple_progress(f"branch {name}: scoring {split}", len(pending), progress) as tick, torch.no_grad():
-                for batch in pending:
+        loader = split_batches(bundle, split, modalities=light_modalities(encoder), batch_size=batch_size,
+                               shuffle=False, seed=seed, epoch=0, ctx=alone, num_workers=num_workers)
+        with _simple_progress(f"branch {name}: outputs on {split}", len(loader), progress) as tick, torch.no_grad():
+            for batch in loader:
+                keys = batch_keys(batch, encoder.modalities)
+                for i, sid in enumerate(batch.ids):
+                    labels[position[sid]] = int(batch.labels[i])
+                    seen[position[sid]] = True
+                values = cache.get_many(namespace, keys)
+                if any(v is None for v in values):  # score the batch once and keep its outputs
                     batch = batch.to(ctx.device)
-                    extracted = cache.extract(encoder, batch) if encoder.cacheable else None
-                    out = encoder(batch, extracted)
+                    out = encoder(batch, cache.extract(encoder, batch) if encoder.cacheable else None)
                     present_b = out.presence()
                     values = []
                     for i in range(len(batch)):
@@ -837,9 +841,9 @@ def compute_branch_outputs(
                         if out.embedding is not None:
                             v["embedding"] = out.embedding[i].float().cpu()
                         values.append(v)
-                    cache.put_many(namespace, batch_keys(batch, encoder.modalities), values)
-                    rows.update({position[sid]: v for sid, v in zip(batch.ids, values)})
-                    tick()
+                    cache.put_many(namespace, keys, values)
+                rows.update({position[sid]: v for sid, v in zip(batch.ids, values)})
+                tick()
         num_classes = encoder.num_classes
         logits[name] = torch.zeros(n, num_classes)
         present[name] = torch.zeros(n, dtype=torch.bool)
@@ -928,10 +932,10 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
         bdir = Path(bcfg.output_dir) / bcfg.name
         branch_results[name] = train_branch(bcfg, bundle, bdir, registry=registry, ctx=ctx, resume=resume,
                                             progress=progress)
-        branch_runs[name] = (str(bdir), branch_fingerprint(bcfg))
+        branch_runs[name] = (str(bdir), branch_fingerprint(bcfg, bundle))
 
     shas = {b: _checkpoint_sha(r.checkpoint) for b, r in branch_results.items()}
-    fingerprint = fusion_fingerprint(config, shas)
+    fingerprint = fusion_fingerprint(config, shas, bundle)
     if resume:
         done = _finished_result(run_dir, fingerprint)
         if done is not None:
@@ -1020,10 +1024,6 @@ def train_run(
     run_dir = Path(config.output_dir) / config.name
     ctx = setup_distributed(config.train.device)
     try:
-        if resume and config.fusion is None:
-            done = _finished_result(run_dir, branch_fingerprint(config))
-            if done is not None:
-                return done
         bundle = data if data is not None else load_bundle(config, registry, run_dir)
         if config.fusion is None:
             return train_branch(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume,
