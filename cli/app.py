@@ -31,6 +31,19 @@ err_console = Console(stderr=True)
 DEFAULT_MAIN_PRESET = "ravdess-reference"
 
 
+@app.callback()
+def _global_options(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, envvar="EMOFUSE_THREADS",
+        help="CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a busy machine)."),
+):
+    """Multimodal emotion recognition: compose encoders, fusions and losses from plugins."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Print an `EmofuseError` as one red line (no traceback) and exit 2."""
 
@@ -135,6 +148,8 @@ def compose_run_config(
     cfg = compose_config(preset=preset, config_file=config, overrides=overrides, replace=replace, sets=sets or [])
     if train_over and cfg.fusion_train is not None:  # the flags apply to the fusion stage too
         cfg = cfg.model_copy(update={"fusion_train": cfg.fusion_train.model_copy(update=train_over)})
+    if train_over and cfg.branch_train:  # ... and win over per-branch settings
+        cfg = cfg.model_copy(update={"branch_train": {b: {**o, **train_over} for b, o in cfg.branch_train.items()}})
     return cfg
 
 

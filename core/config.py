@@ -86,8 +86,12 @@ class RunConfig(_Strict):
     fusion: ComponentRef | None = None
     loss: ComponentRef = Field(default_factory=lambda: ComponentRef(name="cross-entropy"))
     train: TrainConfig = Field(default_factory=TrainConfig)
+    #: Per-branch overrides of `train` for stage 1 (``[branch_train.audio_text] lr = 3e-4``).
+    branch_train: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Train settings for the fusion stage (defaults to `train`).
     fusion_train: TrainConfig | None = None
+    #: Loss of the fusion stage (defaults to `loss`): the reference trains the fusion with focal loss.
+    fusion_loss: ComponentRef | None = None
     output_dir: Path = Path("runs")
     cache_dir: Path | None = None
     #: Optuna search space: key path -> spec, see `emofuse.core.search`.
@@ -105,7 +109,20 @@ class RunConfig(_Strict):
     def _fusion_needs_branches(self) -> "RunConfig":
         if self.fusion is not None and len(self.branches) < 1:
             raise ValueError("a fusion needs at least one branch under [branches]")
+        unknown = set(self.branch_train) - set(self.branches)
+        if unknown:
+            raise ValueError(f"branch_train names no configured branch: {sorted(unknown)} (branches: {sorted(self.branches)})")
+        for branch, overrides in self.branch_train.items():
+            try:
+                TrainConfig.model_validate({**self.train.model_dump(), **overrides})
+            except ValidationError as err:
+                raise ValueError(f"branch_train.{branch}: {format_validation_error(err, '')}") from None
         return self
+
+    def train_for(self, branch: str) -> TrainConfig:
+        """Stage-1 settings of `branch`: `train` with that branch's `branch_train` overrides."""
+        overrides = self.branch_train.get(branch)
+        return TrainConfig.model_validate({**self.train.model_dump(), **overrides}) if overrides else self.train
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

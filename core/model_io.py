@@ -42,6 +42,9 @@ def components_of(config: RunConfig, registry: Registry) -> list[dict[str, str]]
         rows.append({"role": "fusion", "kind": "fusion", "name": config.fusion.name,
                      **registry.provenance("fusion", config.fusion.name)})
     rows.append({"role": "loss", "kind": "loss", "name": config.loss.name, **registry.provenance("loss", config.loss.name)})
+    if config.fusion_loss is not None:
+        rows.append({"role": "fusion_loss", "kind": "loss", "name": config.fusion_loss.name,
+                     **registry.provenance("loss", config.fusion_loss.name)})
     return rows
 
 

@@ -680,7 +680,7 @@ def fusion_fingerprint(config: RunConfig, branch_checkpoints: Mapping[str, str],
         "split": split_digest(bundle),
         "branch_checkpoints": dict(branch_checkpoints),
         "fusion": config.fusion.model_dump(mode="json") if config.fusion else None,
-        "loss": config.loss.model_dump(mode="json"),
+        "loss": (config.fusion_loss or config.loss).model_dump(mode="json"),
         "train": train_settings(fusion_train),
     })
 
@@ -912,7 +912,8 @@ def _checkpoint_sha(checkpoint: Path) -> str:
 def branch_run_config(config: RunConfig, branch: str) -> RunConfig:
     """The single-branch run that stage 1 trains for `branch` of a fused `config`."""
     single = config.model_copy(update={
-        "branches": {branch: config.branches[branch]}, "fusion": None, "fusion_train": None, "search": {},
+        "branches": {branch: config.branches[branch]}, "fusion": None, "fusion_train": None, "fusion_loss": None,
+        "search": {}, "branch_train": {}, "train": config.train_for(branch),
     })
     fp = branch_fingerprint(single)
     return single.model_copy(update={"name": f"{branch}-{fp[:12]}", "output_dir": Path(config.output_dir) / BRANCHES_DIR,
@@ -968,7 +969,7 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
     seed_everything(fusion_cfg.seed)
     infos = [branch_info(name, enc) for name, enc in encoders.items()]
     fusion = build_fusion(config.fusion, num_classes, infos, registry=registry)  # type: ignore[arg-type]
-    loss_fn = build_loss(config.loss, num_classes, _class_counts(bundle), registry=registry)
+    loss_fn = build_loss(config.fusion_loss or config.loss, num_classes, _class_counts(bundle), registry=registry)
     task = FusionTask(fusion, outputs, list(encoders), fusion_cfg, ctx)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

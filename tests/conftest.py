@@ -12,6 +12,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Small test models run fastest on one thread, and the suite must not fight itself for 2 cores.
+torch.set_num_threads(1)
+
 from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

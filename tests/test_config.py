@@ -20,7 +20,7 @@ def test_unknown_key_is_rejected_with_its_path():
 def test_out_of_range_value_is_rejected_with_its_path():
     with pytest.raises(ConfigError, match=r"train\.batch_size: Input should be greater than or equal to 1"):
         validate({"train": {"batch_size": 0}})
-    with pytest.raises(ConfigError, match=r"data\.split: Input should be 'speaker' or 'balanced'"):
+    with pytest.raises(ConfigError, match=r"data\.split: Input should be 'speaker', 'balanced' or 'given'"):
         validate({"data": {"split": "random"}})
 
 
@@ -56,7 +56,8 @@ def test_enhanced_late_fusion_preset_matches_the_reference_design():
     cfg = compose_config(preset="enhanced-late-fusion")
     assert set(cfg.branches) == {"video", "audio_text"}
     assert cfg.fusion.name == "enhanced-late"
-    assert cfg.loss.name == "focal" and cfg.loss.options == {"alpha": 1.0, "gamma": 2.0}
+    assert cfg.loss.name == "cross-entropy"  # the branches; the fusion stage uses focal loss
+    assert cfg.fusion_loss.name == "focal" and cfg.fusion_loss.options == {"alpha": 1.0, "gamma": 2.0}
     ft = cfg.fusion_train
     assert (ft.lr, ft.batch_size, ft.grad_accumulation, ft.weight_decay, ft.patience) == (1e-4, 4, 4, 1e-4, 10)
     assert ft.warmup_fraction > 0

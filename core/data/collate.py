@@ -95,6 +95,9 @@ class Collator:
                 "keys": [combine_keys({m: mkeys[m][i] for m in MODALITIES}) for i in range(b)],
                 "modality_keys": mkeys,
                 "feature_present": feature_present,
+                "dialogue_ids": [x.dialogue_id for x in items],
+                "utterance_indices": [x.utterance_index for x in items],
+                "sample_extra": [x.tags for x in items],
             },
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,11 @@ class PreparedSample:
     video: np.ndarray | None = None  # uint8 [T, S, S, 3]
     audio: np.ndarray | None = None  # float32 [L]
     modality_keys: dict[str, str] = field(default_factory=dict)
+    #: Conversation position, for context models that batch whole dialogues (None outside dialogues).
+    dialogue_id: str | None = None
+    utterance_index: int | None = None
+    #: The reader's scalar `Sample.extra` fields (sentiment, intensity...), e.g. for auxiliary labels.
+    tags: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,5 +96,8 @@ def prepare_sample(sample: Sample, modalities: set[str] | frozenset[str], spec: 
         features={k: np.asarray(v, dtype=np.float32) for k, v in sample.features.items()} if present[FEATURES] else {},
         video=video,
         audio=audio,
+        dialogue_id=sample.dialogue_id,
+        utterance_index=sample.utterance_index,
+        tags={k: v for k, v in sample.extra.items() if v is None or isinstance(v, (str, int, float, bool))},
     )
 
