@@ -126,7 +126,16 @@ def build_model(
     return ComposedModel(encoders, fusion)
 
 
+def branch_modalities(config: RunConfig, registry: Registry | None = None) -> dict[str, tuple[str, ...]]:
+    """Each branch's modalities (primary first), without building the encoders."""
+    registry = registry or get_registry()
+    out = {}
+    for branch, ref in config.branches.items():
+        cls = registry.cls("encoder", ref.name)
+        out[branch] = cls.modalities_for(cls.make_config(ref.options, where=f"branches.{branch}"))
+    return out
+
+
 def required_modalities(config: RunConfig, registry: Registry | None = None) -> set[str]:
     """The union of modalities the configured encoders read, so the data side decodes only those."""
-    registry = registry or get_registry()
-    return {m for ref in config.branches.values() for m in registry.cls("encoder", ref.name).modalities}
+    return {m for mods in branch_modalities(config, registry).values() for m in mods}

@@ -29,7 +29,8 @@ class Encoder(Component, nn.Module):
     """
 
     kind: ClassVar[str] = "encoder"
-    #: Modalities this encoder reads; the data pipeline decodes only what some encoder asks for.
+    #: Modalities this encoder reads, the primary one (that it cannot do without) first; the data
+    #: pipeline decodes only what some encoder asks for.
     modalities: ClassVar[tuple[str, ...]] = ()
     #: Attribute names of frozen pretrained submodules that are rebuilt from their source on load,
     #: so checkpoints need not carry them (they are saved when unfrozen).
@@ -41,6 +42,12 @@ class Encoder(Component, nn.Module):
         self.num_classes = num_classes
         #: Width of `EncoderOutput.embedding`, 0 when the encoder has none.
         self.embedding_dim = 0
+
+    @classmethod
+    def modalities_for(cls, config: ComponentConfig) -> tuple[str, ...]:
+        """The modalities an encoder built with `config` reads, primary first. Wrappers (an encoder
+        around another) override this to report their inner encoder's."""
+        return tuple(cls.modalities)
 
     def extract(self, batch: Batch) -> list[dict[str, torch.Tensor]] | None:
         """Run the frozen part on a batch; one dict of tensors per sample (first dims may vary)."""

@@ -43,7 +43,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from emofuse.core.checkpoint import atomic_write_bytes, read_sidecar
-from emofuse.core.compose import ComposedModel, branch_info, build_fusion, build_loss, build_model, required_modalities
+from emofuse.core.compose import (
+    ComposedModel,
+    branch_info,
+    branch_modalities,
+    build_fusion,
+    build_loss,
+    build_model,
+    required_modalities,
+)
 from emofuse.core.config import RunConfig, TrainConfig, to_toml
 from emofuse.core.distributed import DistContext, ShardedBatchSampler, setup_distributed, teardown_distributed
 from emofuse.core.errors import CheckpointError, ConfigError, DataError
@@ -1001,6 +1009,21 @@ def load_bundle(config: RunConfig, registry: Registry, run_dir: Path) -> Any:
     return load_data(config.data, required_modalities(config, registry), registry, split_dir=run_dir)
 
 
+def check_branch_inputs(config: RunConfig, bundle: Any, registry: Registry) -> None:
+    """Refuse to train a branch whose primary modality (its first) no training clip has: it would
+    learn from its side inputs alone and pretend to be, say, a video model."""
+    train = bundle.splits.get("train", [])
+    for branch, modalities in branch_modalities(config, registry).items():
+        primary = modalities[0] if modalities else None
+        if primary is not None and not any(s.has(primary) for s in train):
+            name = config.branches[branch].name
+            raise DataError(
+                config.data.dataset,
+                f"branch {branch!r} ({name}) reads {primary}, but no training clip of this corpus has {primary}",
+                hint=f"use a corpus with {primary} (--data/--dataset), or another encoder, e.g. --encoder {branch}=features",
+            )
+
+
 def train_run(
     config: RunConfig,
     *,
@@ -1026,6 +1049,7 @@ def train_run(
     ctx = setup_distributed(config.train.device)
     try:
         bundle = data if data is not None else load_bundle(config, registry, run_dir)
+        check_branch_inputs(config, bundle, registry)
         if config.fusion is None:
             return train_branch(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume,
                                 progress=progress, on_epoch=on_epoch)
