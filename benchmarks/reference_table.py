@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from emofuse.core.compare import ComparisonResult, compare, comparison_columns  # noqa: E402
-from emofuse.core.compose import build_reader, resolve_data_dir  # noqa: E402
+from emofuse.core.compose import build_reader  # noqa: E402
 from emofuse.core.config import RunConfig  # noqa: E402
 from emofuse.core.data.splits import save_split  # noqa: E402
 from emofuse.core.presets import compose_config  # noqa: E402
@@ -235,18 +235,26 @@ def findings(rows: Sequence[dict[str, Any]], ablations: Sequence[str], baselines
     if beaten:
         out.append("Fusions no better than the best branch alone: "
                    + ", ".join(f"`{f['component']}` ({pm(f)})" for f in beaten) + ".")
-    for f in fusions:
-        if f.get("train_accuracy") is not None and f["train_accuracy"] - f["accuracy"] > 0.2:
-            out.append(f"`{f['component']}` fits the training clips far better than unseen actors "
-                       f"(train {pct(f['train_accuracy'])}, test {pct(f['accuracy'])}): speaker overfitting.")
+    overfit = [r for r in rows if r.get("train_accuracy") is not None and r["train_accuracy"] - r["accuracy"] > 0.2]
+    if overfit:
+        out.append("Fits the training actors far better than unseen ones (train vs test accuracy): "
+                   + ", ".join(f"{r['model']} ({pct(r['train_accuracy'])} vs {pct(r['accuracy'])})" for r in overfit)
+                   + ".")
     for mod in ablations:
         key = f"accuracy_without_{mod}"
         if key in best_fusion:
             drop = best_fusion["accuracy"] - best_fusion[key]
             out.append(f"Without {mod} at test time, `{best_fusion['component']}` scores {pct(best_fusion[key])} "
                        f"({-100 * drop:+.1f} points).")
+    weak = min(branches, key=lambda r: r["accuracy"])
+    if weak is not best_branch:
+        out.append(f"The weaker branch ({weak['model']}, {pm(weak)}) is where fusion has to find complementary "
+                   f"information; each fusion's `Acc w/o` columns show what it takes from each modality.")
     if baselines:
         best_base = max(baselines, key=lambda r: r["accuracy"])
+        branch_diff = best_branch["accuracy"] - best_base["accuracy"]
+        out.append(f"The best single branch ({best_branch['model']}) is {abs(100 * branch_diff):.1f} points "
+                   f"{'above' if branch_diff > 0 else 'below'} the strongest baseline.")
         diff = best_fusion["accuracy"] - best_base["accuracy"]
         out.append(f"The strongest logistic-regression baseline on the same clips ({best_base['short']}) scores "
                    f"{pm(best_base)}; the best fusion is {abs(100 * diff):.1f} points "

@@ -26,9 +26,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never half."""
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> str:
+    """`data` in a fsynced temp file beside `path` (removed again if the write fails); returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -36,13 +35,47 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
+    return tmp
+
+
+def _unlink_quietly(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never half."""
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: Mapping[Path, bytes]) -> None:
+    """Write several files, each atomically; every temp file is complete before the first rename.
+
+    A full disk or a read-only folder therefore fails before any file is replaced, so files that
+    belong together (tensors and the sidecar holding their checksum) are not left half old, half new.
+    """
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            temps.append((_write_temp(Path(path), data), Path(path)))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            _unlink_quietly(tmp)
+        raise
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A save failed (disk full, read-only folder); the previous checkpoint is left as it was.
+
+    Also an `OSError`, so callers that handle I/O failures keep working; the CLI prints it as one line.
+    """
 
 
 def sidecar_path(path: Path) -> Path:
@@ -56,18 +89,24 @@ def tensor_path(path: Path) -> Path:
 def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
     """Save `tensors` to ``<path>.safetensors`` and `meta` to ``<path>.json``; returns the tensor path.
 
-    The tensor file is written first and the sidecar (with its checksum) last, so a sidecar always
-    describes a complete tensor file.
+    Both files are written to fsynced temp files first and only then renamed over the old ones
+    (tensors first, sidecar last), so a failed save leaves the previous checkpoint intact.
     """
     tpath = tensor_path(path)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     blob = save(contiguous, metadata={"format": "emofuse", "format_version": str(FORMAT_VERSION)})
-    atomic_write_bytes(tpath, blob)
     sidecar = dict(meta)
     sidecar["format_version"] = FORMAT_VERSION
     sidecar["sha256"] = hashlib.sha256(blob).hexdigest()
     sidecar["tensor_file"] = tpath.name
-    atomic_write_bytes(sidecar_path(path), json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode())
+    try:
+        atomic_write_files({tpath: blob,
+                            sidecar_path(path): json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode()})
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"{tpath}: cannot save the checkpoint ({exc.strerror or exc}); the previous one is kept",
+            hint="free disk space or choose a writable output_dir",
+        ) from exc
     return tpath
 
 

@@ -445,8 +445,8 @@ def _seed_row(m: TrainedModel, scores: Mapping[str, tuple[MetricReport, SplitOut
     return row
 
 
-#: Per-seed values averaged over seeds (with a ``_std`` companion).
 def _numeric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-seed values to average over seeds (each gets a ``_std`` companion)."""
     skip = {"seed"}
     keys: list[str] = []
     for r in rows:

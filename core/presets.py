@@ -60,6 +60,9 @@ def _resolve(name: str, presets: Mapping[str, Mapping[str, Any]], chain: tuple[s
     parents = body.pop("extends", [])
     if isinstance(parents, str):
         parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"preset {name!r}: extends = {parents!r} is not a preset name or a list of names",
+                          hint='e.g. extends = ["au-mlp", "mfcc-mlp"]')
     body.pop("description", None)
     merged: dict[str, Any] = {}
     for parent in parents:

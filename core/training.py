@@ -357,9 +357,10 @@ def fit(
 
     _materialize_lazy(task)
     params = [p for p in module.parameters() if p.requires_grad]
+    groups = parameter_groups(module, cfg.lr)
     if not params:
         raise ConfigError(f"{settings.stage}: nothing to train (every parameter is frozen)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     accumulation = cfg.grad_accumulation
     steps_per_epoch = math.ceil(num_batches / accumulation)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_fraction)
@@ -412,6 +413,7 @@ def fit(
             module.train()
             bar.start_epoch(epoch, num_batches)
             step_losses: list[torch.Tensor] = []
+            aux_losses: list[torch.Tensor] = []
             step_labels: list[torch.Tensor] = []
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(task.train_batches(epoch)):
@@ -424,7 +426,11 @@ def fit(
                     with precision.autocast():
                         logits, labels = task.forward(model, prepared)
                     loss = loss_fn(logits.float(), labels)
-                    objective = loss / group_len if group_len > 1 else loss
+                    aux = getattr(task, "last_aux_loss", None)  # (cross-entropy, weight) of a multi-task head
+                    total = loss + aux[1] * aux[0] if aux is not None else loss
+                    if aux is not None:
+                        aux_losses.append(aux[0].detach())
+                    objective = total / group_len if group_len > 1 else total
                     if ctx.enabled:
                         # The loss is a per-sample mean: weigh it by this rank's share of the global batch
                         # so the all-reduced (averaged) gradient is the gradient of the global batch's mean.
@@ -468,6 +474,7 @@ def fit(
                 "stage": settings.stage,
                 "epoch": epoch,
                 "train_loss": train_loss,
+                **({"train_aux_loss": float(torch.stack(aux_losses).mean())} if aux_losses else {}),
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - started,
                 "train_seconds": train_seconds,
@@ -607,8 +614,17 @@ class BranchTask:
         self.bundle, self.cache, self.cfg, self.ctx = bundle, cache, cfg, ctx
         self.modalities = light_modalities(self.encoder)
         self._num_batches: int | None = None
+        #: Set by encoders that need a dialogue's turns together (`emofuse.plugins.encoders.context`).
+        self.by_dialogue = bool(getattr(self.encoder, "batches_by_dialogue", False))
+        self.last_aux_loss: tuple[torch.Tensor, float] | None = None
 
     def _batches(self, split: str, *, shuffle: bool, epoch: int, training: bool, batch_size: int) -> Iterable[Batch]:
+        if self.by_dialogue:  # context models see whole dialogues, batch_size utterances at most
+            from emofuse.core.data.dialogue import dialogue_loader
+
+            return dialogue_loader(self.bundle, split, max_utterances=batch_size, shuffle=shuffle, seed=self.cfg.seed,
+                                   modalities=self.modalities, epoch=epoch, num_workers=self.cfg.num_workers,
+                                   rank=self.ctx.rank, world_size=self.ctx.world_size)
         return split_batches(self.bundle, split, modalities=self.modalities, batch_size=batch_size, shuffle=shuffle,
                              seed=self.cfg.seed, epoch=epoch, ctx=self.ctx, num_workers=self.cfg.num_workers,
                              training=training)
@@ -617,6 +633,12 @@ class BranchTask:
         return self._batches("train", shuffle=True, epoch=epoch, training=True, batch_size=self.cfg.batch_size)
 
     def num_train_batches(self) -> int:
+        if self._num_batches is None and self.by_dialogue:
+            from emofuse.core.data.dialogue import DialogueBatchSampler
+
+            self._num_batches = len(DialogueBatchSampler(self.bundle.splits["train"], self.cfg.batch_size,
+                                                         shuffle=False, rank=self.ctx.rank,
+                                                         world_size=self.ctx.world_size))
         if self._num_batches is None:
             n = len(_base_loader(self.bundle, "train", self.modalities, self.cfg.batch_size, self.cfg.seed, 0).dataset)
             sampler = ShardedBatchSampler(n, self.cfg.batch_size, shuffle=False, seed=0, world_size=self.ctx.world_size)
@@ -636,7 +658,8 @@ class BranchTask:
 
     def forward(self, module: nn.Module, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
         batch, extracted = prepared
-        logits, _ = module(batch, extracted)
+        logits, outputs = module(batch, extracted)
+        self.last_aux_loss = auxiliary_loss(outputs[self.branch], self.encoder)
         return logits, batch.labels
 
     def module_state(self) -> dict[str, torch.Tensor]:
@@ -644,6 +667,42 @@ class BranchTask:
 
     def load_module_state(self, state: Mapping[str, torch.Tensor]) -> None:
         _load_partial(self.module, state, where="branch state")
+
+
+def auxiliary_loss(output: EncoderOutput, encoder: Encoder) -> tuple[torch.Tensor, float] | None:
+    """(cross-entropy, weight) of an encoder's auxiliary head (``extras["aux_logits"]`` / ``["aux_labels"]``,
+    see `emofuse.plugins.encoders.auxiliary`), or None when it has none or no sample has an auxiliary label."""
+    weight = float(getattr(encoder, "aux_weight", 0.0))
+    logits, labels = output.extras.get("aux_logits"), output.extras.get("aux_labels")
+    if weight <= 0 or logits is None or labels is None or not bool((labels >= 0).any()):
+        return None
+    return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-1), weight
+
+
+def parameter_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Trainable parameters as optimizer groups: unfrozen pretrained backbones of encoders that set
+    `backbone_lr_scale` train at ``lr * scale`` (fine-tuning gently), everything else at `lr` (group 0)."""
+    scale_of: dict[int, float] = {}
+    for sub in module.modules():
+        scale = float(getattr(sub, "backbone_lr_scale", 1.0)) if isinstance(sub, Encoder) else 1.0
+        if scale == 1.0 or not sub.backbone_trainable:
+            continue
+        for name in sub.pretrained_modules:
+            part = sub.get_submodule(name) if _has_submodule(sub, name) else None
+            for p in part.parameters() if part is not None else ():
+                scale_of[id(p)] = scale
+    by_scale: dict[float, list[nn.Parameter]] = {1.0: []}
+    for p in module.parameters():
+        if p.requires_grad:
+            by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in by_scale.items() if ps]
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        return module.get_submodule(name) is not None
+    except AttributeError:
+        return False
 
 
 def _load_partial(module: nn.Module, state: Mapping[str, torch.Tensor], *, where: str) -> None:

@@ -3,11 +3,13 @@
 Columns (renamable with ``columns``): id, label, speaker, age, gender, text, audio, video, dialogue,
 utterance, partition; feature sets by column prefix (``feature_sets = {"au": "au_"}``) or, in
 JSON Lines, one key holding a list. Media paths are relative to ``media_root`` (default: the
-manifest's folder). Only `id` is required; without a label column the rows are unlabelled
-(for prediction). The label set must be given explicitly with ``labels``.
+manifest's folder); when the reader's ``root`` is set, a media path that leads outside it (``..``,
+an absolute path elsewhere) is bad input, so a manifest cannot point the loader at other files.
+Only `id` is required; without a label column the rows are unlabelled (for prediction). The label set must be given explicitly with ``labels``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal
 
@@ -58,6 +60,8 @@ class ManifestReader(CorpusReader):
                               hint="e.g. --labels neutral,happy,sad,angry (the order is the class index)")
         feat_cols = feature_columns(table, cfg.feature_sets) if cfg.feature_sets else {}
         media_root = self.resolve(cfg.media_root, path.parent) if cfg.media_root else path.parent
+        # Lexical containment (symlinks the data owner placed inside the root keep working).
+        fence = Path(os.path.abspath(self.config.root)) if self.config.root is not None else None
         seen: set[str] = set()
         for line, row in table.rows:
             where = table.where(line)
@@ -82,6 +86,9 @@ class ManifestReader(CorpusReader):
                     continue
                 p = Path(str(value).strip()).expanduser()
                 p = p if p.is_absolute() else media_root / p
+                if fence is not None and not Path(os.path.abspath(p)).is_relative_to(fence):
+                    missing = f"{field} path {str(value).strip()!r} leads outside the data root {fence}"
+                    break
                 if not p.is_file():
                     missing = f"{field} file {p} does not exist"
                     break

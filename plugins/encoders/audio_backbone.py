@@ -36,10 +36,12 @@ class AudioFrontEnd(nn.Module):
 
 
 class LogMelFrontEnd(AudioFrontEnd):
-    """Log-mel spectrogram: 25 ms Hann windows every 10 ms, Slaney mel filters (transformers.audio_utils)."""
+    """Log-mel spectrogram: 25 ms Hann windows every 10 ms, Slaney mel filters (transformers.audio_utils),
+    natural log floored at `top_db` below the clip's loudest value (librosa's convention), so digital
+    silence does not stretch the range and quiet speech is not clipped by an absolute floor."""
 
     def __init__(self, n_mels: int = 64, n_fft: int = 512, win_length: int = 400, hop_length: int = 160,
-                 f_min: float = 20.0, f_max: float = SAMPLE_RATE / 2):
+                 f_min: float = 20.0, f_max: float = SAMPLE_RATE / 2, top_db: float = 80.0):
         super().__init__()
         from transformers.audio_utils import mel_filter_bank
 
@@ -50,6 +52,7 @@ class LogMelFrontEnd(AudioFrontEnd):
         self.register_buffer("mel_filters", torch.from_numpy(filters).float(), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
         self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
+        self.log_range = top_db / 10.0 * float(np.log(10.0))  # top_db in natural-log units of power
         self.dim = n_mels
         self.frame_rate = SAMPLE_RATE / hop_length
 
@@ -61,8 +64,8 @@ class LogMelFrontEnd(AudioFrontEnd):
                 wav = nn.functional.pad(wav, (0, self.n_fft - wav.numel()))
             spec = torch.stft(wav, self.n_fft, self.hop_length, self.win_length, self.window,
                               center=True, return_complex=True).abs().pow(2)
-            mel = self.mel_filters.T @ spec  # [n_mels, frames]
-            out.append(torch.log(mel + 1e-6).T.contiguous())
+            log_mel = torch.log((self.mel_filters.T @ spec).clamp_min(1e-20))  # [n_mels, frames]
+            out.append(log_mel.clamp_min(log_mel.max() - self.log_range).T.contiguous())
         return out
 
 

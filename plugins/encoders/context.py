@@ -107,6 +107,14 @@ class DialogueContextEncoder(Encoder):
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     Config: ClassVar[type[ComponentConfig]] = ContextConfig
 
+    @classmethod
+    def modalities_for(cls, config: ContextConfig) -> tuple[str, ...]:  # type: ignore[override]
+        """The inner encoder's modalities, primary first."""
+        from emofuse.core.registry import get_registry
+
+        inner = get_registry().cls("encoder", config.inner.name)
+        return inner.modalities_for(inner.make_config(config.inner.options, where="dialogue-context.inner"))
+
     def __init__(self, config: ContextConfig, num_classes: int):
         super().__init__(config, num_classes)
         from emofuse.core.compose import build_encoder
@@ -150,6 +158,11 @@ class DialogueContextEncoder(Encoder):
     def backbone_lr_scale(self) -> float:
         """The inner encoder's learning-rate factor for its unfrozen backbone (1 when it has none)."""
         return float(getattr(self.inner, "backbone_lr_scale", 1.0))
+
+    @property
+    def batches_by_dialogue(self) -> bool:
+        """Whether training needs whole dialogues per batch (the trainer then batches by dialogue)."""
+        return self.config.direction != "none"
 
     def fingerprint(self) -> str:
         """The inner encoder's: the cached features do not depend on the context options."""
