@@ -1,7 +1,7 @@
 """Data-pipeline benchmark on the shared corpora: decode + preprocessing throughput, and what the feature
 cache buys (an epoch over cached features against the first epoch over raw media, in one run).
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_data.py [--clips 240] [--workers 2] [--encoder mm-lstm]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_data.py [--clips 240] [--workers 2] [--encoder mm-lstm] [--threads 1]
 
 1. clips/s through `DataBundle.loader` (PyAV decode, 16 kHz resampling or 8 frames at 224x224,
    collation, normalisation) with `--workers` DataLoader processes: RAVDESS speech (.ogg, audio),
@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--encoder", default="mm-lstm", help="registered encoder with a frozen, cacheable part")
     parser.add_argument("--video-repeats", type=int, default=10, help="passes over the 6 CREMA-D .flv clips")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of the main process (1: DataLoader workers already use the "
+                             "cores; 2 threads here spin against them and made epoch 1 ~5x slower, see README)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if default_data_dir() is None:
         print("the shared corpora (../shared/data) are not beside this checkout", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     print(f"cores available: {len(os.sched_getaffinity(0))}, DataLoader workers: {args.workers}, "
           f"torch threads: {torch.get_num_threads()}")
 

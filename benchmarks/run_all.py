@@ -58,7 +58,8 @@ def _json_block(text: str) -> dict[str, Any]:
 
 def stage_data(quick: bool, threads: int, work: Path) -> list[dict[str, Any]]:
     out, wall, rss, rc = run_stage([str(HERE / "bench_data.py"), "--clips", "32" if quick else "96", "--workers", "2",
-                                    "--video-repeats", "2" if quick else "4"], threads=threads)
+                                    "--video-repeats", "2" if quick else "4", "--threads", str(threads)],
+                                   threads=threads)
     epoch1 = re.search(r"epoch 1 over raw media \(\S+, (\d+) backbone runs\):\s*([\d.]+) s", out)
     epoch2 = re.search(r"epoch 2 over cached features \((\d+) cache hits.*?\):\s*([\d.]+) s", out)
     rows = [

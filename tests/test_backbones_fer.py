@@ -151,13 +151,14 @@ def test_recognises_expressions_on_real_crema_d_faces(shared_data):
     backbone = FerFrameBackbone(face_box=CREMA_FACE_BOX).eval()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    predicted = {}
+    predicted, true_class_probability = {}, []
     for code, fer_name in CREMA_TO_FER.items():
         frames = decode_video(shared_data / "crema-d" / "media" / f"1001_DFA_{code}_XX.flv", num_frames=8, size=224)
         x = (torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         with torch.no_grad():
             probs = backbone.expression_probabilities(x).mean(dim=0)
         predicted[code] = FER_LABELS[int(probs.argmax())]
-    # the clearest expressions are recognised, and most clips overall (chance is 1 in 7)
-    assert predicted["HAP"] == "happy" and predicted["SAD"] == "sad", predicted
-    assert sum(predicted[c] == f for c, f in CREMA_TO_FER.items()) >= 4, predicted
+        true_class_probability.append(float(probs[FER_LABELS.index(fer_name)]))
+    # the clearest expressions are recognised, and the true class gets well above chance (1/7) on average
+    assert (predicted["HAP"], predicted["SAD"], predicted["NEU"]) == ("happy", "sad", "neutral"), predicted
+    assert np.mean(true_class_probability) > 0.25, (predicted, true_class_probability)
