@@ -119,15 +119,16 @@ def teardown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def global_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, world_size: int) -> list[list[int]]:
-    """The epoch's global batches of sample positions (seeded by seed and epoch; same on every rank)."""
+def global_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, min_last: int) -> list[list[int]]:
+    """The epoch's global batches of sample positions (seeded by seed and epoch; same on every rank);
+    a last batch smaller than `min_last` is dropped."""
     if shuffle:
         g = torch.Generator().manual_seed(_mix(seed, epoch))
         order = torch.randperm(n, generator=g).tolist()
     else:
         order = list(range(n))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if batches and len(batches[-1]) < world_size:
+    if batches and len(batches[-1]) < min_last:
         batches.pop()
     return batches
 
@@ -157,8 +158,11 @@ class ShardedBatchSampler:
         self.epoch = epoch
 
     def global_batches(self) -> list[list[int]]:
-        ws = self.world_size if self.drop_small_last else 1
-        return global_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, world_size=ws)
+        # Training drops a last batch that would give a process fewer than 2 samples: batch norm
+        # cannot train on one, and an empty share would stall the other processes.
+        min_last = min(2 * self.world_size, self.batch_size) if self.drop_small_last else 1
+        return global_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                              min_last=min_last)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():

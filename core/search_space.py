@@ -262,11 +262,10 @@ def focal_loss_key(config: RunConfig, scope: str) -> str | None:
     """Where the focal loss's options live for a search of `scope`, or None when they cannot be
     searched there: over frozen branches only a fusion-stage loss (`fusion_loss`) may change, since
     `loss` also trains the branches."""
+    if config.fusion is not None and config.fusion_loss is not None:
+        return "fusion_loss" if config.fusion_loss.name == "focal" else None
     if scope == "fusion":
-        if "fusion_loss" not in RunConfig.model_fields:
-            return None
-        loss = getattr(config, "fusion_loss", None) or config.loss
-        return "fusion_loss" if loss.name == "focal" else None
+        return None
     return "loss" if config.loss.name == "focal" else None
 
 

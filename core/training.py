@@ -1105,6 +1105,11 @@ def train_run(
         raise ConfigError(f"{len(config.branches)} branches ({', '.join(config.branches)}) but no fusion",
                           hint="choose one with --fusion NAME (see `emofuse plugins`)")
     run_dir = Path(config.output_dir) / config.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{run_dir}: output folder cannot be created or written ({exc.strerror})",
+                          hint="choose another --output folder") from None
     ctx = setup_distributed(config.train.device)
     try:
         bundle = data if data is not None else load_bundle(config, registry, run_dir)

@@ -79,7 +79,7 @@ WORKER = textwrap.dedent('''
 
 
 def test_global_batches_are_cut_the_same_for_any_world_size():
-    one = global_batches(50, 8, shuffle=True, seed=3, epoch=2, world_size=1)
+    one = global_batches(50, 8, shuffle=True, seed=3, epoch=2, min_last=1)
     assert sorted(i for b in one for i in b) == list(range(50))
     for world in (2, 4):
         parts = []
@@ -92,10 +92,10 @@ def test_global_batches_are_cut_the_same_for_any_world_size():
         for k, batch in enumerate(one[: per_rank[0]]):
             assert sorted(i for p in parts for i in p[k]) == sorted(batch)
     # a last global batch smaller than the world is dropped, not split unevenly into empty shards
-    assert len(global_batches(17, 8, shuffle=False, seed=0, epoch=0, world_size=2)) == 2
+    assert len(global_batches(17, 8, shuffle=False, seed=0, epoch=0, min_last=2)) == 2
     assert shard([0, 1, 2, 3, 4], 1, 2) == [1, 3]
-    assert global_batches(10, 4, shuffle=True, seed=1, epoch=0, world_size=1) != \
-        global_batches(10, 4, shuffle=True, seed=1, epoch=1, world_size=1)
+    assert global_batches(10, 4, shuffle=True, seed=1, epoch=0, min_last=1) != \
+        global_batches(10, 4, shuffle=True, seed=1, epoch=1, min_last=1)
 
 
 def _config(out: Path, data_dir: Path) -> dict:
@@ -141,3 +141,11 @@ def test_two_processes_match_one(tmp_path, shared_data):
     # only rank 0 wrote: one history file whose rows are the fusion epochs, once each
     rows = (tmp_path / "ddp" / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_training_never_ends_an_epoch_on_a_single_sample():
+    # batch norm cannot train on one sample: 33 clips in batches of 32 give one batch, not 32 + 1
+    assert [len(b) for b in ShardedBatchSampler(33, 32, shuffle=True, seed=0)] == [32]
+    assert [len(b) for b in ShardedBatchSampler(34, 32, shuffle=True, seed=0)] == [32, 2]
+    # evaluation keeps every sample
+    assert [len(b) for b in ShardedBatchSampler(33, 32, shuffle=False, seed=0, drop_small_last=False)] == [32, 1]

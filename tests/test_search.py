@@ -305,13 +305,15 @@ def test_default_space_is_the_reference_designs(registry):
     assert space["fusion_train.batch_size"] == {"type": "categorical", "choices": [4, 6, 8]}
     assert space["fusion.init_weights"] == {"type": "share", "branch": "video", "low": 0.3, "high": 0.8}
     # `loss` trains the branches too, so over frozen branches only a fusion-stage loss may be searched.
-    focal = {"alpha", "gamma"} if "fusion_loss" in RunConfig.model_fields else set()
-    assert {k.split(".")[1] for k in space if k.startswith("fusion_loss.")} == focal
+    assert {k.split(".")[1] for k in space if k.startswith("fusion_loss.")} == {"alpha", "gamma"}
     assert not any(k.startswith("loss.") for k in space)
     # Retraining everything per trial, the focal loss's options are searched where they are.
     full = default_space(fused, scope="full", registry=registry)
-    assert {"train.lr", "train.batch_size", "fusion.init_weights", "loss.alpha", "loss.gamma"} == set(full)
-    assert full["loss.gamma"]["when"] == {"loss.name": "focal"}
+    assert {"train.lr", "train.batch_size", "fusion.init_weights", "fusion_loss.alpha", "fusion_loss.gamma"} == set(full)
+    assert full["fusion_loss.gamma"]["when"] == {"fusion_loss.name": "focal"}
+    # A config whose one loss is focal searches it where it is.
+    focal_only = fused.model_copy(update={"loss": fused.fusion_loss, "fusion_loss": None})
+    assert default_space(focal_only, scope="full", registry=registry)["loss.gamma"]["when"] == {"loss.name": "focal"}
     # One branch, cross-entropy: learning rate and batch size of the only stage, nothing else.
     single = compose_config(preset="mm-lstm")
     assert resolve_scope(single, [], "auto") == "full"
