@@ -298,10 +298,12 @@ def evaluate_cmd(
     data: Optional[Path] = DataOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, the table and confusion PNG."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
+    without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     evaluation = engine("evaluation", "evaluation")
-    evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap, console=console)
+    evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
+                            drop=tuple(without or ()), console=console)
 
 
 @app.command("compare")
@@ -324,6 +326,7 @@ def compare_cmd(
     on_bad_sample: Optional[str] = BadSampleOpt,
     limit: Optional[int] = LimitOpt,
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Also score with one modality removed at test time."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/.csv/.json/.png (default: under the run folder)."),
 ):
     """Compare every registered fusion (and each branch alone) over the same frozen branches, in one table."""
     values = _compose_args(locals())
@@ -334,7 +337,7 @@ def compare_cmd(
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
     compare = engine("compare", "comparison")
-    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, robustness=robustness, console=console)
+    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, robustness=robustness, console=console, out_dir=out)
 
 
 @app.command("search")

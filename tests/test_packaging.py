@@ -27,7 +27,9 @@ def test_no_bare_top_level_packages_in_site_packages():
     for bare in ("core", "cli", "plugins"):
         assert not (site / bare).exists(), f"a bare {bare!r} package landed in {site}"
     # (other distributions may ship a bare `tests`; ours must not)
-    ours = [str(f) for f in md.distribution("emofuse").files or []]
+    # (look in site-packages only: an emofuse.egg-info that a build leaves in the checkout describes sources)
+    (dist,) = [d for d in md.distributions(path=[str(site)]) if d.metadata["Name"] == "emofuse"]
+    ours = [str(f) for f in dist.files or []]
     assert not [f for f in ours if f.split("/")[0] in ("core", "cli", "plugins", "tests")], ours
 
 

@@ -5,8 +5,10 @@ audio encoder (Wav2Vec2 family, or a log-mel / eGeMAPS front end) gives frame ve
 pass a learned strided convolutional front end (to about 25 frames/s), then attend to the text
 tokens with 8-head attention (audio queries, text keys and values, plus a learned "no text" slot
 so a clip without a transcript still has something to attend to); a bidirectional LSTM reads the
-text-aware audio sequence; its mean and max over time, the text's mean vector and the speaker
-metadata feed a batch-normalised head with dropout.
+text-aware audio sequence; its mean and max over time, the mean and standard deviation of the
+normalised audio features themselves (statistics pooling: an utterance-level path that learns fast
+from few clips), the text's mean vector and the speaker metadata feed a batch-normalised head with
+dropout.
 """
 from __future__ import annotations
 
@@ -79,15 +81,27 @@ class ConvFrontEnd(nn.Module):
         self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (sequence ``[B, F', out_dim]``, its lengths, utterance statistics ``[B, 2 * in_dim]``)."""
         x = frames.transpose(1, 2)  # [B, D, F]
-        x = masked_batch_norm(self.input_norm, x, lengths_to_mask(lengths, x.shape[-1]))
+        mask = lengths_to_mask(lengths, x.shape[-1])
+        x = masked_batch_norm(self.input_norm, x, mask)
+        stats = utterance_statistics(x, mask)
         for conv, norm in zip(self.convs, self.norms):
             x = conv(x)
             if conv.stride[0] == 2:
                 lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
             x = torch.relu(masked_batch_norm(norm, x, lengths_to_mask(lengths, x.shape[-1])))
-        return self.dropout(x.transpose(1, 2)), lengths
+        return self.dropout(x.transpose(1, 2)), lengths, stats
+
+
+def utterance_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean and standard deviation over the real frames of ``[B, D, F]``: ``[B, 2D]`` (statistics pooling)."""
+    m = mask[:, None, :].to(x.dtype)
+    count = m.sum(dim=-1).clamp_min(1.0)
+    mean = (x * m).sum(dim=-1) / count
+    var = (((x - mean[..., None]) ** 2) * m).sum(dim=-1) / count
+    return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)
 
 
 class MultimodalLSTMEncoder(Encoder):
@@ -115,7 +129,7 @@ class MultimodalLSTMEncoder(Encoder):
         self.lstm = nn.LSTM(d, c.lstm_hidden, num_layers=c.lstm_layers, batch_first=True, bidirectional=True,
                             dropout=c.dropout if c.lstm_layers > 1 else 0.0)
         self.metadata = MetadataEmbedding(c.metadata_dim)
-        fused = 4 * c.lstm_hidden + d + c.metadata_dim
+        fused = 2 * self.audio_backbone.dim + 4 * c.lstm_hidden + d + c.metadata_dim
         self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.embedding_dim = d
         #: Audio-to-text attention weights ``[B, F', 1 + T]`` of the latest forward (slot 0 = no text).
@@ -169,7 +183,7 @@ class MultimodalLSTMEncoder(Encoder):
         text_len = ex.get("text_tokens_lengths", torch.full((b,), text.shape[1], dtype=torch.long)).to(device)
         has_audio, has_text = presence(batch, AUDIO), presence(batch, TEXT)
 
-        a, a_len = self.audio_front(audio, audio_len)
+        a, a_len, audio_stats = self.audio_front(audio, audio_len)
         a_len = a_len.clamp_min(1)
         t = self.text_proj(text)
         text_mask = lengths_to_mask(text_len, t.shape[1]) & has_text[:, None]
@@ -184,7 +198,7 @@ class MultimodalLSTMEncoder(Encoder):
         valid = lengths_to_mask(a_len, seq.shape[1])
         mean = masked_mean(seq, a_len)
         peak = seq.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
-        audio_summary = torch.cat([mean, peak], dim=-1) * has_audio[:, None].to(dtype)
+        audio_summary = torch.cat([audio_stats, mean, peak], dim=-1) * has_audio[:, None].to(dtype)
         text_summary = masked_mean(t, text_len) * has_text[:, None].to(dtype)
 
         embedding = self.head(torch.cat([audio_summary, text_summary, self.metadata(batch)], dim=-1))
