@@ -112,7 +112,7 @@ class TransformersAudioBackbone(AudioFrontEnd):
         from transformers import AutoFeatureExtractor, AutoModel
 
         common = dict(what="audio backbone", option=option, alternative=DEFAULT_AUDIO_BACKBONE)
-        self.model = load_pretrained(name, AutoModel.from_pretrained, **common)
+        self.model = load_pretrained(name, AutoModel.from_pretrained, use_safetensors=True, **common)  # never unpickle weights
         try:
             self.feature_extractor = load_pretrained(name, AutoFeatureExtractor.from_pretrained, **common)
         except (OSError, ValueError, MissingDependencyError):

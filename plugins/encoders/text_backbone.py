@@ -22,7 +22,7 @@ class TextBackbone(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         common = dict(what="text backbone", option=option, alternative=DEFAULT_TEXT_BACKBONE)
-        self.model = load_pretrained(name, AutoModel.from_pretrained, **common)
+        self.model = load_pretrained(name, AutoModel.from_pretrained, use_safetensors=True, **common)  # never unpickle weights
         self.tokenizer = load_pretrained(name, AutoTokenizer.from_pretrained, **common)
         self.name = name
         self.max_length = max_length
