@@ -205,3 +205,18 @@ def test_features_encoder_with_text_and_bad_names():
         wrong(batch)
     with pytest.raises(ConfigError, match="feature_dims"):
         build("features", features=["au"], feature_dims={"mfcc": 259})
+
+
+def test_running_standardizer_accumulates_whole_data_statistics():
+    from emofuse.plugins.encoders.layers import RunningStandardizer
+
+    rows = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 0.1, 2.0]) + 3.0
+    norm = RunningStandardizer(3).train()
+    for chunk in rows.split(37):  # uneven batches, as the last one of an epoch
+        norm(chunk)
+    torch.testing.assert_close(norm.mean, rows.mean(0))
+    torch.testing.assert_close(norm.var, rows.var(0, unbiased=False))
+    norm.eval()
+    out = norm(rows)
+    torch.testing.assert_close(norm.mean, rows.mean(0))  # fixed in eval mode
+    torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-4, rtol=0)

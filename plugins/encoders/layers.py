@@ -72,3 +72,36 @@ def classifier_head(in_dim: int, hidden: int, num_classes: int, dropout: float) 
     """Linear -> batch norm -> ReLU -> dropout (the embedding), then a linear layer to the classes."""
     body = nn.Sequential(nn.Linear(in_dim, hidden), BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout))
     return body, nn.Linear(hidden, num_classes)
+
+
+class RunningStandardizer(nn.Module):
+    """Zero-mean, unit-variance scaling of ``[N, C]`` rows by statistics accumulated over all training
+    rows seen so far (a cumulative average, not the current batch's).
+
+    Batch norm over a few clips' frames rescales each batch by its own speakers' statistics; for
+    utterance-level cues (loudness, pitch range) that jitter swamps the signal. These statistics
+    settle within a few batches, are buffers (so checkpoints carry them) and are fixed in eval mode.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("var", torch.ones(num_features))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def _update(self, rows: torch.Tensor) -> None:
+        n = float(rows.shape[0])
+        batch_mean = rows.mean(dim=0)
+        batch_var = rows.var(dim=0, unbiased=False)
+        total = float(self.count) + n
+        delta = batch_mean - self.mean
+        self.var.copy_((self.var * float(self.count) + batch_var * n + delta.pow(2) * float(self.count) * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.fill_(total)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.training and rows.shape[0] > 0:
+            self._update(rows.detach().to(self.mean.dtype))
+        return (rows - self.mean) / torch.sqrt(self.var + self.eps)

@@ -28,6 +28,7 @@ from emofuse.plugins.encoders.audio_backbone import DEFAULT_AUDIO_BACKBONE, make
 from emofuse.plugins.encoders.layers import (
     BatchNorm1d,
     MetadataEmbedding,
+    RunningStandardizer,
     classifier_head,
     freeze,
     keep_frozen_in_eval,
@@ -64,12 +65,12 @@ class MMLSTMConfig(ComponentConfig):
 
 
 class ConvFrontEnd(nn.Module):
-    """Input batch norm over real frames, then stride-2 conv blocks (conv, batch norm, ReLU) that
+    """Input standardisation over real frames, then stride-2 conv blocks (conv, batch norm, ReLU) that
     bring the frame rate down to about `TARGET_FRAME_RATE`; padded frames stay zero throughout."""
 
     def __init__(self, in_dim: int, out_dim: int, frame_rate: float, dropout: float):
         super().__init__()
-        self.input_norm = BatchNorm1d(in_dim)
+        self.input_norm = RunningStandardizer(in_dim)
         n_down = max(0, round(math.log2(max(frame_rate / TARGET_FRAME_RATE, 1.0))))
         convs, norms = [], []
         dim = in_dim
