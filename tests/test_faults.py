@@ -213,23 +213,40 @@ def _finish(proc: subprocess.Popen) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
+def _kill_when(proc: subprocess.Popen, moment, delay: float, saved) -> tuple[bool, bool]:
+    """SIGKILL `proc` `delay` seconds after `moment()` turns true (polled every 5 ms), unless it ends
+    first; returns (killed, whether a checkpoint had been saved by then)."""
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not moment() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return False, False
+    was_saved = saved()
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=30) == -signal.SIGKILL, was_saved
+
+
 def test_training_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path, shared_data):
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     reference = _start(script, _fused(tmp_path / "reference"))  # runs alongside
     config = _fused(tmp_path / "killed")
+    killed_dir = tmp_path / "killed"
+    saved = lambda: any(killed_dir.rglob("last.json"))  # noqa: E731
     rng = random.Random(8)
+    # Three kills at random moments, tied to the run's progress rather than the clock so that a fast
+    # machine still gets them: early (data loading or the first branch), just after some checkpoint,
+    # and inside the fusion stage.
+    moments = [lambda: True, saved, lambda: (killed_dir / "run" / "last.json").exists()]
+    delays = [rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.2), rng.uniform(0.0, 0.1)]
     kills = after_a_save = 0
-    for _ in range(3):  # three kills at random moments: data loading, branch training, fusion, or a save
+    for moment, delay in zip(moments, delays):
         proc = _start(script, config)
         assert proc.stdout.readline().strip() == "READY"
-        time.sleep(rng.uniform(1.0, 6.0))
-        if proc.poll() is None:
-            saved = any((tmp_path / "killed").rglob("last.json"))
-            proc.send_signal(signal.SIGKILL)
-            if proc.wait(timeout=30) == -signal.SIGKILL:
-                kills += 1
-                after_a_save += saved
+        killed, was_saved = _kill_when(proc, moment, delay, saved)
+        kills += killed
+        after_a_save += killed and was_saved
         proc.communicate()
     assert kills >= 1 and after_a_save >= 1, (kills, after_a_save)  # at least one resume starts from saved state
     resumed, expected = _finish(_start(script, config)), _finish(reference)

@@ -37,14 +37,14 @@ class BatchNorm1d(nn.BatchNorm1d):
         return super().forward(x)
 
 
-def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Batch norm over the real positions of a padded ``[B, C, L]`` sequence; padding stays zero and
-    does not enter the statistics."""
+def masked_norm(norm: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A row-wise norm (batch norm, `RunningStandardizer`) over the real positions of a padded
+    ``[B, C, L]`` sequence; padding stays zero and does not enter the statistics."""
     rows = x.transpose(1, 2)[mask]  # [N_valid, C]
     if rows.shape[0] == 0:
         return torch.zeros_like(x)
     out = torch.zeros_like(x.transpose(1, 2))
-    out[mask] = bn(rows)
+    out[mask] = norm(rows)
     return out.transpose(1, 2)
 
 

@@ -32,7 +32,7 @@ from emofuse.plugins.encoders.layers import (
     classifier_head,
     freeze,
     keep_frozen_in_eval,
-    masked_batch_norm,
+    masked_norm,
     presence,
 )
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone, masked_mean
@@ -86,13 +86,13 @@ class ConvFrontEnd(nn.Module):
         """-> (sequence ``[B, F', out_dim]``, its lengths, utterance statistics ``[B, 2 * in_dim]``)."""
         x = frames.transpose(1, 2)  # [B, D, F]
         mask = lengths_to_mask(lengths, x.shape[-1])
-        x = masked_batch_norm(self.input_norm, x, mask)
+        x = masked_norm(self.input_norm, x, mask)
         stats = utterance_statistics(x, mask)
         for conv, norm in zip(self.convs, self.norms):
             x = conv(x)
             if conv.stride[0] == 2:
                 lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
-            x = torch.relu(masked_batch_norm(norm, x, lengths_to_mask(lengths, x.shape[-1])))
+            x = torch.relu(masked_norm(norm, x, lengths_to_mask(lengths, x.shape[-1])))
         return self.dropout(x.transpose(1, 2)), lengths, stats
 
 
