@@ -148,24 +148,32 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_path(config: dict[str, Any], path: str, value: Any, *, where: str) -> dict[str, Any]:
+    """Set the dotted `path` of a config dict to `value`, creating tables as needed; errors start
+    with `where` (``--set train.lr``, ``search.train.lr``)."""
+    parts = [p for p in path.split(".") if p]
+    if not parts:
+        raise ConfigError(f"{where}: empty key")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is a value, not a table")
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
+    return config
+
+
 def apply_set(config: dict[str, Any], assignment: str) -> dict[str, Any]:
     """Apply one ``key.path=value`` to a config dict (creating tables as needed)."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.lr=1e-4")
     key, _, raw = assignment.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    if not key.strip().strip("."):
         raise ConfigError(f"--set {assignment!r}: empty key")
-    node = config
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is a value, not a table")
-        node = nxt
-    node[parts[-1]] = parse_value(raw.strip())
-    return config
+    return set_path(config, key.strip(), parse_value(raw.strip()), where=f"--set {key.strip()}")
 
 
 def load_toml(path: Path) -> dict[str, Any]:

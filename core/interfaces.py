@@ -164,6 +164,14 @@ class Loss(Component, nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @staticmethod
+    def labelled(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows that carry a label: unlabelled samples (label -1) add no loss."""
+        keep = labels >= 0
+        if bool(keep.all()):
+            return logits, labels
+        return logits[keep], labels[keep]
+
 
 class DatasetReaderConfig(ComponentConfig):
     """Options every reader accepts."""

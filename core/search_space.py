@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Mapping, Protocol, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from emofuse.core.config import RunConfig
+from emofuse.core.config import set_path as set_config_path
 from emofuse.core.errors import ConfigError
 from emofuse.core.registry import Registry, get_registry
 
@@ -148,19 +149,9 @@ def get_path(config: Mapping[str, Any], path: str, default: Any = _MISSING) -> A
 
 def set_path(config: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """Set a dotted `path` of a config dict to a Python value, creating tables (like `apply_set`)."""
-    parts = [p for p in path.split(".") if p]
-    if not parts:
+    if not [p for p in path.split(".") if p]:
         raise ConfigError(f"search: empty key path {path!r}")
-    node = config
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"search.{path}: {'.'.join(parts[: i + 1])} is a value, not a table")
-        node = nxt
-    node[parts[-1]] = copy.deepcopy(value)
-    return config
+    return set_config_path(config, path, value, where=f"search.{path}")
 
 
 # -- the space ---------------------------------------------------------------------------------------

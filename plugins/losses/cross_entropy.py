@@ -38,9 +38,7 @@ class CrossEntropyLoss(Loss):
         self.label_smoothing = float(config.label_smoothing)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        keep = labels >= 0
-        if not bool(keep.all()):
-            logits, labels = logits[keep], labels[keep]
+        logits, labels = self.labelled(logits, labels)
         if labels.numel() == 0:
             return logits.sum() * 0.0
         per_sample = F.cross_entropy(

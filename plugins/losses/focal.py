@@ -55,9 +55,7 @@ class FocalLoss(Loss):
         self.register_buffer("alpha", alpha, persistent=False)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        keep = labels >= 0
-        if not bool(keep.all()):
-            logits, labels = logits[keep], labels[keep]
+        logits, labels = self.labelled(logits, labels)
         if labels.numel() == 0:
             return logits.sum() * 0.0
         return per_sample_focal(logits, labels, self.gamma, self.alpha).mean()
