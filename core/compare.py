@@ -247,7 +247,7 @@ def score_models(
                 metas.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
                 for variant, drop in variants:
                     seen = (drop_modalities(batch, drop) if drop else batch).to(device)
-                    outputs[variant].append({ident: _cpu(enc(seen)) for ident, enc in encoders.items()})
+                    outputs[variant].append({ident: enc(seen).detached_cpu() for ident, enc in encoders.items()})
             for m in group:
                 for variant, _ in variants:
                     per_batch = [{name: outs[ident] for name, ident in identity[m.key].items()} for outs in outputs[variant]]
@@ -256,15 +256,6 @@ def score_models(
                                            bootstrap=bootstrap if variant == "test" else 0, seed=seed)
                     results[m.key][variant] = (report, out)
     return results
-
-
-def _cpu(out: EncoderOutput) -> EncoderOutput:
-    return EncoderOutput(
-        logits=out.logits.detach().float().cpu(),
-        embedding=None if out.embedding is None else out.embedding.detach().float().cpu(),
-        present=None if out.present is None else out.present.detach().cpu(),
-        extras={k: v.detach().cpu() for k, v in out.extras.items()},
-    )
 
 
 # --- the whole comparison ------------------------------------------------------------------------------

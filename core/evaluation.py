@@ -123,18 +123,10 @@ def branch_outputs_over(
             batch = drop_modalities(batch, drop)
         on_device = batch.to(device)
         per_branch = model.branch_outputs(on_device)
-        outputs.append({name: _to_cpu(out) for name, out in per_branch.items()})
+        outputs.append({name: out.detached_cpu() for name, out in per_branch.items()})
         kept.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
     return kept, outputs
 
-
-def _to_cpu(out: EncoderOutput) -> EncoderOutput:
-    return EncoderOutput(
-        logits=out.logits.detach().float().cpu(),
-        embedding=None if out.embedding is None else out.embedding.detach().float().cpu(),
-        present=None if out.present is None else out.present.detach().cpu(),
-        extras={k: v.detach().cpu() for k, v in out.extras.items()},
-    )
 
 
 @torch.no_grad()

@@ -152,6 +152,15 @@ class EncoderOutput:
     present: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def detached_cpu(self) -> "EncoderOutput":
+        """A copy on the CPU, detached from the graph, floats as float32: for keeping outputs across batches."""
+        return EncoderOutput(
+            logits=self.logits.detach().float().cpu(),
+            embedding=None if self.embedding is None else self.embedding.detach().float().cpu(),
+            present=None if self.present is None else self.present.detach().cpu(),
+            extras={k: v.detach().cpu() for k, v in self.extras.items()},
+        )
+
     def presence(self) -> torch.Tensor:
         """The presence mask, all True when the encoder did not set one."""
         if self.present is None:
