@@ -68,6 +68,9 @@ def save_model(
         "config": config.model_dump(mode="json"),
         "label_names": list(label_names),
         "components": components_of(config, registry),
+        # The sidecar's JSON has sorted keys, so the config's branch order is lost there; a fusion's
+        # inputs are positional (a feature-level fusion concatenates embeddings), so keep it apart.
+        "branch_order": list(model.branches),
         "metrics": dict(metrics or {}),
         "fusion_report": model.fusion.report() if model.fusion is not None else None,
         **dict(extra or {}),
@@ -82,6 +85,16 @@ class LoadedModel:
     label_names: list[str]
     normalizer_state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _in_saved_branch_order(config: RunConfig, order: list[str] | None, path: Path) -> RunConfig:
+    """`config` with its branches in the order the model was trained with (the fusion's input order)."""
+    if order is None:
+        return config
+    if sorted(order) != sorted(config.branches):
+        raise CheckpointError(f"{path}: sidecar branch_order {order} does not name the config's branches "
+                              f"{sorted(config.branches)}", hint="the sidecar was edited; restore it")
+    return config.model_copy(update={"branches": {name: config.branches[name] for name in order}})
 
 
 def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
@@ -100,6 +113,7 @@ def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
                 f"(the checkpoint was made with {comp.get('distribution')} {comp.get('version')})",
                 hint=f"pip install {comp.get('distribution')}",
             )
+    config = _in_saved_branch_order(config, meta.get("branch_order"), path)
     model = build_model(config, len(label_names), registry=registry)
     state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     expected = model_state(model)

@@ -90,3 +90,26 @@ def test_drop_modalities_zeroes_and_masks_without_touching_the_input(batch_facto
     assert torch.equal(batch.audio, before) and batch.text[0]
     with pytest.raises(ConfigError, match="unknown modality 'smell'"):
         drop_modalities(batch, ["smell"])
+
+
+def test_a_fused_checkpoint_scores_like_the_trainer_whatever_its_branch_order(tmp_path, shared_data):
+    """Branches named out of alphabetical order: the feature-level fusion's inputs are positional, so a
+    reload must rebuild the branches in the trained order (the sidecar's JSON sorts keys)."""
+    from emofuse.core.model_io import load_model
+    from emofuse.core.training import train_run
+
+    features = {"name": "features", "hidden_dims": [32]}
+    config = validate({
+        "name": "fused",
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "split": "speaker", "limit": 240},
+        "branches": {"video": {**features, "features": ["au"]}, "audio": {**features, "features": ["mfcc"]}},
+        "fusion": {"name": "feature-level", "hidden": 32},
+        "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "device": "cpu", "precision": "fp32"},
+        "fusion_train": {"epochs": 6, "batch_size": 16, "lr": 3e-3, "device": "cpu", "precision": "fp32"},
+        "output_dir": str(tmp_path),
+    })
+    result = train_run(config, progress=False, resume=False)
+    assert list(load_model(result.checkpoint).model.branches) == ["video", "audio"]
+    for split in ("val", "test"):
+        scored = evaluate_checkpoint(result.checkpoint, split=split, bootstrap=0)
+        assert scored.report.metrics["accuracy"] == pytest.approx(result.metrics[split]["accuracy"], abs=1e-6)
