@@ -43,6 +43,7 @@ def _global_options(
         import torch
 
         torch.set_num_threads(threads)
+        os.environ["EMOFUSE_THREADS"] = str(threads)  # the trainer then keeps this choice
 
 
 def friendly_errors(fn: Callable) -> Callable:

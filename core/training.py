@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from emofuse.core.checkpoint import atomic_write_bytes, read_sidecar
+from emofuse.core.checkpoint import atomic_write_bytes, checkpoint_sha256
 from emofuse.core.compose import (
     ComposedModel,
     branch_info,
@@ -973,7 +974,7 @@ class FusionTask:
 
 
 def _checkpoint_sha(checkpoint: Path) -> str:
-    return str(read_sidecar(checkpoint).get("sha256") or "")
+    return checkpoint_sha256(checkpoint)
 
 
 def branch_run_config(config: RunConfig, branch: str) -> RunConfig:
@@ -1111,7 +1112,9 @@ def train_run(
         raise ConfigError(f"{run_dir}: output folder cannot be created or written ({exc.strerror})",
                           hint="choose another --output folder") from None
     ctx = setup_distributed(config.train.device)
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(threads_beside_workers(config.train.num_workers, ctx.device))
         bundle = data if data is not None else load_bundle(config, registry, run_dir)
         check_branch_inputs(config, bundle, registry)
         if config.fusion is None:
@@ -1120,7 +1123,24 @@ def train_run(
         return train_fused(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume, progress=progress,
                            on_epoch=on_epoch)
     finally:
+        stack.close()
         teardown_distributed(ctx)
+
+
+@contextlib.contextmanager
+def threads_beside_workers(num_workers: int, device: torch.device) -> Iterator[None]:
+    """On CPU, leave a core to each DataLoader worker: torch's threads fighting the decoding workers
+    for the same cores was measured as the slowest stage (benchmarks/run_all.py). A thread count the
+    user chose (``--threads`` / ``EMOFUSE_THREADS``) is kept as it is."""
+    if num_workers <= 0 or device.type != "cpu" or os.environ.get("EMOFUSE_THREADS"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 __all__ = [

@@ -65,8 +65,36 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
 
 
-def test_missing_sidecar_is_a_clear_error(tmp_path):
-    path = ckpt.save_checkpoint(tmp_path / "model", {"a": torch.zeros(1)}, {})
+def test_missing_sidecar_is_a_clear_error_unless_the_tensor_file_carries_its_metadata(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path / "model", {"a": torch.zeros(1)}, {"v": 3})
     (tmp_path / "model.json").unlink()
+    tensors, meta = ckpt.load_checkpoint(path)  # the tensor file is complete by itself
+    assert meta["v"] == 3 and torch.equal(tensors["a"], torch.zeros(1))
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(path))  # a plain safetensors file, no emofuse header
     with pytest.raises(CheckpointError, match="sidecar missing"):
         ckpt.load_checkpoint(path)
+
+
+def test_a_kill_between_the_two_renames_loads_the_new_checkpoint_whole(tmp_path, monkeypatch):
+    """Tensors are renamed first, the sidecar last: dying in between leaves new tensors beside an old
+    sidecar. The tensor file's own header (metadata + tensor hash) makes it load as the new checkpoint."""
+    path = ckpt.save_checkpoint(tmp_path / "model", {"a": torch.zeros(3)}, {"v": 1})
+    real_replace, renames = os.replace, []
+
+    def die_before_the_sidecar(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt  # stands in for SIGKILL: the rest of the save never runs
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_before_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path / "model", {"a": torch.ones(3)}, {"v": 2})
+    monkeypatch.undo()
+    assert [p.name for p in renames] == ["model.safetensors"]
+    assert ckpt.read_sidecar(path)["v"] == 1  # the sidecar is the stale half
+    tensors, meta = ckpt.load_checkpoint(path)
+    assert meta["v"] == 2 and torch.equal(tensors["a"], torch.ones(3))
+    assert meta["sha256"] == ckpt.checkpoint_sha256(path)

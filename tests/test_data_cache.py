@@ -158,3 +158,30 @@ def test_warm_fills_the_cache_from_a_loader_once(corpus, tmp_path):
     assert (first.hits, first.misses) == (0, len(samples))
     again = cache.warm({"audio": enc}, loader, progress=False)
     assert (again.hits, again.misses) == (len(samples), 0) and again.hit_rate == 1.0
+
+
+def test_temp_shards_of_killed_writers_are_removed_on_the_next_open(tmp_path):
+    """`_atomic_write` names its temp file by pid; one whose writer is gone (or that is very old) is
+    debris of a kill mid-write. A recent temp of a live writer is left alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from emofuse.core.data import cache as cache_module
+
+    FeatureCache(tmp_path).put_many("ns", ["a"], [{"x": torch.ones(2)}])
+    folder = tmp_path / "ns"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    old = time.time() - cache_module.DEAD_WRITER_GRACE_S - 10
+    dead = folder / f".x-1.safetensors.{dead_pid}.tmp"
+    ancient = folder / f".x-2.safetensors.{os.getpid()}.tmp"
+    live = folder / f".x-3.safetensors.{os.getpid()}.tmp"
+    for path, mtime in ((dead, old), (ancient, time.time() - cache_module.ABANDONED_AFTER_S - 10), (live, old)):
+        path.write_bytes(b"half a shard")
+        os.utime(path, (mtime, mtime))
+    reopened = FeatureCache(tmp_path)
+    assert torch.equal(reopened.get_many("ns", ["a"])[0]["x"], torch.ones(2))
+    assert not dead.exists() and not ancient.exists()
+    assert live.exists()  # its writer (this process) may still rename it

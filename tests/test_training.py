@@ -331,3 +331,25 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, shared_
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(resumed["history"]) == strip(expected["history"])
     assert resumed["report"] == expected["report"]
+
+
+def test_torch_threads_leave_cores_to_dataloader_workers_unless_the_user_chose(monkeypatch):
+    from emofuse.core.training import threads_beside_workers
+
+    monkeypatch.delenv("EMOFUSE_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with threads_beside_workers(2, torch.device("cpu")):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+        with threads_beside_workers(8, torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        with threads_beside_workers(0, torch.device("cpu")):
+            assert torch.get_num_threads() == 4
+        monkeypatch.setenv("EMOFUSE_THREADS", "3")
+        with threads_beside_workers(2, torch.device("cpu")):
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 import weakref
 from collections import defaultdict
@@ -256,6 +257,8 @@ class FeatureCache:
 
     def _scan(self, namespace: str) -> None:
         folder = self._folder(namespace)
+        if namespace not in self._scanned:
+            _remove_abandoned_temps(folder)
         seen = self._scanned.setdefault(namespace, set())
         index = self._index.setdefault(namespace, {})
         for shard in sorted(folder.glob(f"*{_SUFFIX}")):
@@ -288,6 +291,37 @@ class FeatureCache:
         else:
             with self._lock:
                 forget()
+
+
+#: A temp file older than this is abandoned even if a process with its pid is alive (pids are reused).
+ABANDONED_AFTER_S = 3600.0
+#: A temp file whose writer is gone is only removed after this long, so a writer on another machine
+#: sharing the folder (whose pid means nothing here) has long finished its few-second write.
+DEAD_WRITER_GRACE_S = 120.0
+
+
+def _remove_abandoned_temps(folder: Path) -> None:
+    """Delete temp shards that killed writers left behind (`_atomic_write` names them by pid)."""
+    now = time.time()
+    for tmp in folder.glob(".*.tmp"):
+        try:
+            age = now - tmp.stat().st_mtime
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+        except (OSError, ValueError):
+            continue
+        if age > ABANDONED_AFTER_S or (age > DEAD_WRITER_GRACE_S and not _alive(pid)):
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by a cache writer that was killed mid-write", tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
