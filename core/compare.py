@@ -78,7 +78,7 @@ class TrainRunTrainer:
     Branches train as the single-branch runs that the staged pipeline itself would make
     (`training.branch_run_config`); a fused run over the same config finds those finished runs by
     their fingerprint and reuses them, so every fusion of a seed fuses the very same frozen
-    branches. Where `train_run` accepts ``branch_checkpoints`` they are passed explicitly too.
+    branches (checked after each fusion).
     """
 
     def __init__(self, registry: Registry, *, resume: bool = True, progress: bool = False):
@@ -89,9 +89,6 @@ class TrainRunTrainer:
     def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
         from emofuse.core import training
 
-        if hasattr(training, "train_branches"):
-            return {k: Path(v) for k, v in training.train_branches(
-                config, out_dir=out_dir, registry=self.registry, data=data).items()}
         checkpoints = {}
         for branch in config.branches:
             single = training.branch_run_config(config, branch)
@@ -101,15 +98,10 @@ class TrainRunTrainer:
         return checkpoints
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
-        import inspect
-
         from emofuse.core import training
 
-        kwargs: dict[str, Any] = {}
-        if "branch_checkpoints" in inspect.signature(training.train_run).parameters:
-            kwargs["branch_checkpoints"] = dict(branch_checkpoints)
         result = training.train_run(config, registry=self.registry, resume=self.resume, progress=self.progress,
-                                    data=data, **kwargs)
+                                    data=data)
         used = {b: Path(r.checkpoint).resolve() for b, r in (getattr(result, "branch_results", None) or {}).items()}
         wanted = {b: Path(p).resolve() for b, p in branch_checkpoints.items()}
         if used and used != wanted:

@@ -92,6 +92,11 @@ class RunConfig(_Strict):
     fusion_train: TrainConfig | None = None
     #: Loss of the fusion stage (defaults to `loss`): the reference trains the fusion with focal loss.
     fusion_loss: ComponentRef | None = None
+    #: What the fusion learns from on the training split: the branches' own outputs ("in-sample",
+    #: overconfident where a branch overfits) or those of branch copies trained without the clip's
+    #: speakers ("out-of-fold": `fusion_folds` more trainings per branch), see `emofuse.core.cross_fitting`.
+    fusion_inputs: Literal["in-sample", "out-of-fold"] = "in-sample"
+    fusion_folds: int = Field(4, ge=2, le=20)
     output_dir: Path = Path("runs")
     cache_dir: Path | None = None
     #: Optuna search space: key path -> spec, see `emofuse.core.search`.

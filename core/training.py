@@ -748,6 +748,7 @@ def fusion_fingerprint(config: RunConfig, branch_checkpoints: Mapping[str, str],
         "split": split_digest(bundle),
         "branch_checkpoints": dict(branch_checkpoints),
         "fusion": config.fusion.model_dump(mode="json") if config.fusion else None,
+        "inputs": [config.fusion_inputs, config.fusion_folds] if config.fusion_inputs != "in-sample" else None,
         "loss": (config.fusion_loss or config.loss).model_dump(mode="json"),
         "train": train_settings(fusion_train),
     })
@@ -981,6 +982,7 @@ def branch_run_config(config: RunConfig, branch: str) -> RunConfig:
     """The single-branch run that stage 1 trains for `branch` of a fused `config`."""
     single = config.model_copy(update={
         "branches": {branch: config.branches[branch]}, "fusion": None, "fusion_train": None, "fusion_loss": None,
+        "fusion_inputs": "in-sample",
         "search": {}, "branch_train": {}, "train": config.train_for(branch),
     })
     fp = branch_fingerprint(single)
@@ -1009,30 +1011,44 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
         done = _finished_result(run_dir, fingerprint)
         if done is not None:
             return done
-    encoders: dict[str, Encoder] = {}
-    for name, result in branch_results.items():
-        loaded = load_model(result.checkpoint, registry=registry)
-        encoder = loaded.model.branches[name].to(ctx.device).eval()
-        encoder.requires_grad_(False)
-        encoders[name] = encoder
-
     fusion_cfg = config.fusion_train or config.train
     cache = _open_cache(config)
-    for encoder in encoders.values():
-        ensure_extracted(encoder, cache, bundle, splits=SPLITS, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
-                         seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx, progress=progress)
-    outputs: dict[str, BranchOutputs] = {}
-    for split in SPLITS:
-        if not bundle.splits.get(split):
-            continue
-        # Rank 0 computes (or reads) and caches; the other ranks then read the very same tensors.
-        for turn in ("main", "others"):
-            if ctx.is_main == (turn == "main"):
-                outputs[split] = compute_branch_outputs(
-                    encoders, shas, bundle, cache, split=split, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
-                    seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx,
-                    progress=progress and ctx.is_main)
-            ctx.barrier()
+
+    def outputs_of(checkpoints: Mapping[str, Path], data: Any, splits: Sequence[str]) -> tuple[dict, dict]:
+        """Frozen encoders from `checkpoints` and their outputs over `splits` of `data`."""
+        encoders: dict[str, Encoder] = {}
+        for name, checkpoint in checkpoints.items():
+            encoder = load_model(checkpoint, registry=registry).model.branches[name].to(ctx.device).eval()
+            encoder.requires_grad_(False)
+            encoders[name] = encoder
+            ensure_extracted(encoder, cache, data, splits=splits, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
+                             seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx, progress=progress)
+        checkpoint_shas = {b: _checkpoint_sha(c) for b, c in checkpoints.items()}
+        outputs: dict[str, BranchOutputs] = {}
+        for split in splits:
+            if not data.splits.get(split):
+                continue
+            # Rank 0 computes (or reads) and caches; the other ranks then read the very same tensors.
+            for turn in ("main", "others"):
+                if ctx.is_main == (turn == "main"):
+                    outputs[split] = compute_branch_outputs(
+                        encoders, checkpoint_shas, data, cache, split=split,
+                        batch_size=config.train.batch_size * EVAL_BATCH_FACTOR, seed=config.train.seed,
+                        num_workers=config.train.num_workers, ctx=ctx, progress=progress and ctx.is_main)
+                ctx.barrier()
+        return encoders, outputs
+
+    encoders, outputs = outputs_of({b: r.checkpoint for b, r in branch_results.items()}, bundle, SPLITS)
+    if config.fusion_inputs == "out-of-fold" and outputs.get("train") is not None:
+        from emofuse.core.cross_fitting import out_of_fold_outputs
+
+        outputs["train"] = out_of_fold_outputs(
+            config, bundle,
+            train_branch_copy=lambda bcfg, data: train_branch(
+                bcfg, data, Path(bcfg.output_dir) / bcfg.name, registry=registry, ctx=ctx, resume=resume,
+                progress=progress).checkpoint,
+            outputs_of=lambda checkpoints, data: outputs_of(checkpoints, data, ["train"])[1]["train"],
+        )
 
     seed_everything(fusion_cfg.seed)
     infos = [branch_info(name, enc) for name, enc in encoders.items()]
