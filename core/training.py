@@ -285,6 +285,8 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
     was_training = module.training
     module.eval()
     logits_parts, label_parts = [], []
+    aux_totals = torch.zeros(3, dtype=torch.float64)  # summed cross-entropy, correct, labelled
+    has_aux = False
     with torch.no_grad():
         for batch in task.eval_batches(split):
             prepared = task.prepare(batch)
@@ -292,6 +294,10 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
                 logits, labels = task.forward(module, prepared)
             logits_parts.append(logits.detach().float().cpu())
             label_parts.append(labels.detach().cpu())
+            counts = getattr(task, "last_aux_counts", None)  # set by tasks whose encoder has an auxiliary head
+            if counts is not None:
+                aux_totals += counts
+                has_aux = True
     module.train(was_training)
     local = (torch.cat(logits_parts) if logits_parts else torch.zeros(0, num_classes),
              torch.cat(label_parts) if label_parts else torch.zeros(0, dtype=torch.long))
@@ -303,6 +309,11 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
                         hint="use more data or larger data.val_fraction / data.test_fraction")
     metrics = classification_metrics(labels, logits, num_classes)
     metrics["loss"] = float(loss_fn(logits.to(ctx.device), labels.to(ctx.device)))
+    if bool(ctx.all_reduce_sum(torch.tensor(float(has_aux), dtype=torch.float64, device=ctx.device)) > 0):
+        ce_sum, correct, labelled = (float(v) for v in ctx.all_reduce_sum(aux_totals.to(ctx.device)))
+        if labelled > 0:  # reported beside the emotion metrics, never mixed into them
+            metrics["aux_loss"] = ce_sum / labelled
+            metrics["aux_accuracy"] = correct / labelled
     return metrics, logits, labels
 
 
@@ -618,6 +629,8 @@ class BranchTask:
         #: Set by encoders that need a dialogue's turns together (`emofuse.plugins.encoders.context`).
         self.by_dialogue = bool(getattr(self.encoder, "batches_by_dialogue", False))
         self.last_aux_loss: tuple[torch.Tensor, float] | None = None
+        #: ``[3]`` float64 (summed cross-entropy, correct, labelled) of the auxiliary head on the latest batch.
+        self.last_aux_counts: torch.Tensor | None = None
 
     def _batches(self, split: str, *, shuffle: bool, epoch: int, training: bool, batch_size: int) -> Iterable[Batch]:
         if self.by_dialogue:  # context models see whole dialogues, batch_size utterances at most
@@ -661,6 +674,7 @@ class BranchTask:
         batch, extracted = prepared
         logits, outputs = module(batch, extracted)
         self.last_aux_loss = auxiliary_loss(outputs[self.branch], self.encoder)
+        self.last_aux_counts = auxiliary_counts(outputs[self.branch], self.encoder) if not module.training else None
         return logits, batch.labels
 
     def module_state(self) -> dict[str, torch.Tensor]:
@@ -678,6 +692,23 @@ def auxiliary_loss(output: EncoderOutput, encoder: Encoder) -> tuple[torch.Tenso
     if weight <= 0 or logits is None or labels is None or not bool((labels >= 0).any()):
         return None
     return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-1), weight
+
+
+def auxiliary_counts(output: EncoderOutput, encoder: Encoder) -> torch.Tensor | None:
+    """``[3]`` float64 (summed cross-entropy, correct, labelled) of an encoder's auxiliary head over one
+    batch, for exact split-level means (batches differ in how many samples carry the auxiliary label)."""
+    if float(getattr(encoder, "aux_weight", 0.0)) <= 0:
+        return None
+    logits, labels = output.extras.get("aux_logits"), output.extras.get("aux_labels")
+    if logits is None or labels is None:
+        return None
+    known = labels >= 0
+    if not bool(known.any()):
+        return torch.zeros(3, dtype=torch.float64)
+    logits, labels = logits[known].float(), labels[known]
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.argmax(dim=-1) == labels).sum()
+    return torch.stack([ce.detach().double(), correct.double(), known.sum().double()]).cpu()
 
 
 def parameter_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:

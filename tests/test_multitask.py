@@ -107,3 +107,6 @@ def test_trainer_batches_by_dialogue_and_logs_the_aux_loss(shared_data, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "ctx" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["train_aux_loss"] > 0 and r["train_loss"] > 0 for r in rows)
     assert len(rows) == 2 and result is not None
+    # validation reports the auxiliary head apart from the emotion metrics it never enters
+    assert all(r["val_aux_loss"] > 0 and 0 <= r["val_aux_accuracy"] <= 1 for r in rows)
+    assert 0 <= result.metrics["test"]["aux_accuracy"] <= 1 and result.metrics["test"]["accuracy"] >= 0
