@@ -1,224 +1,410 @@
-"""Dialogue context on MELD, text branch, in one run: dev weighted F1 side by side.
+"""Dialogue context on MELD, text branch: dev weighted F1 of every variant side by side, in one run.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_meld.py [--epochs 4] [--finetune-epochs 1] [--finetune-steps 40] [--cache-dir DIR]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_meld.py [--epochs 12] [--finetune-epochs 3] [--sequence-model lstm transformer] [--threads 1]
 
-MELD transcripts from ``../shared/data/meld`` with the corpus' own partition: train to fit, dev to
-choose (the epoch with the best dev weighted F1 is kept and reported; there is no test partition
-here). Rows:
+MELD transcripts from ``../shared/data/meld`` with the corpus' own partition: the whole train
+partition to fit, dev to choose (the epoch with the best dev weighted F1 is kept and reported,
+early stopping on it; there is no test partition in the shared data, so these are dev numbers).
+Speakers and dialogues are as MELD gives them. Rows:
 
-1. baseline: mean-pooled MiniLM sentence embeddings + logistic regression (scikit-learn, C chosen on dev)
-2. `dialogue-context` over the `mm-lstm` text branch (MiniLM frozen, its token vectors cached), with
-   ``direction = "none"`` (no context), ``"causal"`` (past turns only) and ``"bidirectional"``;
-   LSTM by default, ``--sequence-model transformer`` for the transformer
-3. the same without context but the MiniLM text encoder fine-tuned (unfrozen), its learning rate
-   ``--backbone-lr`` below the head's, for ``--finetune-epochs`` epochs
+1. baseline: MiniLM sentence embeddings (mean of its token vectors) + logistic regression
+   (scikit-learn, standardised inputs, C chosen on dev);
+2. the text branch: `mm-lstm` text-only (``audio_backbone = "none"``; MiniLM frozen, its token
+   vectors read by a BiLSTM, or transformer layers with ``--sequence-model transformer``; the same
+   kind reads the dialogue's turns) inside `dialogue-context` with ``direction = "none"`` (no
+   context), ``"causal"`` (past turns only) and ``"bidirectional"`` (the whole dialogue); three rows
+   per ``--sequence-model`` given;
+3. the same without context (first sequence model), the MiniLM text encoder fine-tuned (unfrozen) at
+   ``--backbone-lr-scale`` times the head's learning rate, for fewer epochs and shorter token
+   sequences (``--finetune-tokens``; optionally a cap on steps per epoch) to fit a CPU budget, all
+   stated in the table.
 
-Every model trains on batches of whole dialogues (`DialogueBatchSampler`), with AdamW and plain
-cross-entropy; with ``--aux-weight`` > 0 each also learns MELD sentiment as an auxiliary task, whose
-loss and dev accuracy are reported on their own.
+Beside each row's dev weighted F1: its difference from the no-context row of the same sequence
+model, with a 95% paired bootstrap interval over dev dialogues (both models scored on the same
+resampled dialogues), so a difference within the dev set's sampling noise reads as such. One seed.
+
+Every row trains with the trainer itself (`emofuse.core.training.fit` over a `BranchTask`: AdamW,
+warm-up + cosine, its parameter groups, dialogue batches for the context models, plain
+cross-entropy), the same seed and the same settings. MiniLM's token vectors are extracted once into
+the feature cache (``--cache-dir``) and shared by the baseline and every frozen row (and by later runs).
+With ``--aux-weight`` > 0 one more row adds MELD sentiment as an auxiliary task to the causal model;
+its dev sentiment accuracy is reported beside.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
+import os
+import platform
+import shlex
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from emofuse.core.compose import build_encoder
-from emofuse.core.config import ComponentRef, DataConfig
+from emofuse.core.compose import ComposedModel, build_encoder, build_loss
+from emofuse.core.config import ComponentRef, DataConfig, TrainConfig
 from emofuse.core.data.cache import FeatureCache
-from emofuse.core.data.dialogue import dialogue_loader
-from emofuse.core.data.pipeline import load_data
+from emofuse.core.data.normalize import Normalizer
+from emofuse.core.data.pipeline import DataBundle, load_data
+from emofuse.core.distributed import DistContext
 from emofuse.core.interfaces import Encoder
-from emofuse.core.metrics import classification_metrics
-from emofuse.core.schedule import warmup_cosine
+from emofuse.core.training import BranchTask, FitSettings, ensure_extracted, fit, seed_everything
 from emofuse.core.types import TEXT
+from emofuse.plugins.encoders.text_backbone import masked_mean
 
 SENTIMENTS = ["negative", "neutral", "positive"]
+BRANCH = "text"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=None, help="folder holding meld/ (default ../shared/data)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of the frozen-encoder models")
-    p.add_argument("--finetune-epochs", type=int, default=1, help="epochs of the fine-tuned model (0 skips it)")
-    p.add_argument("--finetune-steps", type=int, default=None,
-                   help="cap on the fine-tuned model's optimizer steps per epoch (CPU budgets); default: all")
-    p.add_argument("--max-utterances", type=int, default=64, help="utterances per batch (whole dialogues)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backbone-lr", type=float, default=3e-5, help="learning rate of the unfrozen MiniLM")
-    p.add_argument("--sequence-model", choices=["lstm", "transformer"], default="lstm")
-    p.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary sentiment loss")
-    p.add_argument("--limit", type=int, default=None, help="use only this many utterances (quick check)")
-    p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"), help="frozen MiniLM features")
+    p.add_argument("--epochs", type=int, default=12, help="most epochs of the frozen-encoder rows")
+    p.add_argument("--patience", type=int, default=3, help="early stopping on dev weighted F1")
+    p.add_argument("--batch-size", type=int, default=32, help="utterances per batch (whole dialogues with context)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the heads")
+    p.add_argument("--sequence-model", choices=["lstm", "transformer"], nargs="+", default=["lstm"],
+                   help="what reads the tokens (mm-lstm) and the turns (dialogue-context); several: rows for each")
+    p.add_argument("--finetune-epochs", type=int, default=3, help="most epochs of the fine-tuned row (0 leaves it out)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="cap on optimizer steps per epoch of the fine-tuned row, each epoch a fresh shuffled share "
+                        "of train (0: whole epochs)")
+    p.add_argument("--finetune-tokens", type=int, default=32, help="max MiniLM tokens per utterance when fine-tuning")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.05, help="MiniLM's learning rate / the head's")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="> 0 adds a row: causal context + MELD sentiment as auxiliary task with this weight")
+    p.add_argument("--limit", type=int, default=None, help="use only this many utterances (a quick check)")
+    p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"), help="the feature cache (MiniLM tokens)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of dev dialogues")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", 0)) or None,
+                   help="CPU threads for PyTorch (default: $EMOFUSE_THREADS, else PyTorch's choice)")
+    p.add_argument("--markdown", type=Path, default=None, help="write the table here (with the command)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
 
 
-def context_encoder(direction: str, args: argparse.Namespace, *, finetune: bool = False) -> Encoder:
-    aux = {"field": "sentiment", "classes": SENTIMENTS, "weight": args.aux_weight} if args.aux_weight > 0 else None
-    ref = ComponentRef(name="dialogue-context", inner={"name": "mm-lstm", "freeze_backbone": not finetune},
-                       direction=direction, sequence_model=args.sequence_model, aux_task=aux)
-    return build_encoder(ref, 7, where="bench")
+# -- data --------------------------------------------------------------------------------------------
+def load_meld(args: argparse.Namespace) -> DataBundle:
+    """MELD with its own partition: train to fit, dev ("val") to choose.
+
+    The pipeline carves a test split out of train when the corpus has no test partition (the shared
+    data has none); this benchmark reports dev only, so those dialogues go back to train.
+    """
+    bundle = load_data(DataConfig(dataset="meld", data_dir=args.data, limit=args.limit), {TEXT})
+    train = sorted(bundle.splits["train"] + bundle.splits.get("test", []), key=lambda s: s.id)
+    bundle.splits = {"train": train, "val": bundle.splits["val"], "test": []}
+    bundle.normalizer = Normalizer().fit(train)
+    return bundle
 
 
-def parameter_groups(encoder: Encoder, lr: float, backbone_lr: float) -> list[dict[str, Any]]:
-    """The head at `lr`, unfrozen pretrained modules at `backbone_lr`."""
-    prefixes = tuple(m + "." for m in encoder.pretrained_modules)
-    head, backbone = [], []
-    for name, p in encoder.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith(prefixes) else head).append(p)
-    groups = [{"params": head, "lr": lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": backbone_lr})
-    return groups
+# -- models ------------------------------------------------------------------------------------------
+def text_branch(args: argparse.Namespace, kind: str, *, finetune: bool = False) -> dict[str, Any]:
+    """The text-only mm-lstm's options."""
+    options: dict[str, Any] = {"name": "mm-lstm", "audio_backbone": "none", "sequence_model": kind,
+                               "freeze_backbone": not finetune, "backbone_lr_scale": args.backbone_lr_scale}
+    if finetune:
+        options["max_text_tokens"] = args.finetune_tokens
+    return options
 
 
-def run_batches(encoder: Encoder, loader, cache: FeatureCache | None):
-    for batch in loader:
-        extracted = cache.extract(encoder, batch) if cache is not None and encoder.cacheable else None
-        yield batch, extracted
+def context_model(direction: str, kind: str, args: argparse.Namespace, *, finetune: bool = False,
+                  aux_weight: float = 0.0) -> ComponentRef:
+    aux = {"field": "sentiment", "classes": SENTIMENTS, "weight": aux_weight} if aux_weight > 0 else None
+    return ComponentRef(name="dialogue-context", inner=text_branch(args, kind, finetune=finetune), direction=direction,
+                        sequence_model=kind, aux_task=aux)
 
 
-def evaluate(encoder: Encoder, bundle, args, cache) -> dict[str, float]:
-    encoder.eval()
-    logits, labels, aux_logits, aux_labels = [], [], [], []
-    loader = dialogue_loader(bundle, "val", max_utterances=args.max_utterances * 4, shuffle=False, seed=args.seed,
-                             modalities=set(encoder.modalities))
-    with torch.no_grad():
-        for batch, extracted in run_batches(encoder, loader, cache):
-            out = encoder(batch, extracted)
-            logits.append(out.logits)
-            labels.append(batch.labels)
-            if "aux_logits" in out.extras:
-                aux_logits.append(out.extras["aux_logits"])
-                aux_labels.append(out.extras["aux_labels"])
-    metrics = classification_metrics(torch.cat(labels), torch.cat(logits), 7)
-    if aux_logits:
-        al, ay = torch.cat(aux_logits), torch.cat(aux_labels)
-        known = ay >= 0
-        metrics["aux_accuracy"] = float((al.argmax(-1)[known] == ay[known]).float().mean())
-    return metrics
+@dataclass
+class Row:
+    label: str
+    model: ComponentRef
+    epochs: int
+    max_steps: int | None = None
+    notes: str = ""
+    #: Label of the row it is compared with (the no-context row of the same sequence model).
+    reference: str | None = None
 
 
-def train(name: str, encoder: Encoder, bundle, args, cache, epochs: int, max_steps: int | None = None) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
-    groups = parameter_groups(encoder, args.lr, args.backbone_lr)
-    optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
-    per_epoch = len(dialogue_loader(bundle, "train", max_utterances=args.max_utterances, shuffle=True,
-                                    seed=args.seed, modalities={TEXT}).batch_sampler)
-    per_epoch = min(per_epoch, max_steps) if max_steps else per_epoch
-    steps = epochs * per_epoch
-    scheduler = warmup_cosine(optimizer, steps, 0.1)
-    weight = float(getattr(encoder, "aux_weight", 0.0))
-    best: dict[str, Any] = {"weighted_f1": -1.0}
+class StepCappedTask(BranchTask):
+    """A `BranchTask` whose training epochs stop after `max_steps` batches (each epoch a fresh shuffled
+    share of train), with the schedule sized to match: fine-tuning within a CPU budget."""
+
+    def __init__(self, *args: Any, max_steps: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_steps = max_steps
+
+    def train_batches(self, epoch: int) -> Iterable[Any]:
+        return itertools.islice(super().train_batches(epoch), self.max_steps)
+
+    def num_train_batches(self) -> int:
+        return min(super().num_train_batches(), self.max_steps)
+
+
+def train_config(args: argparse.Namespace, epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                       monitor="weighted_f1", seed=args.seed, device="cpu", precision="fp32")
+
+
+def train_row(row: Row, bundle: DataBundle, cache: FeatureCache, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train one row with the trainer's `fit`; its best dev metrics (chosen epoch) and timings."""
     started = time.perf_counter()
-    for epoch in range(epochs):
-        encoder.train()
-        loader = dialogue_loader(bundle, "train", max_utterances=args.max_utterances, shuffle=True, seed=args.seed,
-                                 epoch=epoch, modalities=set(encoder.modalities))
-        sums = {"loss": 0.0, "aux_loss": 0.0, "n": 0}
-        for step, (batch, extracted) in enumerate(run_batches(encoder, loader, cache)):
-            if step >= per_epoch:
-                break
-            out = encoder(batch, extracted)
-            loss = F.cross_entropy(out.logits, batch.labels)
-            total = loss
-            if weight > 0 and "aux_logits" in out.extras:
-                aux = F.cross_entropy(out.extras["aux_logits"], out.extras["aux_labels"], ignore_index=-1)
-                total = loss + weight * aux
-                sums["aux_loss"] += float(aux.detach()) * len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-            optimizer.step()
-            scheduler.step()
-            sums["loss"] += float(loss.detach()) * len(batch)
-            sums["n"] += len(batch)
-        val = evaluate(encoder, bundle, args, cache)
-        row = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["n"], "val_weighted_f1": val["weighted_f1"],
-               "seconds": round(time.perf_counter() - started, 1)}
-        if weight > 0:
-            row["train_aux_loss"] = sums["aux_loss"] / sums["n"]
-            row["val_aux_accuracy"] = val.get("aux_accuracy")
-        print(f"  {name}: {json.dumps(row)}", flush=True)
-        if val["weighted_f1"] > best["weighted_f1"]:
-            best = {**val, "epoch": epoch + 1}
-    best["seconds"] = round(time.perf_counter() - started, 1)
-    best["epochs_run"] = epochs
-    best["steps_per_epoch"] = per_epoch
-    return best
+    seed_everything(args.seed)
+    num_classes = bundle.num_classes
+    encoder = build_encoder(row.model, num_classes, where=row.label)
+    model = ComposedModel({BRANCH: encoder})
+    loss_fn = build_loss(ComponentRef(name="cross-entropy"), num_classes, bundle.class_counts("train"))
+    cfg = train_config(args, row.epochs)
+    ctx = DistContext()
+    ensure_extracted(encoder, cache, bundle, splits=("train", "val"), batch_size=64, seed=args.seed, num_workers=0,
+                     ctx=ctx, progress=True)
+    task = (StepCappedTask(model, bundle, cache, cfg, ctx, max_steps=row.max_steps) if row.max_steps
+            else BranchTask(model, bundle, cache, cfg, ctx))
+    run_dir = work / f"row{len(list(work.iterdir()))}"
+    settings = FitSettings(stage=row.label, train=cfg, num_classes=num_classes, run_dir=run_dir,
+                           fingerprint=row.label, resume=False, progress=True, find_unused_parameters=True)
+    outcome = fit(task, loss_fn, settings, ctx)  # leaves the best epoch's weights in the model
+    best = dict(outcome.best_val)
+    result: dict[str, Any] = {
+        "weighted_f1": best["weighted_f1"], "macro_f1": best["macro_f1"], "accuracy": best["accuracy"],
+        "best_epoch": outcome.best_epoch + 1, "epochs_run": len(outcome.history),
+        "steps_per_epoch": task.num_train_batches(),
+        "utterances_per_epoch": min(len(bundle.splits["train"]), task.num_train_batches() * args.batch_size)
+        if row.max_steps else len(bundle.splits["train"]),
+        "trainable_parameters": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
+        "history": outcome.history,
+    }
+    result.update(dev_predictions(task))
+    if getattr(encoder, "aux_weight", 0.0) > 0:
+        result["train_aux_loss"] = outcome.history[outcome.best_epoch]["train_aux_loss"]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
 
-def logistic_baseline(bundle, args) -> dict[str, Any]:
-    """MiniLM sentence embeddings (mean of token vectors) + logistic regression, C chosen on dev."""
-    from sklearn.linear_model import LogisticRegression
+def dev_predictions(task: BranchTask) -> dict[str, Any]:
+    """The (best) model's dev predictions by utterance id (for the paired bootstrap) and, with an auxiliary
+    head, its dev accuracy and cross-entropy: the trainer logs only the training-side auxiliary loss."""
+    module = task.module.eval()
+    predictions: dict[str, int] = {}
+    aux_logits, aux_labels = [], []
+    with torch.no_grad():
+        for batch in task.eval_batches("val"):
+            prepared, extracted = task.prepare(batch)
+            logits, outputs = module(prepared, extracted)
+            predictions.update(zip(prepared.ids, logits.argmax(dim=-1).tolist()))
+            if "aux_logits" in outputs[BRANCH].extras:
+                aux_logits.append(outputs[BRANCH].extras["aux_logits"])
+                aux_labels.append(outputs[BRANCH].extras["aux_labels"])
+    out: dict[str, Any] = {"predictions": predictions}
+    if aux_logits:
+        y, z = torch.cat(aux_labels), torch.cat(aux_logits)
+        known = y >= 0
+        out["dev_aux_accuracy"] = float((z[known].argmax(-1) == y[known]).float().mean())
+        out["dev_aux_loss"] = float(torch.nn.functional.cross_entropy(z[known], y[known]))
+    return out
+
+
+def paired_bootstrap(bundle: DataBundle, ours: dict[str, int], theirs: dict[str, int], *, resamples: int,
+                     seed: int) -> tuple[float, float]:
+    """95% interval of weighted F1 (ours) - weighted F1 (theirs) over dev, resampling whole dialogues
+    (utterances of one dialogue are not independent), both scored on the same resamples."""
     from sklearn.metrics import f1_score
 
-    from emofuse.plugins.encoders.text_backbone import TextBackbone
+    samples = bundle.splits["val"]
+    by_dialogue: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_dialogue.setdefault(s.dialogue_id or s.id, []).append(i)
+    groups = list(by_dialogue.values())
+    labels = np.array([s.label for s in samples])
+    a = np.array([ours[s.id] for s in samples])
+    b = np.array([theirs[s.id] for s in samples])
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(resamples):
+        idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
+        deltas.append(f1_score(labels[idx], a[idx], average="weighted")
+                      - f1_score(labels[idx], b[idx], average="weighted"))
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return float(low), float(high)
+
+
+# -- baseline ----------------------------------------------------------------------------------------
+def sentence_embeddings(encoder: Encoder, bundle: DataBundle, cache: FeatureCache,
+                        split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Mean of MiniLM's token vectors per utterance (the pooling MiniLM was trained with), read from
+    the feature cache that the frozen text branch fills."""
+    xs, ys, ids = [], [], []
+    for batch in bundle.loader(split, batch_size=256, shuffle=False, seed=0, modalities=set(encoder.modalities)):
+        ex = cache.extract(encoder, batch)
+        xs.append(masked_mean(ex["text_tokens"].float(), ex.get("text_tokens_lengths")))
+        ys.append(batch.labels)
+        ids += batch.ids
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy(), ids
+
+
+def logistic_baseline(encoder: Encoder, bundle: DataBundle, cache: FeatureCache) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     started = time.perf_counter()
-    backbone = TextBackbone("minilm").eval()
-
-    def embed(split: str) -> tuple[np.ndarray, np.ndarray]:
-        samples = bundle.splits[split]
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(samples), 128):
-                out.append(backbone.sentence_embeddings([s.text for s in samples[i:i + 128]]))
-        return torch.cat(out).numpy(), np.array([s.label for s in samples])
-
-    xtr, ytr = embed("train")
-    xdv, ydv = embed("val")
-    best = {"weighted_f1": -1.0}
-    for c in (0.1, 1.0, 10.0):
-        clf = LogisticRegression(C=c, max_iter=3000).fit(xtr, ytr)
-        f1 = float(f1_score(ydv, clf.predict(xdv), average="weighted"))
-        print(f"  baseline: C={c} dev weighted F1 {f1:.4f}", flush=True)
-        if f1 > best["weighted_f1"]:
-            best = {"weighted_f1": f1, "C": c}
+    xtr, ytr, _ = sentence_embeddings(encoder, bundle, cache, "train")
+    xdv, ydv, dev_ids = sentence_embeddings(encoder, bundle, cache, "val")
+    best: dict[str, Any] = {"weighted_f1": -1.0}
+    for c in (0.01, 0.1, 1.0):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000)).fit(xtr, ytr)
+        pred = clf.predict(xdv)
+        scores = {"weighted_f1": float(f1_score(ydv, pred, average="weighted")),
+                  "macro_f1": float(f1_score(ydv, pred, average="macro")), "accuracy": float(accuracy_score(ydv, pred))}
+        print(f"  baseline: C={c}: dev weighted F1 {scores['weighted_f1']:.4f}", flush=True)
+        if scores["weighted_f1"] > best["weighted_f1"]:
+            best = {**scores, "C": c, "predictions": dict(zip(dev_ids, pred.tolist()))}
     best["seconds"] = round(time.perf_counter() - started, 1)
     return best
+
+
+# -- report ------------------------------------------------------------------------------------------
+def table(results: list[tuple[str, str, dict[str, Any]]], with_aux: bool) -> str:
+    head = ["model", "dev weighted F1 %", "vs no context (95% CI)", "dev macro F1 %", "dev accuracy %",
+            "chosen on dev", "seconds", "notes"]
+    if with_aux:
+        head.insert(7, "dev sentiment acc %")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 2) + [":---"]) + "|"]
+    for label, notes, r in results:
+        chosen = f"C = {r['C']}" if "C" in r else f"epoch {r['best_epoch']} of {r['epochs_run']}"
+        delta = "-"
+        if "delta" in r:
+            low, high = r["delta_ci"]
+            delta = f"{100 * r['delta']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+        cells = [label, f"{100 * r['weighted_f1']:.1f}", delta, f"{100 * r['macro_f1']:.1f}",
+                 f"{100 * r['accuracy']:.1f}", chosen, f"{r['seconds']:.0f}", notes]
+        if with_aux:
+            cells.insert(7, f"{100 * r['dev_aux_accuracy']:.1f}" if "dev_aux_accuracy" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def token_coverage(bundle: DataBundle, max_tokens: int) -> float:
+    """Share of train utterances whose MiniLM tokens fit in `max_tokens` (the rest are cut)."""
+    from emofuse.plugins.encoders.pretrained import load_pretrained
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained("minilm", AutoTokenizer.from_pretrained, what="text backbone",
+                                option="text_backbone", alternative="minilm")
+    lengths = [len(ids) for ids in tokenizer([s.text or "" for s in bundle.splits["train"]])["input_ids"]]
+    return float(np.mean(np.array(lengths) <= max_tokens))
+
+
+def command_line(argv: list[str] | None) -> str:
+    words = sys.argv[1:] if argv is None else argv
+    threads = f"EMOFUSE_THREADS={os.environ['EMOFUSE_THREADS']} " if os.environ.get("EMOFUSE_THREADS") else ""
+    return f"HF_HUB_OFFLINE=1 {threads}.venv/bin/python benchmarks/bench_meld.py {shlex.join(words)}".rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = DataConfig(dataset="meld", data_dir=args.data, limit=args.limit)
-    bundle = load_data(data, {TEXT})
-    print(f"MELD: {len(bundle.splits['train'])} train, {len(bundle.splits['val'])} dev utterances", flush=True)
+    started = time.perf_counter()
+    bundle = load_meld(args)
+    n_train, n_dev = len(bundle.splits["train"]), len(bundle.splits["val"])
+    print(f"MELD: {n_train} train, {n_dev} dev utterances", flush=True)
     cache = FeatureCache(args.cache_dir)
-    results: dict[str, dict[str, Any]] = {"MiniLM sentence embedding + logistic regression": logistic_baseline(bundle, args)}
-    variants = [("no context", "none"), (f"causal context ({args.sequence_model})", "causal"),
-                (f"bidirectional context ({args.sequence_model})", "bidirectional")]
-    for label, direction in variants:
-        results[label] = train(label, context_encoder(direction, args), bundle, args, cache, args.epochs)
+
+    rows: list[Row] = []
+    for kind in args.sequence_model:
+        plain = f"text branch ({kind}), no context"
+        rows += [
+            Row(plain, context_model("none", kind, args), args.epochs, notes=f"MiniLM frozen, {kind} over its tokens"),
+            Row(f"text branch ({kind}) + causal context", context_model("causal", kind, args), args.epochs,
+                notes="past turns and their speakers", reference=plain),
+            Row(f"text branch ({kind}) + bidirectional context", context_model("bidirectional", kind, args),
+                args.epochs, notes="the whole dialogue", reference=plain),
+        ]
+        if args.aux_weight > 0:
+            rows.append(Row(f"text branch ({kind}) + causal context + sentiment head",
+                            context_model("causal", kind, args, aux_weight=args.aux_weight), args.epochs,
+                            notes=f"MELD sentiment as auxiliary task, loss weight {args.aux_weight:g}", reference=plain))
     if args.finetune_epochs > 0:
-        label = f"no context, MiniLM fine-tuned (lr {args.backbone_lr:g})"
-        results[label] = train(label, context_encoder("none", args, finetune=True), bundle, args, None,
-                               args.finetune_epochs, args.finetune_steps)
+        kind = args.sequence_model[0]
+        steps = args.finetune_steps or None
+        budget = (f"at most {args.finetune_epochs} x {steps} steps of {args.batch_size} utterances" if steps
+                  else f"at most {args.finetune_epochs} epochs")
+        coverage = token_coverage(bundle, args.finetune_tokens)
+        rows.append(Row(f"text branch ({kind}), no context, MiniLM fine-tuned",
+                        context_model("none", kind, args, finetune=True), args.finetune_epochs, max_steps=steps,
+                        notes=f"MiniLM unfrozen at {args.backbone_lr_scale:g} x the head's lr; {budget}; at most "
+                              f"{args.finetune_tokens} tokens per utterance ({100 * coverage:.0f}% of train "
+                              f"utterances fit whole)", reference=f"text branch ({kind}), no context"))
+
+    # The no-context row's encoder fills the cache that the baseline and every frozen row read.
+    first = build_encoder(rows[0].model, bundle.num_classes, where="baseline")
+    extract_started = time.perf_counter()
+    ensure_extracted(first, cache, bundle, splits=("train", "val"), batch_size=64, seed=args.seed, num_workers=0,
+                     ctx=DistContext(), progress=True)
+    extract_seconds = time.perf_counter() - extract_started
+    print(f"MiniLM token vectors cached in {extract_seconds:.0f} s", flush=True)
+    baseline_label = "MiniLM sentence embedding + logistic regression"
+    results: list[tuple[str, str, dict[str, Any]]] = [
+        (baseline_label, "mean of token vectors, standardised", logistic_baseline(first, bundle, cache))]
+    references = {baseline_label: rows[0].label}
+    del first
+    with tempfile.TemporaryDirectory(prefix="bench-meld-") as tmp:
+        work = Path(tmp)
+        for row in rows:
+            print(f"== {row.label}", flush=True)
+            r = train_row(row, bundle, cache, args, work)
+            print(f"   dev weighted F1 {r['weighted_f1']:.4f} (epoch {r['best_epoch']} of {r['epochs_run']}, "
+                  f"{r['seconds']:.0f} s)", flush=True)
+            results.append((row.label, row.notes, r))
+            if row.reference:
+                references[row.label] = row.reference
+    by_label = {label: r for label, _, r in results}
+    for label, reference in references.items():
+        r, ref = by_label[label], by_label[reference]
+        r["delta"] = r["weighted_f1"] - ref["weighted_f1"]
+        r["delta_ci"] = paired_bootstrap(bundle, r["predictions"], ref["predictions"], resamples=args.bootstrap,
+                                         seed=args.seed)
+
+    total = time.perf_counter() - started
+    with_aux = any("dev_aux_accuracy" in r for _, _, r in results)
+    text = table(results, with_aux)
     print()
-    print("| model | dev weighted F1 | dev macro F1 | dev accuracy | best epoch / run | seconds |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, r in results.items():
-        macro = f"{r['macro_f1']:.3f}" if "macro_f1" in r else "-"
-        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-        epoch = f"{r['epoch']} / {r['epochs_run']}" if "epoch" in r else f"C={r['C']}"
-        print(f"| {label} | {100 * r['weighted_f1']:.1f} | {macro} | {acc} | {epoch} | {r['seconds']} |")
+    print(text)
+    print(f"\ntotal {total / 60:.1f} min (MiniLM extraction {extract_seconds:.0f} s of it)")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        threads = torch.get_num_threads()
+        args.markdown.write_text(
+            "### MELD dev: dialogue context and fine-tuning of the text branch\n\n"
+            f"Made with:\n\n```\n{command_line(argv)}\n```\n\n"
+            f"MELD transcripts (`../shared/data/meld`): {n_train} train utterances (the whole train partition) to "
+            f"fit, {n_dev} dev utterances to choose (best dev weighted F1 over the epochs, early stopping with "
+            f"patience {args.patience}); no test partition here, so these are dev numbers. 7 emotions; speakers "
+            f"and dialogues as MELD gives them. Every trained row: AdamW lr {args.lr:g}, warm-up + cosine, "
+            f"batches of {args.batch_size} utterances (whole dialogues with context), cross-entropy, seed "
+            f"{args.seed}, one run each. \"vs no context\": the difference in dev weighted F1 from the "
+            f"no-context row of the same sequence model (for the baseline: from the first no-context row), with "
+            f"a 95% paired bootstrap interval over {args.bootstrap} resamples of dev dialogues. "
+            f"CPU, {threads} PyTorch threads ({platform.machine()}, "
+            f"{os.cpu_count()} cores, shared with other jobs); total {total / 60:.1f} min, of which "
+            f"{extract_seconds:.0f} s extracting MiniLM token vectors into the feature cache (0 s on a rerun).\n\n"
+            f"{text}\n",
+            encoding="utf-8")
+        print(f"wrote {args.markdown}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                        indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command_line(argv), "results": [
+            {"model": label, "notes": notes, **{k: v for k, v in r.items() if k != "predictions"}}
+            for label, notes, r in results]}, indent=2, default=str))
     return 0
 
 

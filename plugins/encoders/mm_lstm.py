@@ -4,16 +4,24 @@ A frozen text encoder (BERT family; the packaged MiniLM by default) gives token 
 audio encoder (Wav2Vec2 family, or a log-mel / eGeMAPS front end) gives frame vectors. Audio frames
 pass a learned strided convolutional front end (to about 25 frames/s), then attend to the text
 tokens with 8-head attention (audio queries, text keys and values, plus a learned "no text" slot
-so a clip without a transcript still has something to attend to); a bidirectional LSTM reads the
-text-aware audio sequence; its mean and max over time, the mean and standard deviation of the
-normalised audio features themselves (statistics pooling: an utterance-level path that learns fast
-from few clips), the text's mean vector and the speaker metadata feed a batch-normalised head with
-dropout.
+so a clip without a transcript still has something to attend to); a sequence model reads the
+text-aware audio sequence: a bidirectional LSTM (the reference design), or transformer encoder
+layers (its future work; ``sequence_model = "transformer"``). Its mean and max over time, the mean
+and standard deviation of the normalised audio features themselves (statistics pooling: an
+utterance-level path that learns fast from few clips), the text's mean vector and the speaker
+metadata feed a batch-normalised head with dropout.
+
+With ``audio_backbone = "none"`` the branch is text-only (a corpus of transcripts, like the shared
+MELD): the sequence model then reads the transcript's token vectors, and text is its primary modality.
+An unfrozen backbone (``freeze_backbone = false``) trains at ``backbone_lr_scale`` times the head's
+learning rate (the trainer's parameter groups read it), so fine-tuning does not wash out what it knows.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -39,21 +47,33 @@ from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBa
 
 #: Frame rate the audio front end brings every backbone down to, roughly.
 TARGET_FRAME_RATE = 25.0
+#: `MMLSTMConfig.audio_backbone` value for a text-only branch (no audio side at all).
+NO_AUDIO = "none"
+
+SequenceModel = Literal["lstm", "transformer"]
+#: The options that shape `extract`'s output (the head's options do not).
+EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "max_text_tokens")
 
 
 class MMLSTMConfig(ComponentConfig):
     #: BERT-family text encoder: "minilm" (packaged, offline), a local folder, or a hub id (bert-base-uncased).
     text_backbone: str = DEFAULT_TEXT_BACKBONE
-    #: "log-mel" (default), "egemaps" (needs emofuse[egemaps]), or a Wav2Vec2-family hub id / local folder
-    #: (facebook/wav2vec2-base).
+    #: "log-mel" (default), "egemaps" (needs emofuse[egemaps]), a Wav2Vec2-family hub id / local folder
+    #: (facebook/wav2vec2-base), or "none": text only (the sequence model then reads the text tokens).
     audio_backbone: str = DEFAULT_AUDIO_BACKBONE
     #: Keep the pretrained encoders fixed (their outputs are then cached once per clip).
     freeze_backbone: bool = True
+    #: Learning rate of an unfrozen backbone, as a fraction of the head's (`train.lr`).
+    backbone_lr_scale: float = Field(0.05, gt=0.0, le=1.0)
     max_text_tokens: int = Field(64, ge=4, le=512)
     model_dim: int = Field(128, ge=8, le=4096)
+    #: Heads of the audio-to-text attention, and of the transformer layers.
     attention_heads: int = Field(8, ge=1, le=64)
+    #: What reads the sequence: a bidirectional LSTM, or transformer encoder layers (same outputs).
+    sequence_model: SequenceModel = "lstm"
     lstm_hidden: int = Field(128, ge=4, le=4096)
     lstm_layers: int = Field(1, ge=1, le=4)
+    transformer_layers: int = Field(2, ge=1, le=12)
     metadata_dim: int = Field(16, ge=1, le=512)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
 
@@ -61,7 +81,13 @@ class MMLSTMConfig(ComponentConfig):
     def _heads_divide(self) -> "MMLSTMConfig":
         if self.model_dim % self.attention_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by attention_heads ({self.attention_heads})")
+        if not self.audio_backbone.strip():
+            raise ValueError(f"audio_backbone is empty: give log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
         return self
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_backbone.strip().lower() != NO_AUDIO
 
 
 class ConvFrontEnd(nn.Module):
@@ -105,32 +131,86 @@ def utterance_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)
 
 
+def sinusoidal_positions(length: int, dim: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[length, dim]`` sine/cosine position codes (Vaswani et al.): no length cap, nothing to learn."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10_000.0) / dim))
+    codes = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    codes[:, 0::2] = torch.sin(position * rate)
+    codes[:, 1::2] = torch.cos(position * rate[: dim // 2])
+    return codes.to(dtype)
+
+
+class SequenceEncoder(nn.Module):
+    """A bidirectional LSTM or transformer encoder layers over a padded ``[B, L, dim]`` sequence.
+
+    Both return ``[B, L, out_dim]`` with zeros on padding, and padding never changes the real
+    positions' outputs (packed sequences; a key-padding mask), so the encoder's head is the same
+    whichever reads the sequence. The transformer adds sine/cosine positions (it has no order otherwise).
+    """
+
+    def __init__(self, kind: SequenceModel, dim: int, *, lstm_hidden: int, lstm_layers: int, transformer_layers: int,
+                 heads: int, dropout: float):
+        super().__init__()
+        self.kind = kind
+        if kind == "lstm":
+            self.lstm = nn.LSTM(dim, lstm_hidden, num_layers=lstm_layers, batch_first=True, bidirectional=True,
+                                dropout=dropout if lstm_layers > 1 else 0.0)
+            self.out_dim = 2 * lstm_hidden
+        else:
+            layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True,
+                                               norm_first=True)
+            self.transformer = nn.TransformerEncoder(layer, transformer_layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(dim)
+            self.out_dim = dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        valid = lengths_to_mask(lengths, x.shape[1])
+        if self.kind == "lstm":
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
+            return out
+        x = x + sinusoidal_positions(x.shape[1], x.shape[2], device=x.device, dtype=x.dtype)[None]
+        out = self.norm(self.transformer(x, src_key_padding_mask=~valid))
+        return out * valid[..., None].to(out.dtype)
+
+
 class MultimodalLSTMEncoder(Encoder):
-    """Multimodal LSTM: text + audio encoders, 8-head audio-to-text attention, BiLSTM, speaker metadata."""
+    """Multimodal LSTM: text + audio encoders, 8-head audio-to-text attention, BiLSTM or transformer, speaker
+    metadata; text-only with ``audio_backbone = "none"``."""
 
     name: ClassVar[str] = "mm-lstm"
     modalities: ClassVar[tuple[str, ...]] = (AUDIO, TEXT, METADATA)
     Config: ClassVar[type[ComponentConfig]] = MMLSTMConfig
     pretrained_modules: ClassVar[tuple[str, ...]] = ("text_backbone", "audio_backbone")
 
+    @classmethod
+    def modalities_for(cls, config: MMLSTMConfig) -> tuple[str, ...]:  # type: ignore[override]
+        """Audio first; text first when the branch has no audio side (``audio_backbone = "none"``)."""
+        return cls.modalities if config.has_audio else (TEXT, METADATA)
+
     def __init__(self, config: MMLSTMConfig, num_classes: int):
         super().__init__(config, num_classes)
         c = config
+        self.modalities = self.modalities_for(c)  # type: ignore[misc]
         self.text_backbone = TextBackbone(c.text_backbone, max_length=c.max_text_tokens)
-        self.audio_backbone = make_audio_backbone(c.audio_backbone)
+        self.audio_backbone = make_audio_backbone(c.audio_backbone) if c.has_audio else None
         if c.freeze_backbone:
             freeze(self.text_backbone)
             freeze(self.audio_backbone)
         d = c.model_dim
-        self.audio_front = ConvFrontEnd(self.audio_backbone.dim, d, self.audio_backbone.frame_rate, c.dropout)
         self.text_proj = nn.Sequential(nn.Linear(self.text_backbone.dim, d), nn.LayerNorm(d))
-        self.no_text = nn.Parameter(torch.zeros(1, 1, d))
-        self.cross_attention = nn.MultiheadAttention(d, c.attention_heads, dropout=c.dropout, batch_first=True)
-        self.attention_norm = nn.LayerNorm(d)
-        self.lstm = nn.LSTM(d, c.lstm_hidden, num_layers=c.lstm_layers, batch_first=True, bidirectional=True,
-                            dropout=c.dropout if c.lstm_layers > 1 else 0.0)
+        if self.audio_backbone is not None:
+            self.audio_front = ConvFrontEnd(self.audio_backbone.dim, d, self.audio_backbone.frame_rate, c.dropout)
+            self.no_text = nn.Parameter(torch.zeros(1, 1, d))
+            self.cross_attention = nn.MultiheadAttention(d, c.attention_heads, dropout=c.dropout, batch_first=True)
+            self.attention_norm = nn.LayerNorm(d)
+        self.sequence = SequenceEncoder(c.sequence_model, d, lstm_hidden=c.lstm_hidden, lstm_layers=c.lstm_layers,
+                                        transformer_layers=c.transformer_layers, heads=c.attention_heads,
+                                        dropout=c.dropout)
         self.metadata = MetadataEmbedding(c.metadata_dim)
-        fused = 2 * self.audio_backbone.dim + 4 * c.lstm_hidden + d + c.metadata_dim
+        audio_stats = 2 * self.audio_backbone.dim if self.audio_backbone is not None else 0
+        fused = audio_stats + 2 * self.sequence.out_dim + d + c.metadata_dim
         self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.embedding_dim = d
         #: Audio-to-text attention weights ``[B, F', 1 + T]`` of the latest forward (slot 0 = no text).
@@ -140,6 +220,23 @@ class MultimodalLSTMEncoder(Encoder):
     def backbone_trainable(self) -> bool:
         return not self.config.freeze_backbone
 
+    @property
+    def backbone_lr_scale(self) -> float:
+        """Learning-rate factor of the unfrozen backbones (read by `emofuse.core.training.parameter_groups`)."""
+        return float(self.config.backbone_lr_scale)
+
+    def fingerprint(self) -> str:
+        """Hash of what shapes `extract`: the backbones' options and frozen weights, not the head's options,
+        so heads that differ (LSTM or transformer, widths, dropout) share one set of cached features."""
+        h = hashlib.sha256(self.name.encode())
+        h.update(json.dumps({k: getattr(self.config, k) for k in EXTRACT_OPTIONS}, sort_keys=True).encode())
+        prefixes = tuple(m + "." for m in self.pretrained_modules)
+        for key, tensor in sorted(self.state_dict().items()):
+            if key.startswith(prefixes):
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def train(self, mode: bool = True) -> "MultimodalLSTMEncoder":
         super().train(mode)
         if self.config.freeze_backbone:
@@ -148,11 +245,13 @@ class MultimodalLSTMEncoder(Encoder):
 
     # -- the frozen part ---------------------------------------------------------------------
     def extract(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
-        """Per clip: ``text_tokens`` ``[T, D_text]`` and ``audio_frames`` ``[F, D_audio]``
+        """Per clip: ``text_tokens`` ``[T, D_text]`` and, with an audio side, ``audio_frames`` ``[F, D_audio]``
         (one zero frame where the audio is absent)."""
         b = len(batch)
         texts = list(batch.text or [""] * b)
         tokens = self.text_backbone.token_embeddings(texts)
+        if self.audio_backbone is None:
+            return [{"text_tokens": t} for t in tokens]
         has_audio = presence(batch, AUDIO)
         waves: list[torch.Tensor] = []
         for i in range(b):
@@ -178,15 +277,19 @@ class MultimodalLSTMEncoder(Encoder):
         dtype = self.classifier.weight.dtype
         b = len(batch)
         device = self.classifier.weight.device
-        audio = ex["audio_frames"].to(dtype)
-        audio_len = ex.get("audio_frames_lengths", torch.full((b,), audio.shape[1], dtype=torch.long)).to(device)
         text = ex["text_tokens"].to(dtype)
         text_len = ex.get("text_tokens_lengths", torch.full((b,), text.shape[1], dtype=torch.long)).to(device)
-        has_audio, has_text = presence(batch, AUDIO), presence(batch, TEXT)
+        has_text = presence(batch, TEXT)
+        t = self.text_proj(text)
+        text_summary = masked_mean(t, text_len) * has_text[:, None].to(dtype)
+        if self.audio_backbone is None:
+            return self._text_only(batch, t, text_len.clamp_min(1), text_summary, has_text)
 
+        audio = ex["audio_frames"].to(dtype)
+        audio_len = ex.get("audio_frames_lengths", torch.full((b,), audio.shape[1], dtype=torch.long)).to(device)
+        has_audio = presence(batch, AUDIO)
         a, a_len, audio_stats = self.audio_front(audio, audio_len)
         a_len = a_len.clamp_min(1)
-        t = self.text_proj(text)
         text_mask = lengths_to_mask(text_len, t.shape[1]) & has_text[:, None]
         keys = torch.cat([self.no_text.expand(b, -1, -1), t], dim=1)
         ignore = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=device), ~text_mask], dim=1)
@@ -194,17 +297,24 @@ class MultimodalLSTMEncoder(Encoder):
         self.last_attention = weights.detach()
         a = self.attention_norm(a + attended)
 
-        packed = pack_padded_sequence(a, a_len.cpu(), batch_first=True, enforce_sorted=False)
-        seq, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=a.shape[1])
-        valid = lengths_to_mask(a_len, seq.shape[1])
-        mean = masked_mean(seq, a_len)
-        peak = seq.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
-        audio_summary = torch.cat([audio_stats, mean, peak], dim=-1) * has_audio[:, None].to(dtype)
-        text_summary = masked_mean(t, text_len) * has_text[:, None].to(dtype)
-
+        audio_summary = torch.cat([audio_stats, self._pooled_sequence(a, a_len)], dim=-1) * has_audio[:, None].to(dtype)
         embedding = self.head(torch.cat([audio_summary, text_summary, self.metadata(batch)], dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_audio,
                              extras={"audio_text_attention": weights})
+
+    def _pooled_sequence(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The sequence model over ``[B, L, d]``, then mean and max over the real positions: ``[B, 2 * out_dim]``."""
+        seq = self.sequence(x, lengths)
+        valid = lengths_to_mask(lengths, seq.shape[1])
+        peak = seq.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
+        return torch.cat([masked_mean(seq, lengths), peak], dim=-1)
+
+    def _text_only(self, batch: Batch, tokens: torch.Tensor, lengths: torch.Tensor, text_summary: torch.Tensor,
+                   has_text: torch.Tensor) -> EncoderOutput:
+        """No audio side: the sequence model reads the transcript's projected token vectors."""
+        sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
+        embedding = self.head(torch.cat([sequence_summary, text_summary, self.metadata(batch)], dim=-1))
+        return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_text)
 
 
 @hookimpl
