@@ -16,10 +16,19 @@ Two protocols:
   recomputes those four logistic-regression baselines on exactly the same folds/split, so the
   comparison is like for like rather than against numbers measured elsewhere.
 
-The Markdown written to ``--markdown`` starts with the exact command that made it.
+The baselines are fit twice: on train+val actors (as the reported figures were: every non-test actor
+trains) and on the train actors only (the clips the models learn from; their validation actors only
+pick the epoch). Each model is then paired, fold by fold, with the baseline that reads the same inputs
+(AUs -> AU baseline, audio -> eGeMAPS, both -> concatenated and averaged), so the margin's spread is
+not swamped by how hard each fold's actors are for everyone.
+
+Finished branch and fusion runs are reused by fingerprint, so rerunning a command after a crash (or
+after ``--only-fold`` runs) trains only what is missing. The Markdown written to ``--markdown`` starts
+with the exact command that made it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py --seeds 0,1,2 --baselines
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py --protocol actor-cv --folds 4 --seeds 0 --baselines
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py --protocol actor-cv --folds 4 --seeds 0 --baselines \
+        --set branches.audio_text.audio_backbone=egemaps --set fusion_inputs=out-of-fold --set fusion_folds=3 --threads 1
 """
 from __future__ import annotations
 
@@ -118,9 +127,14 @@ def egemaps_functionals(samples: Sequence[Sample], cache: Path) -> dict[str, np.
     return out
 
 
+#: Which clips a baseline learns from: all non-test actors (as the reported figures were made), or only
+#: the actors the toolkit's models train on (their validation actors only choose epochs).
+FIT_ON = {"train+val": ("train", "val"), "train": ("train",)}
+
+
 def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egemaps: dict[str, np.ndarray],
-                    num_classes: int) -> dict[str, dict[str, float]]:
-    """Accuracy/F1s of the four logistic-regression baselines trained on train+val, scored on test."""
+                    num_classes: int, *, fit_on: Sequence[str] = ("train", "val")) -> dict[str, dict[str, float]]:
+    """Accuracy/F1s of the four logistic-regression baselines trained on the `fit_on` splits, scored on test."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -130,7 +144,7 @@ def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egem
     from emofuse.core.metrics import classification_metrics
 
     by_id = {s.id: s for s in samples}
-    fit_ids = split["train"] + split["val"]
+    fit_ids = [i for part in fit_on for i in split[part]]
     test_ids = split["test"]
 
     def matrix(ids, kind):
@@ -154,17 +168,32 @@ def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egem
     return {k: classification_metrics(y_test, torch.from_numpy(p), num_classes) for k, p in probs.items()}
 
 
-def baseline_rows(per_run: Sequence[dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+def baseline_runs(samples: Sequence[Sample], splits: Sequence[dict[str, list[str]]], egemaps: dict[str, np.ndarray],
+                  num_classes: int) -> dict[str, list[dict[str, dict[str, float]]]]:
+    """Per fit set (``FIT_ON``), the baselines' scores on each split's test clips, in split order."""
+    return {name: [baseline_scores(samples, split, egemaps, num_classes, fit_on=parts) for split in splits]
+            for name, parts in FIT_ON.items()}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def baseline_rows(per_run: Sequence[dict[str, dict[str, float]]],
+                  train_only: Sequence[dict[str, dict[str, float]]] | None = None) -> list[dict[str, Any]]:
+    """One row per baseline: mean ± std over runs of the train+val fit, and the train-only fit's accuracy."""
     rows = []
     for kind in ("au", "egemaps", "concat", "average"):
-        row: dict[str, Any] = {"key": f"baseline:{kind}", "model": BASELINE_TITLES[kind],
+        row: dict[str, Any] = {"key": f"baseline:{kind}", "kind_of_baseline": kind, "model": BASELINE_TITLES[kind],
                                "short": BASELINE_TITLES[kind].removeprefix("baseline: "),
                                "reported_accuracy": REPORTED_BASELINES[kind],
                                "modalities": {"au": "features", "egemaps": "audio"}.get(kind, "audio+features")}
         for metric in ("accuracy", "macro_f1", "weighted_f1", "uar"):
-            values = [r[kind][metric] for r in per_run]
-            row[metric] = float(np.mean(values))
-            row[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            row[metric], row[f"{metric}_std"] = _mean_std([r[kind][metric] for r in per_run])
+        if train_only:
+            for metric in ("accuracy", "macro_f1"):
+                row[f"{metric}_train_only"], row[f"{metric}_train_only_std"] = _mean_std(
+                    [r[kind][metric] for r in train_only])
         rows.append(row)
     return rows
 
@@ -175,7 +204,68 @@ BASELINE_COLUMNS = [
     Column("macro_f1", "Macro F1 %", ".1f", std_key="macro_f1_std", pct=True),
     Column("weighted_f1", "Weighted F1 %", ".1f", std_key="weighted_f1_std", pct=True),
     Column("uar", "UA %", ".1f", std_key="uar_std", pct=True),
+    Column("accuracy_train_only", "Acc % fit on train actors only", ".1f", std_key="accuracy_train_only_std", pct=True),
     Column("reported_accuracy", "Reported acc % (grouped CV, elsewhere)", ".1f", pct=True),
+]
+
+
+# --- each model against the baseline that sees the same modalities ------------------------------------
+def matching_baselines(modalities: str) -> list[str]:
+    """The baselines a model is to beat, by what it reads: AUs (features) alone -> the AU baseline, audio
+    alone -> eGeMAPS, both -> the concatenated and the averaged baselines."""
+    mods = set(modalities.split("+"))
+    if "audio" in mods and "features" in mods:
+        return ["concat", "average"]
+    if "features" in mods:
+        return ["au"]
+    if "audio" in mods:
+        return ["egemaps"]
+    return []
+
+
+def versus_baselines(per_fold_rows: Sequence[Sequence[dict[str, Any]]],
+                     baseline_runs_by_fit: dict[str, Sequence[dict[str, dict[str, float]]]]) -> list[dict[str, Any]]:
+    """Paired accuracy differences, fold by fold, between each model and its matching baselines.
+
+    `per_fold_rows[k]` are fold k's model rows (seed means); `baseline_runs_by_fit[fit][k]` the same
+    fold's baseline scores. Pairing by fold removes the fold-to-fold spread that both sides share
+    (some actors are harder for every model), so ``diff_std`` says how steady the margin is.
+    """
+    out = []
+    keys = list(dict.fromkeys(r["key"] for rows in per_fold_rows for r in rows))
+    for key in keys:
+        # folds where this model exists (a fusion that failed in one fold is paired on the others)
+        present = {k: r for k, rows in enumerate(per_fold_rows) for r in rows if r["key"] == key}
+        fold_rows = list(present.values())
+        first = fold_rows[0]
+        for kind in matching_baselines(first.get("modalities", "")):
+            row: dict[str, Any] = {"key": key, "model": first["model"], "baseline": BASELINE_TITLES[kind].removeprefix(
+                "baseline: "), "baseline_kind": kind}
+            row["accuracy"], row["accuracy_std"] = _mean_std([r["accuracy"] for r in fold_rows])
+            for fit, runs in baseline_runs_by_fit.items():
+                suffix = "" if fit == "train+val" else "_train_only"
+                base = [runs[k][kind]["accuracy"] for k in present]
+                diffs = [r["accuracy"] - b for r, b in zip(fold_rows, base)]
+                row[f"baseline_accuracy{suffix}"] = float(np.mean(base))
+                row[f"diff{suffix}"], row[f"diff{suffix}_std"] = _mean_std(diffs)
+                row[f"folds_won{suffix}"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+                std = row[f"diff{suffix}_std"]
+                row[f"diff{suffix}_text"] = f"{100 * row[f'diff{suffix}']:+.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+            out.append(row)
+    out.sort(key=lambda r: -r.get("diff", 0.0))
+    return out
+
+
+VERSUS_COLUMNS = [
+    Column("model", "Model", justify="left"),
+    Column("accuracy", "Acc %", ".1f", std_key="accuracy_std", pct=True),
+    Column("baseline", "Baseline to beat", justify="left"),
+    Column("baseline_accuracy", "Baseline acc % (fit on train+val)", ".1f", pct=True),
+    Column("diff_text", "Δ points (paired by fold)"),
+    Column("folds_won", "Folds won", justify="right"),
+    Column("baseline_accuracy_train_only", "Baseline acc % (fit on train only)", ".1f", pct=True),
+    Column("diff_train_only_text", "Δ points vs train-only fit"),
+    Column("folds_won_train_only", "Folds won (train-only fit)", justify="right"),
 ]
 
 
@@ -208,7 +298,7 @@ def over_folds(results: Sequence[ComparisonResult]) -> list[dict[str, Any]]:
 
 # --- the honest summary ----------------------------------------------------------------------------------
 def findings(rows: Sequence[dict[str, Any]], ablations: Sequence[str], baselines: Sequence[dict[str, Any]] | None,
-             spread: str) -> list[str]:
+             spread: str, versus: Sequence[dict[str, Any]] | None = None) -> list[str]:
     """Plain sentences computed from the table: does fusion beat the best branch, by how much, when not."""
     def pct(v):
         return f"{100 * v:.1f}%"
@@ -252,21 +342,45 @@ def findings(rows: Sequence[dict[str, Any]], ablations: Sequence[str], baselines
                    f"information; each fusion's `Acc w/o` columns show what it takes from each modality.")
     if baselines:
         best_base = max(baselines, key=lambda r: r["accuracy"])
-        branch_diff = best_branch["accuracy"] - best_base["accuracy"]
-        out.append(f"The best single branch ({best_branch['model']}) is {abs(100 * branch_diff):.1f} points "
-                   f"{'above' if branch_diff > 0 else 'below'} the strongest baseline.")
         diff = best_fusion["accuracy"] - best_base["accuracy"]
         out.append(f"The strongest logistic-regression baseline on the same clips ({best_base['short']}) scores "
                    f"{pm(best_base)}; the best fusion is {abs(100 * diff):.1f} points "
                    f"{'above' if diff > 0 else 'below'} it.")
+    if versus:
+        out += versus_summary(versus)
     return out
+
+
+def versus_summary(versus: Sequence[dict[str, Any]]) -> list[str]:
+    """One sentence per verdict (clearly above / above, not clearly / below), per fit of the baselines."""
+    out = []
+    for suffix, against in (("", "the baselines as reported (fit on train+val actors)"),
+                            ("_train_only", "the same baselines fit on the models' training actors only")):
+        if not all(f"diff{suffix}" in v for v in versus):
+            continue
+        groups: dict[str, list[str]] = {}
+        for v in versus:
+            groups.setdefault(verdict_of(v, suffix), []).append(
+                f"{v['model']} vs {v['baseline']} ({v[f'diff{suffix}_text']})")
+        parts = [f"{verdict}: {'; '.join(items)}" for verdict, items in groups.items()]
+        out.append(f"Against {against}, paired by fold: " + ". ".join(parts) + ".")
+    return out
+
+
+def verdict_of(v: dict[str, Any], suffix: str = "") -> str:
+    """"clearly above" when the paired margin exceeds its fold-to-fold std, else "above, not clearly" or "below"."""
+    diff, std = v[f"diff{suffix}"], v.get(f"diff{suffix}_std")
+    if diff > 0 and std is not None and diff > std:
+        return "clearly above"
+    return "above, not clearly" if diff > 0 else "below"
 
 
 def command_line(argv: Sequence[str]) -> str:
     return "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference_table.py " + shlex.join(list(argv))
 
 
-def render(rows, ablations, *, title: str, command: str, protocol_text: str, baselines, notes, spread: str) -> str:
+def render(rows, ablations, *, title: str, command: str, protocol_text: str, baselines, notes, spread: str,
+           versus: Sequence[dict[str, Any]] | None = None) -> str:
     lines = [f"### {title}", "", "Made with:", "", "```", command, "```", "", protocol_text, ""]
     lines.append(markdown_table(rows, comparison_columns(ablations)))
     lines.append(f"Mean ± std over {spread}. `Acc w/o X`: the same trained model with modality X removed from "
@@ -275,8 +389,15 @@ def render(rows, ablations, *, title: str, command: str, protocol_text: str, bas
     if baselines:
         lines += ["", markdown_table(baselines, BASELINE_COLUMNS)]
         lines.append("Baselines: standardised features, scikit-learn logistic regression, trained on train+val "
-                     "actors and scored on the same test actors as the models above. eGeMAPS = the 88 openSMILE "
-                     "eGeMAPSv02 functionals of the speech recording.")
+                     "actors and scored on the same test actors as the models above (and, in the train-only "
+                     "column, trained on the models' training actors alone: the models use the validation actors "
+                     "only to pick their epoch). eGeMAPS = the 88 openSMILE eGeMAPSv02 functionals of the speech "
+                     "recording.")
+    if versus:
+        lines += ["", "**Each model against the baseline that reads the same inputs** (AUs: the AU baseline; "
+                  "audio: eGeMAPS; both: the concatenated and the averaged baselines). Δ is the model's accuracy "
+                  "minus the baseline's, fold by fold, then mean ± std over folds.", "",
+                  markdown_table(versus, VERSUS_COLUMNS)]
     if notes:
         lines += ["", "**What the numbers say:**", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -294,7 +415,8 @@ def baselines_only(args, argv, config: RunConfig, samples, num_classes: int, out
                              test_fraction=config.data.test_fraction, seed=config.data.split_seed)]
         spread = "one speaker-independent split"
     egemaps = egemaps_functionals(samples, out.parent / "egemaps-functionals.json")
-    rows = baseline_rows([baseline_scores(samples, split, egemaps, num_classes) for split in splits])
+    runs = baseline_runs(samples, splits, egemaps, num_classes)
+    rows = baseline_rows(runs["train+val"], runs["train"])
     text = "\n".join([f"### RAVDESS logistic-regression baselines ({spread})", "", "Made with:", "", "```",
                       command_line(argv), "```", "", markdown_table(rows, BASELINE_COLUMNS)])
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="folder holding the corpora (default ../shared/data)")
     p.add_argument("--protocol", choices=("split", "actor-cv"), default="split")
     p.add_argument("--folds", type=int, default=4, help="actor-cv: number of folds over the 12 actors")
+    p.add_argument("--only-fold", dest="only_folds", type=int, action="append", default=[],
+                   help="actor-cv: run only fold K (0-based, repeatable), e.g. for a quick timing run")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--fusions", default=None, help="comma-separated fusions (default: every registered one)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value (repeatable)")
@@ -318,10 +442,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--baselines-only", action="store_true",
                    help="only the logistic-regression baselines on the protocol's folds/split (minutes, no training)")
     p.add_argument("--no-robustness", action="store_true", help="skip the modality-removed columns")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", 0)) or None,
+                   help="CPU threads for PyTorch (default: $EMOFUSE_THREADS, else PyTorch's choice)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reference-table")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "results" / "reference_table.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     fusions = [f.strip() for f in args.fusions.split(",")] if args.fusions else None
@@ -341,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = compare(config, fusions=fusions, seeds=seeds, robustness=not args.no_robustness, out_dir=out,
                          on_progress=say)
         rows, ablations = result.rows, result.ablations
+        per_fold_rows = [result.rows]
         splits_for_baselines.append(json.loads((out / "split.json").read_text())["splits"])
         spread = f"{len(seeds)} seed(s)"
         sizes = result.split_sizes
@@ -351,8 +482,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         split_dir = out / "splits"
         results = []
-        splits_for_baselines = actor_folds(samples, args.folds)
-        for k, split in enumerate(splits_for_baselines):
+        all_folds = actor_folds(samples, args.folds)
+        chosen = sorted(set(args.only_folds)) or list(range(args.folds))
+        if any(not 0 <= k < args.folds for k in chosen):
+            raise SystemExit(f"--only-fold must be between 0 and {args.folds - 1}")
+        splits_for_baselines = [all_folds[k] for k in chosen]
+        for k in chosen:
+            split = all_folds[k]
             path = split_dir / f"fold-{k}.json"
             save_split(path, split, method="speaker", seed=0, dataset=config.data.dataset,
                        val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
@@ -362,19 +498,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(compare(fold_config, fusions=fusions, seeds=seeds, robustness=not args.no_robustness,
                                    out_dir=out / f"fold-{k}", on_progress=say))
         rows, ablations = over_folds(results), results[0].ablations
+        per_fold_rows = [r.rows for r in results]
         failures = [f for r in results for f in r.failures]
-        spread = f"{args.folds} actor folds (each fold the mean of seeds {', '.join(map(str, seeds))})"
+        which = (f"{args.folds} actor folds" if len(chosen) == args.folds
+                 else f"fold(s) {', '.join(map(str, chosen))} of {args.folds} actor folds")
+        spread = f"{which} (each fold the mean of seeds {', '.join(map(str, seeds))})"
         protocol_text = (f"RAVDESS speech, actors 1-12, 8 classes; cross-validation over {args.folds} folds of "
                          f"actors (each fold: its actors test, the next two actors validate, the rest train), "
-                         f"so every clip is a test clip once.")
+                         + ("so every clip is a test clip once." if len(chosen) == args.folds
+                            else f"here only {which}, so not every clip is tested."))
 
-    baselines = None
+    baselines = versus = None
     if args.baselines:
         egemaps = egemaps_functionals(samples, out.parent / "egemaps-functionals.json")
-        per_run = [baseline_scores(samples, split, egemaps, num_classes) for split in splits_for_baselines]
-        baselines = baseline_rows(per_run)
+        runs = baseline_runs(samples, splits_for_baselines, egemaps, num_classes)
+        baselines = baseline_rows(runs["train+val"], runs["train"])
+        versus = versus_baselines(per_fold_rows, runs)
 
-    notes = findings(rows, ablations, baselines, spread)
+    notes = findings(rows, ablations, baselines, spread, versus)
     if config.data.limit and baselines:
         notes.append(f"data.limit={config.data.limit}: the models saw a class-balanced subset of these actors' clips; "
                      "the baselines used all of them.")
@@ -383,12 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes = (time.time() - started) / 60
     title = f"RAVDESS reference comparison ({'speaker-independent split' if args.protocol == 'split' else 'actor CV'})"
     text = render(rows, ablations, title=title, command=command_line(argv), protocol_text=protocol_text,
-                  baselines=baselines, notes=notes, spread=spread)
+                  baselines=baselines, notes=notes, spread=spread, versus=versus)
     text += f"\n_{minutes:.0f} minutes on {os.cpu_count()} CPU core(s); raw numbers in `{out}/`._\n"
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.markdown, text)
     write_json(args.markdown.with_suffix(".json"), {"command": command_line(argv), "rows": rows,
-                                                    "baselines": baselines, "notes": notes})
+                                                    "baselines": baselines, "versus_baselines": versus,
+                                                    "notes": notes})
     print(text)
     return 0
 
