@@ -189,17 +189,17 @@ def load_checkpoint(path: Path, *, verify: bool = True) -> tuple[dict[str, torch
         raise CheckpointError(f"{tpath}: no such checkpoint", hint="pass the .safetensors file a run wrote (runs/<name>/model.safetensors)")
     blob = tpath.read_bytes()
     sha = hashlib.sha256(blob).hexdigest()
-    if not sidecar_path(path).is_file() or (verify and read_sidecar(path).get("sha256") not in (None, sha)):
+    meta = read_sidecar(path) if sidecar_path(path).is_file() else None
+    if meta is None or (verify and meta.get("sha256") not in (None, sha)):
         whole = _self_contained(blob, tpath, sha)
         if whole is not None:
             return whole
-        if not sidecar_path(path).is_file():
+        if meta is None:
             read_sidecar(path)  # raises the clear "sidecar missing" error
         raise CheckpointError(
             f"{tpath}: checksum mismatch with {sidecar_path(path).name} (file truncated or corrupted)",
             hint="use another checkpoint of the run, or retrain",
         )
-    meta = read_sidecar(path)
     try:
         tensors = load(blob)
     except (SafetensorError, OSError, ValueError) as exc:
