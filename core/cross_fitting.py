@@ -64,27 +64,13 @@ def out_of_fold_outputs(
             checkpoints[branch] = train_branch_copy(bcfg, fold_bundle)
         scored = dataclasses.replace(bundle, splits={"train": [train[i] for i in held]})
         parts.append(outputs_of(checkpoints, scored))
-    merged = _concat(parts)
-    order = {sid: i for i, sid in enumerate(merged.ids)}
-    index = torch.tensor([order[s.id] for s in train if s.id in order], dtype=torch.long)
-    return BranchOutputs(
-        ids=[merged.ids[i] for i in index.tolist()],
-        labels=merged.labels[index],
-        logits={b: t[index] for b, t in merged.logits.items()},
-        embedding={b: (t[index] if t is not None else None) for b, t in merged.embedding.items()},
-        present={b: t[index] for b, t in merged.present.items()},
-    )
-
-
-def _concat(parts: Sequence[Any]) -> Any:
-    from emofuse.core.training import BranchOutputs
-
-    first = parts[0]
-    return BranchOutputs(
+    merged = BranchOutputs(
         ids=[i for p in parts for i in p.ids],
         labels=torch.cat([p.labels for p in parts]),
-        logits={b: torch.cat([p.logits[b] for p in parts]) for b in first.logits},
-        embedding={b: (torch.cat([p.embedding[b] for p in parts]) if first.embedding[b] is not None else None)
-                   for b in first.embedding},
-        present={b: torch.cat([p.present[b] for p in parts]) for b in first.present},
+        logits={b: torch.cat([p.logits[b] for p in parts]) for b in parts[0].logits},
+        embedding={b: (torch.cat([p.embedding[b] for p in parts]) if parts[0].embedding[b] is not None else None)
+                   for b in parts[0].embedding},
+        present={b: torch.cat([p.present[b] for p in parts]) for b in parts[0].present},
     )
+    position = {sid: i for i, sid in enumerate(merged.ids)}
+    return merged.take(torch.tensor([position[s.id] for s in train if s.id in position], dtype=torch.long))

@@ -880,6 +880,16 @@ class BranchOutputs:
     embedding: dict[str, torch.Tensor | None]
     present: dict[str, torch.Tensor]
 
+    def take(self, index: torch.Tensor) -> "BranchOutputs":
+        """The rows at `index` (a 1-d long tensor), in that order."""
+        return BranchOutputs(
+            ids=[self.ids[i] for i in index.tolist()],
+            labels=self.labels[index],
+            logits={b: t[index] for b, t in self.logits.items()},
+            embedding={b: (t[index] if t is not None else None) for b, t in self.embedding.items()},
+            present={b: t[index] for b, t in self.present.items()},
+        )
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -955,13 +965,7 @@ def compute_branch_outputs(
             if has_emb and "embedding" in v:
                 embedding[name][i] = v["embedding"]  # type: ignore[index]
     keep = seen.nonzero().squeeze(1)  # clips no branch could load (skipped as bad) are left out
-    return BranchOutputs(
-        ids=[order[i] for i in keep.tolist()],
-        labels=labels[keep],
-        logits={b: t[keep] for b, t in logits.items()},
-        embedding={b: (t[keep] if t is not None else None) for b, t in embedding.items()},
-        present={b: t[keep] for b, t in present.items()},
-    )
+    return BranchOutputs(ids=order, labels=labels, logits=logits, embedding=embedding, present=present).take(keep)
 
 
 class FusionTask:
@@ -1048,13 +1052,15 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
     def outputs_of(checkpoints: Mapping[str, Path], data: Any, splits: Sequence[str]) -> tuple[dict, dict]:
         """Frozen encoders from `checkpoints` and their outputs over `splits` of `data`."""
         encoders: dict[str, Encoder] = {}
+        checkpoint_shas: dict[str, str] = {}
         for name, checkpoint in checkpoints.items():
-            encoder = load_model(checkpoint, registry=registry).model.branches[name].to(ctx.device).eval()
+            loaded = load_model(checkpoint, registry=registry)  # verified against its sha256 on load
+            encoder = loaded.model.branches[name].to(ctx.device).eval()
             encoder.requires_grad_(False)
             encoders[name] = encoder
+            checkpoint_shas[name] = loaded.meta.get("sha256") or _checkpoint_sha(checkpoint)
             ensure_extracted(encoder, cache, data, splits=splits, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
                              seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx, progress=progress)
-        checkpoint_shas = {b: _checkpoint_sha(c) for b, c in checkpoints.items()}
         outputs: dict[str, BranchOutputs] = {}
         for split in splits:
             if not data.splits.get(split):
