@@ -9,6 +9,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 def load(checkpoint, **kwargs):
     """A checkpoint ready to predict: ``emofuse.load("runs/x/model.safetensors").predict(["clip.wav"])``."""
-    from emofuse.core.predict import load as load_predictor
+    from emofuse.core.apps.predict import load as load_predictor
 
     return load_predictor(checkpoint, **kwargs)

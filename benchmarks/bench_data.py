@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from emofuse.core.compose import build_encoder, default_data_dir
+from emofuse.core.engine.compose import build_encoder, default_data_dir
 from emofuse.core.config import ComponentRef, DataConfig
 from emofuse.core.data.cache import FeatureCache
 from emofuse.core.data.pipeline import DataBundle, load_data

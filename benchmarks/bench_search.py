@@ -36,8 +36,8 @@ import torch
 from emofuse.core.config import RunConfig, validate
 from emofuse.core.presets import compose_config
 from emofuse.core.registry import get_registry
-from emofuse.core.search import SearchOptions, Study, TrainRunTrainer, load_search_data
-from emofuse.core.search_space import default_space
+from emofuse.core.apps.search import SearchOptions, Study, TrainRunTrainer, load_search_data
+from emofuse.core.apps.search_space import default_space
 
 
 class RecomputingTrainer(TrainRunTrainer):

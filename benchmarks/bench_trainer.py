@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_trainer.py [--epochs 5] [--repeats 5] [--threads 1] [--fused-run runs/NAME]
 
-1. Per-step overhead of `emofuse.core.training.fit` against a bare PyTorch loop over the same model
+1. Per-step overhead of `emofuse.core.engine.training.fit` against a bare PyTorch loop over the same model
    (the `features` branch over the AU + MFCC table, a small MLP: the harshest case, each step is
    cheap) and the same batches (loaded once through the `DataBundle`, same order): AdamW + warm-up /
    cosine schedule in both, no gradient clipping in either. Reported: the training part of the
@@ -29,14 +29,14 @@ from typing import Any
 
 import torch
 
-from emofuse.core.compose import branch_info, build_fusion, build_loss, build_model
+from emofuse.core.engine.compose import branch_info, build_fusion, build_loss, build_model
 from emofuse.core.config import RunConfig, TrainConfig, validate
 from emofuse.core.data.pipeline import load_data
-from emofuse.core.distributed import DistContext
-from emofuse.core.model_io import load_model
+from emofuse.core.engine.distributed import DistContext
+from emofuse.core.engine.model_io import load_model
 from emofuse.core.registry import get_registry
-from emofuse.core.schedule import warmup_cosine
-from emofuse.core.training import (
+from emofuse.core.engine.schedule import warmup_cosine
+from emofuse.core.engine.training import (
     SPLITS,
     BranchTask,
     FitSettings,

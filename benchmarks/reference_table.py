@@ -47,12 +47,12 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from emofuse.core.compare import ComparisonResult, compare, comparison_columns  # noqa: E402
-from emofuse.core.compose import build_reader  # noqa: E402
+from emofuse.core.apps.compare import ComparisonResult, compare, comparison_columns  # noqa: E402
+from emofuse.core.engine.compose import build_reader  # noqa: E402
 from emofuse.core.config import RunConfig  # noqa: E402
 from emofuse.core.data.splits import save_split  # noqa: E402
 from emofuse.core.presets import compose_config  # noqa: E402
-from emofuse.core.report import Column, markdown_table, write_json, write_text  # noqa: E402
+from emofuse.core.apps.report import Column, markdown_table, write_json, write_text  # noqa: E402
 from emofuse.core.types import Sample  # noqa: E402
 
 PRESET = "ravdess-reference"
@@ -141,7 +141,7 @@ def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egem
 
     import torch
 
-    from emofuse.core.metrics import classification_metrics
+    from emofuse.core.engine.metrics import classification_metrics
 
     by_id = {s.id: s for s in samples}
     fit_ids = [i for part in fit_on for i in split[part]]

@@ -125,8 +125,8 @@ def predict_worker(folder: Path, clips: int, threads: int) -> int:
 
     torch.set_num_threads(threads)
     from emofuse.core.config import validate
-    from emofuse.core.predict import load
-    from emofuse.core.training import train_run
+    from emofuse.core.apps.predict import load
+    from emofuse.core.engine.training import train_run
 
     config = validate({"name": "tiny", "output_dir": str(folder), "preset": "mm-lstm",
                        "data": {"dataset": "ravdess", "limit": 48},

@@ -155,19 +155,6 @@ def compose_run_config(
     return cfg
 
 
-def engine(module: str, what: str):
-    """Import an engine module, or say clearly that this install lacks it."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"emofuse.core.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("emofuse."):
-            err_console.print(f"[bold red]error:[/] {what} is not available in this build (emofuse.core.{module} is missing)")
-            raise typer.Exit(3) from None
-        raise
-
-
 # --- commands --------------------------------------------------------------------------------------
 @app.command("plugins")
 @friendly_errors
@@ -267,7 +254,7 @@ def train_cmd(
     if dry_run:
         typer.echo(to_toml(cfg))
         return
-    training = engine("training", "training")
+    from emofuse.core.engine import training
     result = training.train_run(cfg, resume=resume, progress=True)
     _print_run_result(result)
 
@@ -303,7 +290,7 @@ def evaluate_cmd(
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
-    evaluation = engine("evaluation", "evaluation")
+    from emofuse.core.apps import evaluation
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
                             drop=tuple(without or ()), console=console)
 
@@ -338,7 +325,7 @@ def compare_cmd(
     cfg = compose_run_config(**values)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
-    compare = engine("compare", "comparison")
+    from emofuse.core.apps import compare
     compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, robustness=robustness, console=console, out_dir=out)
 
 
@@ -375,7 +362,7 @@ def search_cmd(
     if scope not in ("auto", "fusion", "full") or pruner not in ("median", "hyperband", "none"):
         raise ConfigError(f"--scope {scope!r} / --pruner {pruner!r}: expected auto|fusion|full and median|hyperband|none")
     cfg = compose_run_config(**_compose_args(locals()))
-    search = engine("search", "hyper-parameter search")
+    from emofuse.core.apps import search
     search.search_cli(cfg, trials=trials, storage=storage, study_name=study, resume=resume, scope=scope,
                       pruner=pruner, seed=seed, timeout=timeout, console=console)
 
@@ -390,7 +377,7 @@ def predict_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
-    predict = engine("predict", "prediction")
+    from emofuse.core.apps import predict
     failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out)
     if failures:
         raise typer.Exit(1)

@@ -94,12 +94,12 @@ class RunConfig(_Strict):
     fusion_loss: ComponentRef | None = None
     #: What the fusion learns from on the training split: the branches' own outputs ("in-sample",
     #: overconfident where a branch overfits) or those of branch copies trained without the clip's
-    #: speakers ("out-of-fold": `fusion_folds` more trainings per branch), see `emofuse.core.cross_fitting`.
+    #: speakers ("out-of-fold": `fusion_folds` more trainings per branch), see `emofuse.core.engine.cross_fitting`.
     fusion_inputs: Literal["in-sample", "out-of-fold"] = "in-sample"
     fusion_folds: int = Field(4, ge=2, le=20)
     output_dir: Path = Path("runs")
     cache_dir: Path | None = None
-    #: Optuna search space: key path -> spec, see `emofuse.core.search`.
+    #: Optuna search space: key path -> spec, see `emofuse.core.apps.search`.
     search: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("branches")

@@ -12,13 +12,13 @@ import torch
 from matplotlib.image import imread
 from torch import nn
 
-from emofuse.core.compare import _branch_identity, aggregate, compare, fusions_to_compare
+from emofuse.core.apps.compare import _branch_identity, aggregate, compare, fusions_to_compare
 from emofuse.core.component import ComponentConfig
 from emofuse.core.config import validate
 from emofuse.core.errors import ConfigError
 from emofuse.core.hookspecs import hookimpl
 from emofuse.core.interfaces import Fusion
-from emofuse.core.model_io import load_model
+from emofuse.core.engine.model_io import load_model
 from emofuse.core.registry import Provider, Registry
 from emofuse.core.types import EncoderOutput
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from emofuse.core.compose import build_model
+from emofuse.core.engine.compose import build_model
 from emofuse.core.config import apply_set, load_toml, parse_value, to_toml, validate
 from emofuse.core.errors import ConfigError
 from emofuse.core.presets import all_presets_valid, compose_config, load_presets, resolve_preset

@@ -14,8 +14,8 @@ import torch
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
 from emofuse.core.config import ComponentRef, RunConfig
 from emofuse.core.interfaces import BranchInfo
-from emofuse.core.model_io import load_model, save_model
-from emofuse.core.compose import build_model
+from emofuse.core.engine.model_io import load_model, save_model
+from emofuse.core.engine.compose import build_model
 from emofuse.core.registry import get_registry
 from emofuse.core.types import EncoderOutput, Sample
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emofuse.core.compose import build_encoder
+from emofuse.core.engine.compose import build_encoder
 from emofuse.core.config import ComponentRef, DataConfig
 from emofuse.core.data.dialogue import (
     FIRST_TURN,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from emofuse.core.config import validate
-from emofuse.core.cross_fitting import out_of_fold_outputs, speaker_folds
+from emofuse.core.engine.cross_fitting import out_of_fold_outputs, speaker_folds
 from emofuse.core.errors import ConfigError
-from emofuse.core.training import BranchOutputs
+from emofuse.core.engine.training import BranchOutputs
 from emofuse.core.types import Sample
 
 
@@ -58,7 +58,7 @@ def test_each_training_clip_is_scored_by_copies_trained_without_its_speaker():
 
 
 def test_a_fused_run_on_out_of_fold_outputs_trains_and_reuses_its_fold_branches(tmp_path, shared_data):
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.training import train_run
 
     features = {"name": "features", "hidden_dims": [32]}
     config = validate({

@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from emofuse.core.compose import default_data_dir
+from emofuse.core.engine.compose import default_data_dir
 from emofuse.core.component import ComponentConfig
 from emofuse.core.config import DataConfig
 from emofuse.core.data.cache import FeatureCache, batch_keys, sample_key

@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from emofuse.core.compose import default_data_dir
+from emofuse.core.engine.compose import default_data_dir
 from emofuse.core.data.decode import SAMPLE_RATE, decode_audio, decode_video, probe
 from emofuse.core.errors import DataError
 

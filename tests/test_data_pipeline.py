@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from emofuse.core.compose import default_data_dir
+from emofuse.core.engine.compose import default_data_dir
 from emofuse.core.config import DataConfig
 from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.pipeline import load_data, make_batch

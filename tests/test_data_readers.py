@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emofuse.core.compose import build_reader, default_data_dir
+from emofuse.core.engine.compose import build_reader, default_data_dir
 from emofuse.core.config import DataConfig
 from emofuse.core.errors import ConfigError, DataError
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from emofuse.core.compose import build_reader, default_data_dir
+from emofuse.core.engine.compose import build_reader, default_data_dir
 from emofuse.core.config import DataConfig
 from emofuse.core.data.pipeline import load_data
 from emofuse.core.data.splits import balanced_split, given_split, speaker_split

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from emofuse.core.distributed import ShardedBatchSampler, global_batches, shard
+from emofuse.core.engine.distributed import ShardedBatchSampler, global_batches, shard
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
     from emofuse.core.hookspecs import hookimpl
     from emofuse.core.interfaces import Encoder
     from emofuse.core.registry import Provider, Registry
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.training import train_run
     from emofuse.core.types import FEATURES, EncoderOutput
 
 

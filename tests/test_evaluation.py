@@ -13,13 +13,13 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from emofuse.core.config import validate
 from emofuse.core.errors import ConfigError
-from emofuse.core.evaluation import drop_modalities, evaluate_checkpoint, evaluate_cli
+from emofuse.core.apps.evaluation import drop_modalities, evaluate_checkpoint, evaluate_cli
 from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, shared_data):
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.training import train_run
 
     out = tmp_path_factory.mktemp("eval-run")
     config = validate({
@@ -95,8 +95,8 @@ def test_drop_modalities_zeroes_and_masks_without_touching_the_input(batch_facto
 def test_a_fused_checkpoint_scores_like_the_trainer_whatever_its_branch_order(tmp_path, shared_data):
     """Branches named out of alphabetical order: the feature-level fusion's inputs are positional, so a
     reload must rebuild the branches in the trained order (the sidecar's JSON sorts keys)."""
-    from emofuse.core.model_io import load_model
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.model_io import load_model
+    from emofuse.core.engine.training import train_run
 
     features = {"name": "features", "hidden_dims": [32]}
     config = validate({

@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from emofuse.core import checkpoint as ckpt
-from emofuse.core.compose import build_model
+from emofuse.core.engine.compose import build_model
 from emofuse.core.config import validate
 from emofuse.core.data.cache import FeatureCache
 from emofuse.core.errors import CheckpointError, EmofuseError
-from emofuse.core.model_io import load_model, save_model
+from emofuse.core.engine.model_io import load_model, save_model
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 
@@ -179,7 +179,7 @@ TRAIN = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from emofuse.core.config import validate
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.training import train_run
     config = validate(json.loads(sys.argv[1]))
     print("READY", flush=True)
     result = train_run(config, progress=False)

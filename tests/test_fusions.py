@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emofuse.core.config import ComponentRef
-from emofuse.core.compose import build_fusion
+from emofuse.core.engine.compose import build_fusion
 from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import BranchInfo
 from emofuse.core.types import EncoderOutput

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emofuse.core.class_balance import balanced_weights
+from emofuse.core.engine.class_balance import balanced_weights
 from emofuse.core.config import ComponentRef
-from emofuse.core.compose import build_loss
+from emofuse.core.engine.compose import build_loss
 from emofuse.core.errors import ConfigError
 from emofuse.plugins.losses.cross_entropy import CrossEntropyLoss
 from emofuse.plugins.losses.focal import FocalLoss

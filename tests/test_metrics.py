@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from emofuse.core.metrics import (
+from emofuse.core.engine.metrics import (
     MetricReport,
     bootstrap_intervals,
     classification_metrics,

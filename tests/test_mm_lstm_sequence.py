@@ -10,13 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from emofuse.cli.app import app
-from emofuse.core.compose import ComposedModel, build_encoder
+from emofuse.core.engine.compose import ComposedModel, build_encoder
 from emofuse.core.config import ComponentRef, DataConfig, validate
 from emofuse.core.data.pipeline import load_data
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.interfaces import collate_extracted
 from emofuse.core.registry import get_registry
-from emofuse.core.training import check_branch_inputs, parameter_groups
+from emofuse.core.engine.training import check_branch_inputs, parameter_groups
 from emofuse.core.types import AUDIO, METADATA, TEXT
 from emofuse.plugins.encoders.mm_lstm import MMLSTMConfig, MultimodalLSTMEncoder, SequenceEncoder
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emofuse.core.compose import ComposedModel, build_encoder
+from emofuse.core.engine.compose import ComposedModel, build_encoder
 from emofuse.core.config import ComponentRef, DataConfig
 from emofuse.core.data.dialogue import dialogue_loader
 from emofuse.core.data.pipeline import load_data
 from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import collate_extracted
-from emofuse.core.training import auxiliary_loss, parameter_groups
+from emofuse.core.engine.training import auxiliary_loss, parameter_groups
 from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.auxiliary import AuxTaskConfig, auxiliary_labels
 
@@ -94,7 +94,7 @@ def test_trainer_batches_by_dialogue_and_logs_the_aux_loss(shared_data, tmp_path
     import json
 
     from emofuse.core.config import validate
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.training import train_run
 
     config = validate({
         "name": "ctx", "output_dir": str(tmp_path),

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from emofuse.core.compose import build_model
+from emofuse.core.engine.compose import build_model
 from emofuse.core.config import validate
-from emofuse.core.evaluation import batches_of, normalizer_of, run_model
-from emofuse.core.model_io import save_model
-from emofuse.core.predict import load, predict_cli
+from emofuse.core.apps.evaluation import batches_of, normalizer_of, run_model
+from emofuse.core.engine.model_io import save_model
+from emofuse.core.apps.predict import load, predict_cli
 from emofuse.core.types import Sample
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
@@ -114,7 +114,7 @@ def test_folder_and_manifest_inputs(tmp_path, predictor, clips):
 
 def test_top_level_emofuse_load(checkpoint, clips):
     import emofuse
-    from emofuse.core.predict import Predictor
+    from emofuse.core.apps.predict import Predictor
 
     predictor = emofuse.load(checkpoint, device="cpu")
     assert isinstance(predictor, Predictor) and predictor.label_names == LABELS

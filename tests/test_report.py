@@ -9,8 +9,8 @@ import torch
 from matplotlib.image import imread
 from rich.console import Console
 
-from emofuse.core.metrics import metric_report
-from emofuse.core.report import (
+from emofuse.core.engine.metrics import metric_report
+from emofuse.core.apps.report import (
     Column,
     csv_text,
     evaluation_tables,

@@ -4,7 +4,7 @@ PostgreSQL server), pruning, the summary, and the exported best config's round t
 Trials train a real (small) model on real data: two linear branches over the RAVDESS per-clip
 facial action units ("video") and MFCC values ("audio_text"), fused by the real `enhanced-late`
 fusion with the real focal loss, split by actor. `FeatureTrainer` implements the search's
-`Trainer` seam the same way `emofuse.core.training` does: stage 1 trains each branch, stage 2 the
+`Trainer` seam the same way `emofuse.core.engine.training` does: stage 1 trains each branch, stage 2 the
 fusion over the frozen branches' cached logits.
 """
 from __future__ import annotations
@@ -32,15 +32,15 @@ from torch import nn
 
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
 from emofuse.core.component import ComponentConfig
-from emofuse.core.compose import build_loss, build_model
+from emofuse.core.engine.compose import build_loss, build_model
 from emofuse.core.config import RunConfig, load_toml, validate
 from emofuse.core.errors import ConfigError
 from emofuse.core.hookspecs import hookimpl
 from emofuse.core.interfaces import Encoder
-from emofuse.core.metrics import classification_metrics
+from emofuse.core.engine.metrics import classification_metrics
 from emofuse.core.presets import compose_config
 from emofuse.core.registry import Provider, Registry
-from emofuse.core.search import (
+from emofuse.core.apps.search import (
     SearchOptions,
     Study,
     open_storage,
@@ -48,7 +48,7 @@ from emofuse.core.search import (
     resolve_scope,
     run_search,
 )
-from emofuse.core.search_space import SearchSpace, default_space
+from emofuse.core.apps.search_space import SearchSpace, default_space
 from emofuse.core.types import FEATURES, Batch, EncoderOutput
 
 TESTS = Path(__file__).resolve().parent
@@ -331,7 +331,7 @@ def test_space_corners_are_checked_before_any_trial(tmp_path, registry, features
 
 
 def test_storage_urls_are_checked_and_printed_without_passwords():
-    from emofuse.core.search import normalize_url, redact, sampler_seed
+    from emofuse.core.apps.search import normalize_url, redact, sampler_seed
 
     assert redact("postgresql://me:secret@db.example/optuna") == "postgresql://me:***@db.example/optuna"
     assert normalize_url("postgres://me@host/db").startswith("postgresql")  # the alias SQLAlchemy dropped
@@ -559,8 +559,8 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
 
 # -- the real trainer --------------------------------------------------------------------------------
 def test_search_with_train_run_trains_the_branches_once_and_reproduces(tmp_path, shared_data):
-    """`emofuse.core.training.train_run` behind the search, on RAVDESS with two feature branches."""
-    from emofuse.core.training import train_run
+    """`emofuse.core.engine.training.train_run` behind the search, on RAVDESS with two feature branches."""
+    from emofuse.core.engine.training import train_run
 
     config = validate({
         "name": "real",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from emofuse.core.compose import build_loss
+from emofuse.core.engine.compose import build_loss
 from emofuse.core.config import validate
 from emofuse.core.data.pipeline import load_data
 from emofuse.core.config import DataConfig

@@ -15,22 +15,22 @@ import pytest
 import torch
 
 from emofuse.core.config import ComponentRef, DataConfig, TrainConfig, validate
-from emofuse.core.compose import build_fusion, build_loss
-from emofuse.core.distributed import DistContext
+from emofuse.core.engine.compose import build_fusion, build_loss
+from emofuse.core.engine.distributed import DistContext
 from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import BranchInfo
-from emofuse.core.metrics import classification_metrics
-from emofuse.core.model_io import load_model
-from emofuse.core.precision import resolve_precision
-from emofuse.core.schedule import warmup_cosine, warmup_cosine_factor
-from emofuse.core.train_state import (
+from emofuse.core.engine.metrics import classification_metrics
+from emofuse.core.engine.model_io import load_model
+from emofuse.core.engine.precision import resolve_precision
+from emofuse.core.engine.schedule import warmup_cosine, warmup_cosine_factor
+from emofuse.core.engine.train_state import (
     TrainingState,
     capture_rng,
     load_training_state,
     restore_rng,
     save_training_state,
 )
-from emofuse.core.training import (
+from emofuse.core.engine.training import (
     BranchOutputs,
     EarlyStopping,
     FitSettings,
@@ -278,7 +278,7 @@ KILLABLE = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from emofuse.core.config import validate
-    from emofuse.core.training import train_run
+    from emofuse.core.engine.training import train_run
 
     pause = float(sys.argv[2])
 
@@ -334,7 +334,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, shared_
 
 
 def test_torch_threads_leave_cores_to_dataloader_workers_unless_the_user_chose(monkeypatch):
-    from emofuse.core.training import threads_beside_workers
+    from emofuse.core.engine.training import threads_beside_workers
 
     monkeypatch.delenv("EMOFUSE_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)

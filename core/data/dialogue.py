@@ -43,7 +43,7 @@ class DialogueBatchSampler:
     its own), dialogues shuffled per epoch when `shuffle` is set. With several processes each rank gets
     whole dialogues of every global batch, so no dialogue is cut across ranks.
 
-    Has the interface of `emofuse.core.distributed.ShardedBatchSampler` (`set_epoch`, `global_batches`).
+    Has the interface of `emofuse.core.engine.distributed.ShardedBatchSampler` (`set_epoch`, `global_batches`).
     """
 
     def __init__(self, samples: Sequence[Sample], max_utterances: int, *, shuffle: bool, seed: int = 0,

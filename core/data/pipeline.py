@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from emofuse.core.compose import build_reader
+from emofuse.core.engine.compose import build_reader
 from emofuse.core.config import DataConfig
 from emofuse.core.data.collate import Collator
 from emofuse.core.data.keys import modality_keys

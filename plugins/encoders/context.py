@@ -117,7 +117,7 @@ class DialogueContextEncoder(Encoder):
 
     def __init__(self, config: ContextConfig, num_classes: int):
         super().__init__(config, num_classes)
-        from emofuse.core.compose import build_encoder
+        from emofuse.core.engine.compose import build_encoder
 
         c = config
         self.inner = build_encoder(c.inner, num_classes, where="dialogue-context.inner")

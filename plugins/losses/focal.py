@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from emofuse.core.class_balance import class_weight_vector
+from emofuse.core.engine.class_balance import class_weight_vector
 from emofuse.core.component import ComponentConfig
 from emofuse.core.hookspecs import hookimpl
 from emofuse.core.interfaces import Loss

@@ -7,7 +7,7 @@ gloo on CPU and nccl on CUDA, and only rank 0 writes files.
 Sharding is by global batch: every rank draws the same seeded permutation, cuts it into global
 batches of ``batch_size`` and takes every ``world_size``-th sample of each. The union of the ranks'
 micro-batches is therefore exactly the batch a single process would see, and with losses that are
-plain per-sample means (scaled by the rank's share of the batch, see `emofuse.core.training`) the
+plain per-sample means (scaled by the rank's share of the batch, see `emofuse.core.engine.training`) the
 averaged gradient equals the single-process gradient. That is what "same result" means here: with
 the global batch size held equal, N processes and 1 follow the same trajectory up to float
 summation order. A final global batch with fewer samples than ranks is dropped (every rank needs at

@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 from emofuse.core.config import RunConfig, to_toml, validate
 from emofuse.core.errors import ConfigError, MissingDependencyError
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.search_space import SearchSpace, default_space, focal_loss_key
+from emofuse.core.apps.search_space import SearchSpace, default_space, focal_loss_key
 
 Scope = Literal["auto", "fusion", "full"]
 PrunerName = Literal["median", "hyperband", "none"]
@@ -59,7 +59,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Trainer(Protocol):
-    """How trials train (`TrainRunTrainer`, over `emofuse.core.training`, by default)."""
+    """How trials train (`TrainRunTrainer`, over `emofuse.core.engine.training`, by default)."""
 
     def train(self, config: RunConfig, *, on_epoch: Callable[[int, Mapping[str, float]], None], data: Any,
               branch_checkpoints: Mapping[str, Path] | None) -> Any:
@@ -324,7 +324,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 class TrainRunTrainer:
-    """The real trainer: `emofuse.core.training.train_run`, the data loaded once for every trial.
+    """The real trainer: `emofuse.core.engine.training.train_run`, the data loaded once for every trial.
 
     Stage-1 runs live in ``<output_dir>/branches/<branch>-<fingerprint>`` and a fused run reuses a
     finished one with its fingerprint, so trials that share an output folder and leave the keys
@@ -338,7 +338,7 @@ class TrainRunTrainer:
 
     def train(self, config: RunConfig, *, on_epoch: Callable, data: Any,
               branch_checkpoints: Mapping[str, Path] | None) -> Any:
-        from emofuse.core import training
+        from emofuse.core.engine import training
 
         result = training.train_run(config, registry=self.registry, resume=True, progress=False,
                                     on_epoch=on_epoch, data=data)
@@ -350,7 +350,7 @@ class TrainRunTrainer:
         return result
 
     def train_branches(self, config: RunConfig, *, data: Any) -> dict[str, Path]:
-        from emofuse.core import training
+        from emofuse.core.engine import training
 
         checkpoints = {}
         for branch in config.branches:
@@ -629,7 +629,7 @@ def run_search(config: RunConfig, options: SearchOptions | None = None, *, regis
 def load_search_data(config: RunConfig, registry: Registry, out_dir: Path) -> Any:
     """The data every trial shares, loaded once (the space leaves `data.*` alone); the split is
     written to the study folder."""
-    from emofuse.core.compose import required_modalities
+    from emofuse.core.engine.compose import required_modalities
     from emofuse.core.data.pipeline import load_data
 
     return load_data(config.data, required_modalities(config, registry), registry, split_dir=out_dir)

@@ -20,7 +20,7 @@ import numpy as np
 from rich.table import Table
 
 from emofuse.core.checkpoint import atomic_write_bytes
-from emofuse.core.metrics import HEADLINE_METRICS, METRIC_TITLES, MetricReport
+from emofuse.core.engine.metrics import HEADLINE_METRICS, METRIC_TITLES, MetricReport
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def out_of_fold_outputs(
     checkpoints (a `BranchOutputs`). Both come from the trainer, so fold runs are resumable and
     shared between fusions exactly like the main branch runs.
     """
-    from emofuse.core.training import BranchOutputs, branch_run_config
+    from emofuse.core.engine.training import BranchOutputs, branch_run_config
 
     train = list(bundle.splits["train"])
     parts = []

@@ -26,7 +26,7 @@ import torch
 
 from emofuse.core.config import ComponentRef, RunConfig
 from emofuse.core.errors import ConfigError, EmofuseError
-from emofuse.core.evaluation import (
+from emofuse.core.apps.evaluation import (
     SPLITS,
     SplitOutputs,
     batches_of,
@@ -35,10 +35,10 @@ from emofuse.core.evaluation import (
     normalizer_of,
     resolve_device,
 )
-from emofuse.core.metrics import HEADLINE_METRICS, MetricReport, metric_report
-from emofuse.core.model_io import LoadedModel, load_model
+from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
+from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.report import (
+from emofuse.core.apps.report import (
     Column,
     human_bytes,
     human_count,
@@ -60,7 +60,7 @@ FUSION = "fusion"
 
 # --- training ------------------------------------------------------------------------------------------
 class Trainer(Protocol):
-    """How the comparison trains (`TrainRunTrainer` over `emofuse.core.training` by default)."""
+    """How the comparison trains (`TrainRunTrainer` over `emofuse.core.engine.training` by default)."""
 
     def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
         """Train each of `config`'s branches alone (stage 1); return branch -> checkpoint."""
@@ -73,7 +73,7 @@ class Trainer(Protocol):
 
 
 class TrainRunTrainer:
-    """The real trainer, `emofuse.core.training.train_run`.
+    """The real trainer, `emofuse.core.engine.training.train_run`.
 
     Branches train as the single-branch runs that the staged pipeline itself would make
     (`training.branch_run_config`); a fused run over the same config finds those finished runs by
@@ -87,7 +87,7 @@ class TrainRunTrainer:
         self.progress = progress
 
     def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
-        from emofuse.core import training
+        from emofuse.core.engine import training
 
         checkpoints = {}
         for branch in config.branches:
@@ -98,7 +98,7 @@ class TrainRunTrainer:
         return checkpoints
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
-        from emofuse.core import training
+        from emofuse.core.engine import training
 
         result = training.train_run(config, registry=self.registry, resume=self.resume, progress=self.progress,
                                     data=data)
@@ -113,7 +113,7 @@ class TrainRunTrainer:
 
 def load_comparison_data(config: RunConfig, *, registry: Registry, split_dir: Path) -> Any:
     """The data bundle every model of the comparison trains and is scored on (one split for all)."""
-    from emofuse.core.compose import required_modalities
+    from emofuse.core.engine.compose import required_modalities
     from emofuse.core.data.pipeline import load_data
 
     return load_data(config.data, sorted(required_modalities(config, registry)), registry=registry, split_dir=split_dir)
@@ -280,7 +280,7 @@ def fusions_to_compare(fusions: Sequence[str] | None, registry: Registry) -> lis
 
 def ablations_for(config: RunConfig, registry: Registry) -> list[str]:
     """Modalities worth removing at test time: those the branches read (in canonical order)."""
-    from emofuse.core.compose import required_modalities
+    from emofuse.core.engine.compose import required_modalities
 
     used = required_modalities(config, registry)
     return [m for m in MODALITIES if m in used]

@@ -81,7 +81,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
 # -- the whole state -------------------------------------------------------------------------------
 @dataclass
 class TrainingState:
-    """Everything `emofuse.core.training.fit` needs to continue after `epoch` (0-based, completed)."""
+    """Everything `emofuse.core.engine.training.fit` needs to continue after `epoch` (0-based, completed)."""
 
     fingerprint: str
     epoch: int

@@ -13,10 +13,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from emofuse.core.compose import ComposedModel
+from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.errors import ConfigError, DataError
-from emofuse.core.metrics import MetricReport, metric_report
-from emofuse.core.model_io import LoadedModel, load_model
+from emofuse.core.engine.metrics import MetricReport, metric_report
+from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.registry import Registry
 from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch, EncoderOutput, Sample
 
@@ -261,7 +261,7 @@ def evaluate_cli(
 ) -> EvaluationResult:
     """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
     (default: ``<run folder>/eval-<split>``)."""
-    from emofuse.core.report import evaluation_tables, write_evaluation_report
+    from emofuse.core.apps.report import evaluation_tables, write_evaluation_report
 
     result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop)
     title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
@@ -269,7 +269,7 @@ def evaluate_cli(
         title += f" without {', '.join(drop)}"
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / f"eval-{split}"
     paths = write_evaluation_report(result.report, out_dir, title=title)
-    from emofuse.core.report import write_json
+    from emofuse.core.apps.report import write_json
 
     write_json(paths["json"], result.to_dict())
     if console is not None:

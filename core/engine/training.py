@@ -1,10 +1,10 @@
 """The trainer and the staged pipeline behind ``emofuse train``.
 
 `fit` is one training loop for anything that trains: AdamW, warm-up then cosine decay, gradient
-accumulation, mixed precision (`emofuse.core.precision`), gradient clipping, early stopping on a
+accumulation, mixed precision (`emofuse.core.engine.precision`), gradient clipping, early stopping on a
 validation metric, the best weights kept, a resumable state saved after every epoch
-(`emofuse.core.train_state`), per-epoch rows in ``metrics.jsonl``, a rich progress bar, and
-data parallelism under torchrun (`emofuse.core.distributed`).
+(`emofuse.core.engine.train_state`), per-epoch rows in ``metrics.jsonl``, a rich progress bar, and
+data parallelism under torchrun (`emofuse.core.engine.distributed`).
 
 `train_run` is the staged pipeline of the reference design:
 
@@ -20,7 +20,7 @@ A config with one branch and no fusion is stage 1 alone. Branch runs live in
 comparison, a search trial, a rerun after a crash) reuses them instead of training them again.
 
 Folder of a run (``<output_dir>/<name>``): ``model.safetensors`` + ``model.json`` (the best
-model, loadable with `emofuse.core.model_io.load_model`), ``last.safetensors`` + ``last.json``
+model, loadable with `emofuse.core.engine.model_io.load_model`), ``last.safetensors`` + ``last.json``
 (the state a killed run resumes from), ``metrics.jsonl``, ``result.json``, ``config.toml``.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from emofuse.core.checkpoint import atomic_write_bytes, checkpoint_sha256
-from emofuse.core.compose import (
+from emofuse.core.engine.compose import (
     ComposedModel,
     branch_info,
     branch_modalities,
@@ -54,15 +54,15 @@ from emofuse.core.compose import (
     required_modalities,
 )
 from emofuse.core.config import RunConfig, TrainConfig, to_toml
-from emofuse.core.distributed import DistContext, ShardedBatchSampler, setup_distributed, teardown_distributed
+from emofuse.core.engine.distributed import DistContext, ShardedBatchSampler, setup_distributed, teardown_distributed
 from emofuse.core.errors import CheckpointError, ConfigError, DataError
 from emofuse.core.interfaces import Encoder, Fusion, Loss
-from emofuse.core.metrics import classification_metrics
-from emofuse.core.model_io import load_model, model_state, save_model
-from emofuse.core.precision import Precision, resolve_precision
+from emofuse.core.engine.metrics import classification_metrics
+from emofuse.core.engine.model_io import load_model, model_state, save_model
+from emofuse.core.engine.precision import Precision, resolve_precision
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.schedule import warmup_cosine
-from emofuse.core.train_state import TrainingState, capture_rng, load_training_state, restore_rng, save_training_state
+from emofuse.core.engine.schedule import warmup_cosine
+from emofuse.core.engine.train_state import TrainingState, capture_rng, load_training_state, restore_rng, save_training_state
 from emofuse.core.types import AUDIO, VIDEO, Batch, EncoderOutput
 
 log = logging.getLogger("emofuse.training")
@@ -1077,7 +1077,7 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
 
     encoders, outputs = outputs_of({b: r.checkpoint for b, r in branch_results.items()}, bundle, SPLITS)
     if config.fusion_inputs == "out-of-fold" and outputs.get("train") is not None:
-        from emofuse.core.cross_fitting import out_of_fold_outputs
+        from emofuse.core.engine.cross_fitting import out_of_fold_outputs
 
         outputs["train"] = out_of_fold_outputs(
             config, bundle,
