@@ -1,0 +1,120 @@
+"""Speech to text for clips that come without a transcript: greedy Whisper decoding, offline.
+
+`transcribe` is the one entry point predict and the readers use (readers hold no model code); it runs
+the packaged Whisper tiny.en through this project's PyTorch port (`emofuse.plugins.encoders.whisper`):
+the clip is padded to Whisper's 30 s window (the decoder was trained on that), the encoder runs once,
+then tokens are chosen greedily until end of text. `TranscriptCache` keeps each clip's text on disk
+by the clip's content hash, so a corpus is transcribed once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+#: Whisper's special tokens for English-only models (tiny.en): start of transcript, no timestamps, end of text.
+START_OF_TRANSCRIPT = 50257
+NO_TIMESTAMPS = 50362
+END_OF_TEXT = 50256
+#: openai-whisper's default cap on generated tokens (half the decoder's 448 positions).
+MAX_NEW_TOKENS = 224
+
+
+class WhisperTranscriber:
+    """Greedy decoding with the packaged Whisper; suppresses the tokens its config lists (and every special
+    token but end of text), and a blank or end-of-text first token, as the reference decoder does."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer
+
+        from emofuse.plugins.encoders.whisper import WhisperLogMel, packaged_whisper
+
+        self.weights = packaged_whisper()
+        self.mel = WhisperLogMel(self.weights.encoder.dims.n_mels)
+        self.tokenizer = Tokenizer.from_file(str(self.weights.folder / "tokenizer.json"))
+        vocab = self.weights.decoder.token_embedding.num_embeddings
+        suppress = torch.zeros(vocab, dtype=torch.bool)
+        suppress[list(self.weights.suppress_ids)] = True
+        suppress[START_OF_TRANSCRIPT:] = True  # special and timestamp tokens
+        self.suppress = suppress
+        self.suppress_first = suppress.clone()
+        self.suppress_first[list(self.weights.suppress_ids_begin)] = True
+
+    @torch.no_grad()
+    def __call__(self, waveform: np.ndarray | torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+        """One 16 kHz mono clip (its first 30 s) -> its text, stripped."""
+        wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        audio = self.weights.encoder(self.mel(wav, pad_to_chunk=True)[None])[-1]
+        audio_kv = self.weights.decoder.audio_keys_values(audio)
+        tokens = [START_OF_TRANSCRIPT, NO_TIMESTAMPS]
+        for step in range(max_new_tokens):
+            logits = self.weights.decoder.next_token_logits(torch.tensor([tokens]), audio_kv)[0]
+            logits[self.suppress_first if step == 0 else self.suppress] = -torch.inf
+            token = int(logits.argmax())
+            if token == END_OF_TEXT:
+                break
+            tokens.append(token)
+        return self.tokenizer.decode(tokens[2:], skip_special_tokens=True).strip()
+
+
+_transcriber: WhisperTranscriber | None = None
+_lock = threading.Lock()
+
+
+def transcriber() -> WhisperTranscriber:
+    """The process's one transcriber (the model loads once)."""
+    global _transcriber
+    with _lock:
+        if _transcriber is None:
+            _transcriber = WhisperTranscriber()
+        return _transcriber
+
+
+def transcribe(waveforms: Iterable[np.ndarray | torch.Tensor]) -> list[str]:
+    """16 kHz mono waveforms -> one transcript each (greedy Whisper tiny.en, offline)."""
+    model = transcriber()
+    return [model(w) for w in waveforms]
+
+
+def content_key(path: Path) -> str:
+    """SHA-256 of the file's bytes: the same recording gets its text back wherever it lives."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TranscriptCache:
+    """One JSON file of ``{clip content hash: transcript}``; written atomically after each batch of new clips."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            self._texts: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            self._texts = {}  # unreadable cache: transcribe again rather than fail
+
+    def transcripts(self, paths: Sequence[Path]) -> list[str]:
+        """The transcript of each audio file, transcribing (and storing) only the ones not seen before."""
+        from emofuse.core.data.decode import decode_audio
+
+        keys = [content_key(Path(p)) for p in paths]
+        missing = [i for i, k in enumerate(keys) if k not in self._texts]
+        if missing:
+            texts = transcribe(decode_audio(paths[i]) for i in missing)
+            self._texts.update({keys[i]: t for i, t in zip(missing, texts)})
+            self._save()
+        return [self._texts[k] for k in keys]
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._texts, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
