@@ -375,10 +375,13 @@ def predict_cmd(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="A CSV/JSONL manifest of clips."),
     text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
+    transcribe: bool = typer.Option(True, "--transcribe/--no-transcribe",
+                                    help="Transcribe the speech of clips without text (Whisper tiny.en, offline)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
-    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out)
+    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
+                                   transcribe=transcribe)
     if failures:
         raise typer.Exit(1)
 

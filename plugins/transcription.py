@@ -8,6 +8,7 @@ by the clip's content hash, so a corpus is transcribed once.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from emofuse.core.types import Sample
 
 #: Whisper's special tokens for English-only models (tiny.en): start of transcript, no timestamps, end of text.
 START_OF_TRANSCRIPT = 50257
@@ -118,3 +121,28 @@ class TranscriptCache:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self._texts, indent=0, sort_keys=True))
         os.replace(tmp, self.path)
+
+
+def default_transcript_cache() -> Path:
+    """``$XDG_CACHE_HOME/emofuse`` (else ``~/.cache/emofuse``), one file per model so another model's text is
+    never served."""
+    from emofuse.plugins.encoders.whisper import PACKAGED_SHA256
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return root / "emofuse" / f"transcripts-whisper-tiny.en-{PACKAGED_SHA256[:12]}.json"
+
+
+def fill_missing_transcripts(samples: Sequence[Sample], cache: Path | str | None = None) -> list[Sample]:
+    """`samples` with every missing transcript filled from the clip's speech (its audio, else its video's
+    sound track); each new text is marked ``extra["transcribed"] = True``. Samples with text, or without
+    any media, are returned as they are. Clips are transcribed once: the text is kept in `cache`
+    (default `default_transcript_cache`)."""
+    todo = [i for i, s in enumerate(samples) if not (s.text and s.text.strip()) and (s.audio_path or s.video_path)]
+    if not todo:
+        return list(samples)
+    store = TranscriptCache(cache if cache is not None else default_transcript_cache())
+    texts = store.transcripts([Path(samples[i].audio_path or samples[i].video_path) for i in todo])
+    out = list(samples)
+    for i, text in zip(todo, texts):
+        out[i] = dataclasses.replace(samples[i], text=text or None, extra={**samples[i].extra, "transcribed": True})
+    return out

@@ -51,8 +51,8 @@ def test_baselines_fit_on_the_chosen_actors_and_beat_chance_from_real_action_uni
     rng = np.random.default_rng(0)
     # real action units; stand-in audio functionals with no signal (openSMILE over 720 clips is slow)
     noise = {s.id: rng.normal(size=88) for s in samples}
-    both = rt.baseline_scores(samples, split, noise, 8, fit_on=("train", "val"))
-    train_only = rt.baseline_scores(samples, split, noise, 8, fit_on=("train",))
+    both = rt.baseline_scores(samples, split, {"egemaps": noise}, 8, fit_on=("train", "val"))
+    train_only = rt.baseline_scores(samples, split, {"egemaps": noise}, 8, fit_on=("train",))
     assert set(both) == {"au", "egemaps", "concat", "average"}
     assert both["au"]["accuracy"] > 0.4 and train_only["au"]["accuracy"] > 0.4  # chance is 1/8
     assert both["egemaps"]["accuracy"] < 0.3  # noise stays near chance

@@ -5,6 +5,10 @@ Inputs are media files (audio or video), folders of them, `Sample`s, or a manife
 ``{"id", "path", "probabilities": {label: p}, "label"}``; a clip that cannot be read gives
 ``{"id", "path", "error"}`` instead and the others are still predicted. The checkpoint's own
 normaliser and label set are used, so predictions match what `evaluate` measured.
+
+A model that reads text gets a transcript for every clip given without one (no ``--text``, an empty
+manifest cell): the clip's speech transcribed offline by Whisper tiny.en (`emofuse.plugins.transcription`,
+cached per clip); its record then carries the ``transcript``. ``transcribe=False`` leaves such clips textless.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.types import AUDIO, VIDEO, Sample
+from emofuse.core.types import AUDIO, TEXT, VIDEO, Sample
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".ogg", ".oga", ".opus", ".mp3", ".flac", ".m4a", ".aac"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v"})
@@ -76,12 +80,14 @@ def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterab
 
 
 def samples_from_manifest(
-    manifest: Path, label_names: Sequence[str], registry: Registry | None = None
+    manifest: Path, label_names: Sequence[str], registry: Registry | None = None, *, transcribe: bool = False
 ) -> tuple[list[Sample], list[Failure]]:
-    """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader; bad rows become failures."""
+    """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader; bad rows become failures. With
+    `transcribe`, rows without text get their clip's speech transcribed."""
     registry = registry or get_registry()
     cls = registry.cls("dataset", "manifest")
-    options = {"path": str(Path(manifest).resolve()), "labels": list(label_names), "empty_text": "absent"}
+    options = {"path": str(Path(manifest).resolve()), "labels": list(label_names),
+               "empty_text": "transcribe" if transcribe else "absent"}
     reader = cls(cls.make_config(options, where="--manifest"), data_dir=None)
     reader.on_bad_sample = "skip"
     samples = list(reader.samples())
@@ -101,7 +107,7 @@ class Predictor:
     """A loaded checkpoint ready to classify clips; build one with `load`."""
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", batch_size: int = 8,
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, transcribe: bool = True):
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.label_names = list(loaded.label_names)
@@ -110,6 +116,8 @@ class Predictor:
         self.batch_size = batch_size
         self.normalizer = normalizer_of(loaded)
         self.registry = registry
+        #: Transcribe the speech of clips that come without text (only when the model reads text).
+        self.transcribe = transcribe and TEXT in self.modalities
         self.model.to(self.device)
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -130,19 +138,36 @@ class Predictor:
                         raise DataError(path, "folder holds no audio or video files")
                     out += [self._media(media, text) for media in found]
                 elif is_manifest(path):
-                    samples, failures = samples_from_manifest(path, self.label_names, self.registry)
+                    samples, failures = samples_from_manifest(path, self.label_names, self.registry,
+                                                              transcribe=self.transcribe)
                     out += failures + samples
                 else:
                     out.append(self._media(path, text))
             except EmofuseError as exc:
                 out.append(Failure(path.stem, str(path), exc.message))
-        return out
+        return self._with_transcripts(out) if self.transcribe else out
 
     def _media(self, path: Path, text: str | None) -> Sample | Failure:
+        # a model that reads text but not audio still needs the sound track to transcribe
+        modalities = self.modalities + [AUDIO] if self.transcribe and text is None else self.modalities
         try:
-            return sample_from_media(path, text=text, modalities=self.modalities)
+            return sample_from_media(path, text=text, modalities=modalities)
         except EmofuseError as exc:
             return Failure(path.stem, str(path), exc.message)
+
+    def _with_transcripts(self, entries: list[Sample | Failure]) -> list[Sample | Failure]:
+        """Fill missing transcripts from the clips' speech; drop the sound track again where the model does not
+        read audio."""
+        from dataclasses import replace
+
+        from emofuse.plugins.transcription import fill_missing_transcripts
+
+        positions = [i for i, e in enumerate(entries) if isinstance(e, Sample)]
+        filled = fill_missing_transcripts([entries[i] for i in positions])  # type: ignore[misc]
+        out = list(entries)
+        for i, sample in zip(positions, filled):
+            out[i] = sample if AUDIO in self.modalities else replace(sample, audio_path=None)
+        return out
 
     # -- prediction ---------------------------------------------------------------------------------
     def predict(self, items: Any, *, text: str | None = None) -> list[dict[str, Any]]:
@@ -179,6 +204,8 @@ class Predictor:
                         "probabilities": {name: round(float(v), 6) for name, v in zip(self.label_names, p)},
                         "modalities": sorted(m for m in self.modalities if bool(batch.present[m][row])),
                     }
+                    if sample.extra.get("transcribed"):
+                        by_position[id(sample)]["transcript"] = sample.text
             records += [by_position[id(s)] for s in chunk]
         return records
 
@@ -217,10 +244,10 @@ class Predictor:
 
 
 def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_size: int = 8,
-         registry: Registry | None = None) -> Predictor:
+         registry: Registry | None = None, transcribe: bool = True) -> Predictor:
     """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``."""
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
-                     registry=registry)
+                     registry=registry, transcribe=transcribe)
 
 
 def predict_cli(
@@ -230,6 +257,7 @@ def predict_cli(
     manifest: Path | None = None,
     text: str | None = None,
     out: Path | None = None,
+    transcribe: bool = True,
 ) -> int:
     """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
 
@@ -241,7 +269,7 @@ def predict_cli(
         items.append(Path(manifest))
     if not items:
         raise ConfigError("nothing to predict", hint="pass media files, a folder, or --manifest FILE")
-    predictor = load(checkpoint)
+    predictor = load(checkpoint, transcribe=transcribe)
     records = predictor.predict(items, text=text)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out is not None:
