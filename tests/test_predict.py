@@ -41,7 +41,7 @@ def clips(shared_data) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    return load(checkpoint, device="cpu", batch_size=4)
+    return load(checkpoint, device="cpu", batch_size=4, transcribe=False)  # transcription: test_transcription.py
 
 
 def test_one_corrupt_file_among_good_ones(tmp_path, checkpoint, clips):
