@@ -3,13 +3,14 @@
 `transcribe` is the one entry point predict and the readers use (readers hold no model code); it runs
 the packaged Whisper tiny.en through this project's PyTorch port (`emofuse.plugins.encoders.whisper`):
 the clip is padded to Whisper's 30 s window (the decoder was trained on that), the encoder runs once,
-then tokens are chosen greedily until end of text. `TranscriptCache` keeps each clip's text on disk
+then tokens are chosen greedily until end of text. It gives the same text as the ctranslate2 runtime
+at the same speed on CPU (measured: `benchmarks/bench_whisper.py`), so that runtime is not a dependency.
+`TranscriptCache` keeps each clip's text on disk
 by the clip's content hash, so a corpus is transcribed once.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from emofuse.core.types import Sample
+from emofuse.plugins.encoders.whisper import CHUNK_SAMPLES, PACKAGED_SHA256, WhisperLogMel, file_sha256, packaged_whisper
 
 #: Whisper's special tokens for English-only models (tiny.en): start of transcript, no timestamps, end of text.
 START_OF_TRANSCRIPT = 50257
@@ -36,8 +38,6 @@ class WhisperTranscriber:
     def __init__(self):
         from tokenizers import Tokenizer
 
-        from emofuse.plugins.encoders.whisper import WhisperLogMel, packaged_whisper
-
         self.weights = packaged_whisper()
         self.mel = WhisperLogMel(self.weights.encoder.dims.n_mels)
         self.tokenizer = Tokenizer.from_file(str(self.weights.folder / "tokenizer.json"))
@@ -49,10 +49,15 @@ class WhisperTranscriber:
         self.suppress_first = suppress.clone()
         self.suppress_first[list(self.weights.suppress_ids_begin)] = True
 
-    @torch.no_grad()
     def __call__(self, waveform: np.ndarray | torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
-        """One 16 kHz mono clip (its first 30 s) -> its text, stripped."""
-        wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        """One 16 kHz mono clip -> its text, stripped; a clip longer than 30 s is transcribed window by window."""
+        wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).flatten()
+        texts = [self.window(chunk, max_new_tokens) for chunk in wav.split(CHUNK_SAMPLES)]
+        return " ".join(t for t in texts if t)
+
+    @torch.no_grad()
+    def window(self, wav: torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+        """Greedy decoding of at most 30 s of audio."""
         audio = self.weights.encoder(self.mel(wav, pad_to_chunk=True)[None])[-1]
         audio_kv = self.weights.decoder.audio_keys_values(audio)
         tokens = [START_OF_TRANSCRIPT, NO_TIMESTAMPS]
@@ -85,15 +90,6 @@ def transcribe(waveforms: Iterable[np.ndarray | torch.Tensor]) -> list[str]:
     return [model(w) for w in waveforms]
 
 
-def content_key(path: Path) -> str:
-    """SHA-256 of the file's bytes: the same recording gets its text back wherever it lives."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TranscriptCache:
     """One JSON file of ``{clip content hash: transcript}``; written atomically after each batch of new clips."""
 
@@ -108,7 +104,7 @@ class TranscriptCache:
         """The transcript of each audio file, transcribing (and storing) only the ones not seen before."""
         from emofuse.core.data.decode import decode_audio
 
-        keys = [content_key(Path(p)) for p in paths]
+        keys = [file_sha256(Path(p)) for p in paths]  # the same recording anywhere: one entry
         missing = [i for i, k in enumerate(keys) if k not in self._texts]
         if missing:
             texts = transcribe(decode_audio(paths[i]) for i in missing)
@@ -126,8 +122,6 @@ class TranscriptCache:
 def default_transcript_cache() -> Path:
     """``$XDG_CACHE_HOME/emofuse`` (else ``~/.cache/emofuse``), one file per model so another model's text is
     never served."""
-    from emofuse.plugins.encoders.whisper import PACKAGED_SHA256
-
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return root / "emofuse" / f"transcripts-whisper-tiny.en-{PACKAGED_SHA256[:12]}.json"
 

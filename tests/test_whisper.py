@@ -187,3 +187,10 @@ def test_unfrozen_whisper_trains_its_own_copy():
     enc(make_batch(2, size=32, audio_s=0.5)).logits.sum().backward()
     assert enc.audio_backbone.encoder.conv1.weight.grad.abs().sum() > 0
     assert enc.audio_backbone.encoder is not packaged_whisper().encoder  # the shared copy stays untouched
+
+
+def test_a_clip_longer_than_whisper_window_is_encoded_window_by_window():
+    front = WhisperFrontEnd(all_layers=False).eval()
+    with torch.no_grad():
+        (frames,) = front([torch.randn(31 * 16_000) * 0.01])
+    assert frames.shape == (1500 + 50, 384)  # 30 s window + 1 s window, nothing cut off

@@ -22,7 +22,13 @@ from torch import nn
 
 from emofuse.core.errors import MissingDependencyError
 from emofuse.plugins.encoders.pretrained import load_pretrained
-from emofuse.plugins.encoders.whisper import PACKAGED_ALIASES, WhisperEncoder, WhisperLogMel, packaged_whisper
+from emofuse.plugins.encoders.whisper import (
+    CHUNK_SAMPLES,
+    PACKAGED_ALIASES,
+    WhisperEncoder,
+    WhisperLogMel,
+    packaged_whisper,
+)
 
 SAMPLE_RATE = 16_000
 LOG_MEL = "log-mel"
@@ -137,10 +143,14 @@ class WhisperFrontEnd(AudioFrontEnd):
         self.frame_rate = 50.0
 
     def forward(self, waveforms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A clip longer than Whisper's 30 s window is encoded window by window, the frames joined in order."""
         out = []
         for wav in waveforms:
-            states = self.encoder(self.mel(wav)[None])
-            out.append(stack_layers([h[0] for h in states], self.all_layers))
+            windows = []
+            for chunk in wav.float().flatten().split(CHUNK_SAMPLES):
+                states = self.encoder(self.mel(chunk)[None])
+                windows.append(stack_layers([h[0] for h in states], self.all_layers))
+            out.append(torch.cat(windows))
         return out
 
 

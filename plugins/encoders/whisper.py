@@ -12,7 +12,7 @@ hidden states come back (the input embedding, each block, the final norm), for a
 from __future__ import annotations
 
 import hashlib
-import math
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -316,8 +316,6 @@ def verified_model_file(folder: Path, expected_sha256: str = PACKAGED_SHA256) ->
 
 def load_whisper(folder: Path | None = None, *, expected_sha256: str = PACKAGED_SHA256) -> WhisperWeights:
     """The packaged Whisper (or a copy of its folder, for tests), verified and converted to PyTorch."""
-    import json
-
     folder = Path(folder) if folder is not None else packaged_whisper_folder()
     encoder, decoder = whisper_from_ctranslate2(read_ctranslate2_model(verified_model_file(folder, expected_sha256)))
     config = json.loads((folder / "config.json").read_text())
@@ -330,8 +328,3 @@ def packaged_whisper() -> WhisperWeights:
     """The packaged model, loaded once per process (the backbone, predict and readers share it).
     Callers that train it take a deep copy (`WhisperFrontEnd` does)."""
     return load_whisper()
-
-
-def encoder_positions(mel_frames: int) -> int:
-    """Encoder positions for `mel_frames` mel frames (the second convolution has stride 2)."""
-    return math.ceil(mel_frames / 2)
