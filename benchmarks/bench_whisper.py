@@ -124,6 +124,7 @@ def transcription(samples: Sequence[Sample], waves: Sequence[np.ndarray]) -> dic
         pass
     out = {}
     for name, fn in runs.items():
+        fn(waves[0])  # warm-up
         start = time.perf_counter()
         texts = [fn(w) for w in waves]
         seconds = time.perf_counter() - start
