@@ -62,7 +62,7 @@ EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "audio_layers", "max_text_
 class MMLSTMConfig(ComponentConfig):
     #: BERT-family text encoder: "minilm" (packaged, offline), a local folder, or a hub id (bert-base-uncased).
     text_backbone: str = DEFAULT_TEXT_BACKBONE
-    #: "whisper" (the packaged Whisper tiny.en encoder), "log-mel", "egemaps" (needs emofuse[egemaps]), a
+    #: "whisper" (the packaged Whisper tiny.en encoder, default), "log-mel", "egemaps" (needs emofuse[egemaps]), a
     #: Wav2Vec2-family or Whisper hub id / local folder (facebook/wav2vec2-base), or "none": text only
     #: (the sequence model then reads the text tokens).
     audio_backbone: str = DEFAULT_AUDIO_BACKBONE
@@ -89,7 +89,7 @@ class MMLSTMConfig(ComponentConfig):
         if self.model_dim % self.attention_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by attention_heads ({self.attention_heads})")
         if not self.audio_backbone.strip():
-            raise ValueError(f"audio_backbone is empty: give log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
+            raise ValueError(f"audio_backbone is empty: give whisper, log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
         return self
 
     @property
