@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from emofuse.cli.progress import RichReporter
+from emofuse.core.engine.progress import reporting
 from emofuse.core.errors import EmofuseError
 
 app = typer.Typer(
@@ -52,7 +54,8 @@ def friendly_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with reporting(RichReporter(console)):
+                return fn(*args, **kwargs)
         except EmofuseError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

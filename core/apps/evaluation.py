@@ -14,9 +14,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from emofuse.core.engine.compose import ComposedModel
-from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
+from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.registry import Registry
 from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch, EncoderOutput, Sample
 

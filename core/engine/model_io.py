@@ -13,8 +13,8 @@ import torch
 
 from emofuse import __version__
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
-from emofuse.core.engine.compose import ComposedModel, build_model
 from emofuse.core.config import RunConfig, validate
+from emofuse.core.engine.compose import ComposedModel, build_model
 from emofuse.core.errors import CheckpointError, PluginError
 from emofuse.core.registry import Registry, get_registry
 

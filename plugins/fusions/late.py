@@ -113,7 +113,7 @@ class EnhancedLateFusion(WeightedLateFusion):
 
     def report(self) -> dict[str, Any]:
         rep = super().report()
-        # Indexed by class; the trainer names the classes (see emofuse.core.engine.training.name_report).
+        # Indexed by class; the trainer names the classes (see emofuse.core.engine.fusion_stage.name_report).
         rep["class_bias"] = [float(v) for v in self.class_bias.detach().cpu()]
         return rep
 
