@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -139,8 +139,20 @@ class Fusion(Component, nn.Module):
         self.num_classes = num_classes
         self.branches = list(branches)
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
+        """Fused logits ``[B, C]`` from every branch's output, keyed by branch name."""
         raise NotImplementedError
+
+    def ordered(self, outputs: Mapping[str, EncoderOutput]) -> list[EncoderOutput]:
+        """`outputs` in this fusion's branch order, looked up by name: the order a caller happens to
+        hold its branches in can never swap them (as positional inputs once did on reload)."""
+        if not isinstance(outputs, Mapping):
+            raise TypeError(f"fusion {self.name!r} takes a mapping of branch name -> EncoderOutput, "
+                            f"not a {type(outputs).__name__}")
+        names = [b.name for b in self.branches]
+        if set(outputs) != set(names):
+            raise ValueError(f"fusion {self.name!r} was built for branches {names}, got outputs of {sorted(outputs)}")
+        return [outputs[n] for n in names]
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -67,11 +67,12 @@ def test_encoder_conformance(name, tmp_path):
 
 def _branch_outputs(n_branches=2, batch=4, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    outs = []
+    outs = {}
     for i in range(n_branches):
         present = torch.ones(batch, dtype=torch.bool)
         present[i % batch] = False  # every branch misses one sample
-        outs.append(EncoderOutput(torch.randn(batch, NUM_CLASSES, generator=g), torch.randn(batch, dim + i, generator=g), present))
+        outs[f"branch{i}"] = EncoderOutput(torch.randn(batch, NUM_CLASSES, generator=g),
+                                           torch.randn(batch, dim + i, generator=g), present)
     infos = [BranchInfo(f"branch{i}", NUM_CLASSES, dim + i, ("features",)) for i in range(n_branches)]
     return outs, infos
 

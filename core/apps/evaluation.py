@@ -139,9 +139,9 @@ def combine(
     branch_logits: dict[str, list[torch.Tensor]] = {}
     fusion = model.fusion.eval().cpu() if model.fusion is not None else None
     for batch, per_branch in zip(batches, outputs):
-        mine = [per_branch[name] for name in model.branches]  # the model's own branch order
+        mine = {name: per_branch[name] for name in model.branches}
         if fusion is None:
-            (only,) = mine
+            (only,) = mine.values()
             final = only.logits
         else:
             final = fusion(mine)

@@ -38,15 +38,16 @@ class BranchOutputs:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def select(self, index: torch.Tensor, branches: Sequence[str], device: torch.device) -> list[EncoderOutput]:
-        out = []
+    def select(self, index: torch.Tensor, branches: Sequence[str], device: torch.device) -> dict[str, EncoderOutput]:
+        """The rows at `index` of each of `branches`, as a fusion takes them (by branch name)."""
+        out = {}
         for b in branches:
             emb = self.embedding[b]
-            out.append(EncoderOutput(
+            out[b] = EncoderOutput(
                 logits=self.logits[b][index].to(device),
                 embedding=emb[index].to(device) if emb is not None else None,
                 present=self.present[b][index].to(device),
-            ))
+            )
         return out
 
 

@@ -105,7 +105,7 @@ class ComposedModel(nn.Module):
         if self.fusion is None:
             (only,) = outputs.values()
             return only.logits, outputs
-        return self.fusion(list(outputs.values())), outputs
+        return self.fusion(outputs), outputs
 
 
 def build_model(

@@ -84,7 +84,7 @@ class FusionTask:
         batch_size = max(256, self.cfg.batch_size)
         return [(split, idx) for idx in self._sampler(split, shuffle=False, training=False, batch_size=batch_size)]
 
-    def prepare(self, batch: tuple[str, list[int]]) -> tuple[list[EncoderOutput], torch.Tensor]:
+    def prepare(self, batch: tuple[str, list[int]]) -> tuple[dict[str, EncoderOutput], torch.Tensor]:
         split, idx = batch
         index = torch.tensor(idx, dtype=torch.long)
         data = self.outputs[split]

@@ -73,10 +73,10 @@ class ProductOfExpertsFusion(Fusion):
         super().__init__(config, num_classes, branches)
         self.log_temperature = nn.Parameter(torch.full((len(self.branches),), float(config.init_temperature)).log())
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         temps = self.log_temperature.exp()
         total = 0
-        for i, out in enumerate(outputs):
+        for i, out in enumerate(self.ordered(outputs)):
             mask = out.presence().to(out.logits.dtype).unsqueeze(1)
             total = total + mask * F.log_softmax(out.logits / temps[i], dim=1)
         return total
