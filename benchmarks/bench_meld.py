@@ -184,7 +184,7 @@ def train_row(row: Row, bundle: DataBundle, cache: FeatureCache, args: argparse.
         "history": outcome.history,
     }
     result.update(dev_predictions(task))
-    if getattr(encoder, "aux_weight", 0.0) > 0:
+    if encoder.aux_weight > 0:
         result["train_aux_loss"] = outcome.history[outcome.best_epoch]["train_aux_loss"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from emofuse.cli.progress import RichReporter
 from emofuse.core.engine.progress import reporting
@@ -183,23 +184,28 @@ def plugins_cmd(
     for col in ("kind", "name", "provider", "summary"):
         table.add_column(col, overflow="fold")
     if options:
-        table.add_column("options", overflow="fold")
+        table.add_column("options (name: type = default; constraints; help)", overflow="fold")
     for r in rows:
         cells = [r.kind, r.name, f"{r.provider.distribution} {r.provider.version}", r.cls.summary()]
         if options:
-            cells.append("\n".join(f"{k} = {v}" for k, v in _options_of(r.cls).items()))
-        table.add_row(*cells)
+            cells.append("\n".join(_option_line(o) for o in r.cls.options()))
+        table.add_row(*(Text(c) for c in cells))  # plain text: a summary or help may hold [brackets]
     console.print(table)
+    if options and (kind in (None, "dataset")):
+        console.print(Text("dataset options go under data.options in a config, or --set data.options.KEY=VALUE"))
     for p in reg.problems:
-        err_console.print(f"[yellow]skipped plugin[/] {p}", highlight=False)
+        err_console.print(Text.assemble(("skipped plugin ", "yellow"), str(p)), highlight=False)
 
 
-def _options_of(cls: type) -> dict[str, str]:
-    out = {}
-    for key, field in cls.Config.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
-        out[key] = repr(default) if not field.is_required() else "(required)"
-    return out
+def _option_line(option: dict[str, str]) -> str:
+    line = f"{option['name']}: {option['type']} = {option['default']}"
+    if option["constraints"]:
+        line += f"; {option['constraints']}"
+    return line + (f"; {option['help']}" if option["help"] else "")
+
+
+def _options_of(cls: type) -> dict[str, dict[str, str]]:
+    return {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in cls.options()}
 
 
 @app.command("presets")

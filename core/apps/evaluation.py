@@ -53,9 +53,7 @@ def drop_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
             out.text = [""] * n
         elif m == FEATURES:
             out.features = {k: torch.zeros_like(v) for k, v in batch.features.items()}
-            if "feature_present" in batch.extra:  # per-set masks some encoders read
-                out.extra = {**batch.extra, "feature_present": {
-                    k: torch.zeros_like(v) for k, v in batch.extra["feature_present"].items()}}
+            out.feature_present = {k: torch.zeros_like(v) for k, v in batch.feature_present.items()}
         elif m == METADATA:
             if batch.age is not None:
                 out.age = torch.full_like(batch.age, float("nan"))

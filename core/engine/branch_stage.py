@@ -60,7 +60,7 @@ class BranchTask:
         self.modalities = light_modalities(self.encoder)
         self._num_batches: int | None = None
         #: Set by encoders that need a dialogue's turns together (`emofuse.plugins.encoders.context`).
-        self.by_dialogue = bool(getattr(self.encoder, "batches_by_dialogue", False))
+        self.by_dialogue = bool(self.encoder.batches_by_dialogue)
         self.last_aux_loss: tuple[torch.Tensor, float] | None = None
         #: ``[3]`` float64 (summed cross-entropy, correct, labelled) of the auxiliary head on the latest batch.
         self.last_aux_counts: torch.Tensor | None = None
@@ -120,7 +120,7 @@ class BranchTask:
 def auxiliary_loss(output: EncoderOutput, encoder: Encoder) -> tuple[torch.Tensor, float] | None:
     """(cross-entropy, weight) of an encoder's auxiliary head (``extras["aux_logits"]`` / ``["aux_labels"]``,
     see `emofuse.plugins.encoders.auxiliary`), or None when it has none or no sample has an auxiliary label."""
-    weight = float(getattr(encoder, "aux_weight", 0.0))
+    weight = float(encoder.aux_weight)
     logits, labels = output.extras.get("aux_logits"), output.extras.get("aux_labels")
     if weight <= 0 or logits is None or labels is None or not bool((labels >= 0).any()):
         return None
@@ -130,7 +130,7 @@ def auxiliary_loss(output: EncoderOutput, encoder: Encoder) -> tuple[torch.Tenso
 def auxiliary_counts(output: EncoderOutput, encoder: Encoder) -> torch.Tensor | None:
     """``[3]`` float64 (summed cross-entropy, correct, labelled) of an encoder's auxiliary head over one
     batch, for exact split-level means (batches differ in how many samples carry the auxiliary label)."""
-    if float(getattr(encoder, "aux_weight", 0.0)) <= 0:
+    if float(encoder.aux_weight) <= 0:
         return None
     logits, labels = output.extras.get("aux_logits"), output.extras.get("aux_labels")
     if logits is None or labels is None:

@@ -108,6 +108,11 @@ class FitTask(Protocol):
     """What `fit` trains: a module, batches, and how to turn a batch into (logits, labels)."""
 
     module: nn.Module
+    #: (cross-entropy, weight) of an auxiliary head on the latest training batch, or None.
+    last_aux_loss: tuple[torch.Tensor, float] | None
+    #: ``[3]`` float64 (summed cross-entropy, correct, labelled) of the auxiliary head on the latest
+    #: scored batch, or None.
+    last_aux_counts: torch.Tensor | None
 
     def train_batches(self, epoch: int) -> Iterable[Any]:
         """This rank's share of each global batch of the epoch, in order."""
@@ -166,7 +171,7 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
                 logits, labels = task.forward(module, prepared)
             logits_parts.append(logits.detach().float().cpu())
             label_parts.append(labels.detach().cpu())
-            counts = getattr(task, "last_aux_counts", None)  # set by tasks whose encoder has an auxiliary head
+            counts = task.last_aux_counts
             if counts is not None:
                 aux_totals += counts
                 has_aux = True
@@ -209,7 +214,7 @@ def parameter_groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
     `backbone_lr_scale` train at ``lr * scale`` (fine-tuning gently), everything else at `lr` (group 0)."""
     scale_of: dict[int, float] = {}
     for sub in module.modules():
-        scale = float(getattr(sub, "backbone_lr_scale", 1.0)) if isinstance(sub, Encoder) else 1.0
+        scale = float(sub.backbone_lr_scale) if isinstance(sub, Encoder) else 1.0
         if scale == 1.0 or not sub.backbone_trainable:
             continue
         for name in sub.pretrained_modules:
@@ -327,7 +332,7 @@ def fit(
                     with precision.autocast():
                         logits, labels = task.forward(model, prepared)
                     loss = loss_fn(logits.float(), labels)
-                    aux = getattr(task, "last_aux_loss", None)  # (cross-entropy, weight) of a multi-task head
+                    aux = task.last_aux_loss
                     total = loss + aux[1] * aux[0] if aux is not None else loss
                     if aux is not None:
                         aux_losses.append(aux[0].detach())

@@ -67,6 +67,7 @@ class FusionTask:
                  cfg: TrainConfig, ctx: DistContext):
         self.module = fusion
         self.outputs, self.branches, self.cfg, self.ctx = outputs, list(branches), cfg, ctx
+        self.last_aux_loss = self.last_aux_counts = None  # a fusion has no auxiliary head
 
     def _sampler(self, split: str, *, shuffle: bool, training: bool, batch_size: int) -> ShardedBatchSampler:
         return ShardedBatchSampler(len(self.outputs[split]), batch_size, shuffle=shuffle, seed=self.cfg.seed,
