@@ -208,6 +208,19 @@ def _options_of(cls: type) -> dict[str, dict[str, str]]:
     return {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in cls.options()}
 
 
+@app.command("new-plugin")
+@friendly_errors
+def new_plugin_cmd(
+    name: str = typer.Argument(..., help="Plugin name, e.g. prosody: writes the package emofuse-NAME."),
+    into: Path = typer.Option(Path("."), "--into", help="Folder to create the package in."),
+):
+    """Write a plugin package (an encoder, a fusion, their conformance tests) to start a component from."""
+    from emofuse.core.apps.scaffold import new_plugin
+
+    target = new_plugin(name, into)
+    console.print(f"wrote {target}: pip install -e '{target}[test]' && pytest {target}/tests", markup=False, highlight=False)
+
+
 @app.command("presets")
 @friendly_errors
 def presets_cmd(

@@ -1,17 +1,15 @@
 """Components of the example plugin, registered through emofuse's hooks."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Encoder, Fusion
-from emofuse.core.types import AUDIO, EncoderOutput, Batch
+# The public plugin API: everything a plugin needs, from one module.
+from emofuse.core import AUDIO, Batch, ComponentConfig, Encoder, EncoderOutput, Fusion, hookimpl
 
 SAMPLE_RATE = 16_000
 
