@@ -79,9 +79,9 @@ DatasetOpt = typer.Option(None, "--dataset", help="Dataset reader (see `emofuse 
 LabelsOpt = typer.Option(None, "--labels", help="Explicit label set, comma-separated, in class-index order.")
 OutputOpt = typer.Option(None, "--output", "-o", help="Folder for runs (default: runs/).")
 NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --output).")
-SeedOpt = typer.Option(None, "--seed", help="Random seed.")
-EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs (stage 1 and fusion stage).")
-PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16")
+SeedOpt = typer.Option(None, "--seed", help="Random seed of every stage (train, fusion_train, branch_train.*).")
+EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs of every stage (train, fusion_train, branch_train.*); --set train.epochs=N sets the [train] key alone.")
+PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16, for every stage.")
 BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
 LimitOpt = typer.Option(None, "--limit", help="Use at most N samples (quick runs).")
 
@@ -105,7 +105,9 @@ def compose_run_config(
     on_bad_sample: str | None,
     limit: int | None,
 ):
-    """Flags -> one validated `RunConfig` (the layering is in `emofuse.core.presets.compose_config`)."""
+    """Flags -> one validated `RunConfig` (the layering is in `emofuse.core.presets.compose_config`), every
+    component's options checked by the component before anything runs."""
+    from emofuse.core.engine.compose import check_components
     from emofuse.core.errors import ConfigError
     from emofuse.core.presets import compose_config
 
@@ -156,6 +158,7 @@ def compose_run_config(
         cfg = cfg.model_copy(update={"fusion_train": cfg.fusion_train.model_copy(update=train_over)})
     if train_over and cfg.branch_train:  # ... and win over per-branch settings
         cfg = cfg.model_copy(update={"branch_train": {b: {**o, **train_over} for b, o in cfg.branch_train.items()}})
+    check_components(cfg)
     return cfg
 
 

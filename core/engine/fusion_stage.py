@@ -168,7 +168,8 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
     seed_everything(fusion_cfg.seed)
     infos = [branch_info(name, enc) for name, enc in encoders.items()]
     fusion = build_fusion(config.fusion, num_classes, infos, registry=registry)  # type: ignore[arg-type]
-    loss_fn = build_loss(config.fusion_loss or config.loss, num_classes, class_counts(bundle), registry=registry)
+    loss_fn = build_loss(config.fusion_loss or config.loss, num_classes, class_counts(bundle), registry=registry,
+                         where="fusion_loss" if config.fusion_loss is not None else "loss")
     task = FusionTask(fusion, outputs, list(encoders), fusion_cfg, ctx)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch
 from emofuse.core.config import RunConfig
 from emofuse.core.engine.branch_stage import train_branch
 from emofuse.core.engine.compose import (
+    check_components,
     branch_modalities,
     required_modalities,
 )
@@ -72,6 +73,7 @@ def train_run(
     if config.fusion is None and len(config.branches) > 1:
         raise ConfigError(f"{len(config.branches)} branches ({', '.join(config.branches)}) but no fusion",
                           hint="choose one with --fusion NAME (see `emofuse plugins`)")
+    check_components(config, registry)
     run_dir = Path(config.output_dir) / config.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
