@@ -23,7 +23,7 @@ Beside each row's dev weighted F1: its difference from the no-context row of the
 model, with a 95% paired bootstrap interval over dev dialogues (both models scored on the same
 resampled dialogues), so a difference within the dev set's sampling noise reads as such. One seed.
 
-Every row trains with the trainer itself (`emofuse.core.engine.training.fit` over a `BranchTask`: AdamW,
+Every row trains with the trainer itself (`emofuse.core.engine.fit.fit` over a `BranchTask`: AdamW,
 warm-up + cosine, its parameter groups, dialogue batches for the context models, plain
 cross-entropy), the same seed and the same settings. MiniLM's token vectors are extracted once into
 the feature cache (``--cache-dir``) and shared by the baseline and every frozen row (and by later runs).
@@ -55,7 +55,9 @@ from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.pipeline import DataBundle, load_data
 from emofuse.core.engine.distributed import DistContext
 from emofuse.core.interfaces import Encoder
-from emofuse.core.engine.training import BranchTask, FitSettings, ensure_extracted, fit, seed_everything
+from emofuse.core.engine.branch_stage import BranchTask
+from emofuse.core.engine.fit import FitSettings, fit, seed_everything
+from emofuse.core.engine.loaders import ensure_extracted
 from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.text_backbone import masked_mean
 
@@ -182,7 +184,7 @@ def train_row(row: Row, bundle: DataBundle, cache: FeatureCache, args: argparse.
         "history": outcome.history,
     }
     result.update(dev_predictions(task))
-    if getattr(encoder, "aux_weight", 0.0) > 0:
+    if encoder.aux_weight > 0:
         result["train_aux_loss"] = outcome.history[outcome.best_epoch]["train_aux_loss"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result

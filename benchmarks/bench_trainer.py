@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_trainer.py [--epochs 5] [--repeats 5] [--threads 1] [--fused-run runs/NAME]
 
-1. Per-step overhead of `emofuse.core.engine.training.fit` against a bare PyTorch loop over the same model
+1. Per-step overhead of `emofuse.core.engine.fit.fit` against a bare PyTorch loop over the same model
    (the `features` branch over the AU + MFCC table, a small MLP: the harshest case, each step is
    cheap) and the same batches (loaded once through the `DataBundle`, same order): AdamW + warm-up /
    cosine schedule in both, no gradient clipping in either. Reported: the training part of the
@@ -36,21 +36,13 @@ from emofuse.core.engine.distributed import DistContext
 from emofuse.core.engine.model_io import load_model
 from emofuse.core.registry import get_registry
 from emofuse.core.engine.schedule import warmup_cosine
-from emofuse.core.engine.training import (
-    SPLITS,
-    BranchTask,
-    FitSettings,
-    FusionTask,
-    _checkpoint_sha,
-    _open_cache,
-    compute_branch_outputs,
-    ensure_extracted,
-    fit,
-    light_modalities,
-    seed_everything,
-    split_batches,
-    train_run,
-)
+from emofuse.core.engine.run_files import SPLITS
+from emofuse.core.engine.branch_stage import BranchTask
+from emofuse.core.engine.fit import FitSettings, fit, seed_everything
+from emofuse.core.engine.fusion_stage import FusionTask, checkpoint_sha
+from emofuse.core.engine.loaders import open_cache, ensure_extracted, light_modalities, split_batches
+from emofuse.core.engine.branch_outputs import compute_branch_outputs
+from emofuse.core.engine.training import train_run
 
 
 # -- 1. trainer overhead ---------------------------------------------------------------------------
@@ -206,8 +198,8 @@ def bench_fusion(bundle: Any, out: Path, *, epochs: int, fused_run: Path | None)
         enc = load_model(ckpt, registry=registry).model.branches[name].eval()
         enc.requires_grad_(False)
         encoders[name] = enc
-    shas = {b: _checkpoint_sha(p) for b, p in checkpoints.items()}
-    cache = _open_cache(config)
+    shas = {b: checkpoint_sha(p) for b, p in checkpoints.items()}
+    cache = open_cache(config)
     for enc in encoders.values():
         ensure_extracted(enc, cache, bundle, splits=SPLITS, batch_size=32, seed=0, num_workers=0, ctx=ctx,
                          progress=False)

@@ -15,7 +15,10 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from emofuse.cli.progress import RichReporter
+from emofuse.core.engine.progress import reporting
 from emofuse.core.errors import EmofuseError
 
 app = typer.Typer(
@@ -52,7 +55,8 @@ def friendly_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with reporting(RichReporter(console)):
+                return fn(*args, **kwargs)
         except EmofuseError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -75,9 +79,9 @@ DatasetOpt = typer.Option(None, "--dataset", help="Dataset reader (see `emofuse 
 LabelsOpt = typer.Option(None, "--labels", help="Explicit label set, comma-separated, in class-index order.")
 OutputOpt = typer.Option(None, "--output", "-o", help="Folder for runs (default: runs/).")
 NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --output).")
-SeedOpt = typer.Option(None, "--seed", help="Random seed.")
-EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs (stage 1 and fusion stage).")
-PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16")
+SeedOpt = typer.Option(None, "--seed", help="Random seed of every stage (train, fusion_train, branch_train.*).")
+EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs of every stage (train, fusion_train, branch_train.*); --set train.epochs=N sets the [train] key alone.")
+PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16, for every stage.")
 BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
 LimitOpt = typer.Option(None, "--limit", help="Use at most N samples (quick runs).")
 
@@ -101,7 +105,9 @@ def compose_run_config(
     on_bad_sample: str | None,
     limit: int | None,
 ):
-    """Flags -> one validated `RunConfig` (the layering is in `emofuse.core.presets.compose_config`)."""
+    """Flags -> one validated `RunConfig` (the layering is in `emofuse.core.presets.compose_config`), every
+    component's options checked by the component before anything runs."""
+    from emofuse.core.engine.compose import check_components
     from emofuse.core.errors import ConfigError
     from emofuse.core.presets import compose_config
 
@@ -152,6 +158,7 @@ def compose_run_config(
         cfg = cfg.model_copy(update={"fusion_train": cfg.fusion_train.model_copy(update=train_over)})
     if train_over and cfg.branch_train:  # ... and win over per-branch settings
         cfg = cfg.model_copy(update={"branch_train": {b: {**o, **train_over} for b, o in cfg.branch_train.items()}})
+    check_components(cfg)
     return cfg
 
 
@@ -180,23 +187,41 @@ def plugins_cmd(
     for col in ("kind", "name", "provider", "summary"):
         table.add_column(col, overflow="fold")
     if options:
-        table.add_column("options", overflow="fold")
+        table.add_column("options (name: type = default; constraints; help)", overflow="fold")
     for r in rows:
         cells = [r.kind, r.name, f"{r.provider.distribution} {r.provider.version}", r.cls.summary()]
         if options:
-            cells.append("\n".join(f"{k} = {v}" for k, v in _options_of(r.cls).items()))
-        table.add_row(*cells)
+            cells.append("\n".join(_option_line(o) for o in r.cls.options()))
+        table.add_row(*(Text(c) for c in cells))  # plain text: a summary or help may hold [brackets]
     console.print(table)
+    if options and (kind in (None, "dataset")):
+        console.print(Text("dataset options go under data.options in a config, or --set data.options.KEY=VALUE"))
     for p in reg.problems:
-        err_console.print(f"[yellow]skipped plugin[/] {p}", highlight=False)
+        err_console.print(Text.assemble(("skipped plugin ", "yellow"), str(p)), highlight=False)
 
 
-def _options_of(cls: type) -> dict[str, str]:
-    out = {}
-    for key, field in cls.Config.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
-        out[key] = repr(default) if not field.is_required() else "(required)"
-    return out
+def _option_line(option: dict[str, str]) -> str:
+    line = f"{option['name']}: {option['type']} = {option['default']}"
+    if option["constraints"]:
+        line += f"; {option['constraints']}"
+    return line + (f"; {option['help']}" if option["help"] else "")
+
+
+def _options_of(cls: type) -> dict[str, dict[str, str]]:
+    return {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in cls.options()}
+
+
+@app.command("new-plugin")
+@friendly_errors
+def new_plugin_cmd(
+    name: str = typer.Argument(..., help="Plugin name, e.g. prosody: writes the package emofuse-NAME."),
+    into: Path = typer.Option(Path("."), "--into", help="Folder to create the package in."),
+):
+    """Write a plugin package (an encoder, a fusion, their conformance tests) to start a component from."""
+    from emofuse.core.apps.scaffold import new_plugin
+
+    target = new_plugin(name, into)
+    console.print(f"wrote {target}: pip install -e '{target}[test]' && pytest {target}/tests", markup=False, highlight=False)
 
 
 @app.command("presets")

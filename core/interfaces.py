@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,14 @@ class Encoder(Component, nn.Module):
     #: Attribute names of frozen pretrained submodules that are rebuilt from their source on load,
     #: so checkpoints need not carry them (they are saved when unfrozen).
     pretrained_modules: ClassVar[tuple[str, ...]] = ()
+    #: True for an encoder that reads a dialogue's turns together (a context model): training,
+    #: evaluation and prediction then batch whole dialogues (`Batch.dialogue_ids`).
+    batches_by_dialogue: bool = False
+    #: Learning-rate factor of the unfrozen `pretrained_modules` (fine-tuning gently); 1 = the head's.
+    backbone_lr_scale: float = 1.0
+    #: Weight in the loss of an auxiliary head's cross-entropy, which the encoder returns as
+    #: ``EncoderOutput.extras["aux_logits"]`` ``[B, K]`` and ``["aux_labels"]`` ``[B]`` (-1 unknown); 0 = none.
+    aux_weight: float = 0.0
 
     def __init__(self, config: ComponentConfig, num_classes: int):
         nn.Module.__init__(self)
@@ -64,6 +72,9 @@ class Encoder(Component, nn.Module):
         return False
 
     def forward(self, batch: Batch, extracted: dict[str, torch.Tensor] | None = None) -> EncoderOutput:
+        """Logits for the batch. `extracted` holds the frozen part's outputs, collated by
+        `collate_extracted`, when they come from the cache; the batch then carries no video or audio
+        (they were not decoded), so read media only through `extracted_for`."""
         raise NotImplementedError
 
     def extracted_for(self, batch: Batch, extracted: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -97,16 +108,18 @@ class Encoder(Component, nn.Module):
 
 
 def collate_extracted(per_sample: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-sample extracted tensors; where first dims differ, pad and add ``<key>_lengths``."""
+    """Stack per-sample extracted tensors. Every key with at least one dimension also gets
+    ``<key>_lengths`` ``[B]`` (its per-sample first-dimension sizes), padded to the longest when they
+    differ, so an encoder can always read the lengths of a sequence it extracted."""
     if not per_sample:
         return {}
     out: dict[str, torch.Tensor] = {}
     for key in per_sample[0]:
         tensors = [s[key] for s in per_sample]
-        if tensors[0].dim() > 0 and len({t.shape for t in tensors}) > 1:
-            out[key], out[f"{key}_lengths"] = pad_sequences(tensors)
-        else:
+        if tensors[0].dim() == 0:
             out[key] = torch.stack(tensors)
+        else:
+            out[key], out[f"{key}_lengths"] = pad_sequences(tensors)
     return out
 
 
@@ -139,8 +152,20 @@ class Fusion(Component, nn.Module):
         self.num_classes = num_classes
         self.branches = list(branches)
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
+        """Fused logits ``[B, C]`` from every branch's output, keyed by branch name."""
         raise NotImplementedError
+
+    def ordered(self, outputs: Mapping[str, EncoderOutput]) -> list[EncoderOutput]:
+        """`outputs` in this fusion's branch order, looked up by name: the order a caller happens to
+        hold its branches in can never swap them (as positional inputs once did on reload)."""
+        if not isinstance(outputs, Mapping):
+            raise TypeError(f"fusion {self.name!r} takes a mapping of branch name -> EncoderOutput, "
+                            f"not a {type(outputs).__name__}")
+        names = [b.name for b in self.branches]
+        if set(outputs) != set(names):
+            raise ValueError(f"fusion {self.name!r} was built for branches {names}, got outputs of {sorted(outputs)}")
+        return [outputs[n] for n in names]
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

@@ -133,6 +133,12 @@ class Registry:
             return self.components[kind][name]
         except KeyError:
             known = ", ".join(sorted(self.components[kind])) or "none"
+            broken = "; ".join(str(p) for p in self.problems)
+            if broken:  # it may be one of the plugins that failed to load: say so rather than "not installed"
+                raise PluginError(
+                    f"no {kind} named {name!r} is registered (known: {known}); plugins that failed to load: {broken}",
+                    hint="fix or reinstall the failing plugin (`emofuse plugins` lists what failed and why)",
+                ) from None
             raise PluginError(
                 f"no {kind} named {name!r} is registered (known: {known})",
                 hint="install the plugin that provides it, or run `emofuse plugins` to list what is there",

@@ -77,14 +77,21 @@ class Sample:
 class Batch:
     """A collated batch of B samples; every tensor's first dimension is B.
 
-    - `video`: float ``[B, T, 3, H, W]`` (zeros where absent)
-    - `audio`: float ``[B, L]`` mono 16 kHz, right-padded; `audio_lengths` ``[B]``
-    - `text`: B strings ("" where absent); encoders tokenise with their own tokenizer
-    - `age`: float ``[B]`` (NaN unknown); `gender`: long ``[B]`` (`GENDER_CODES`)
-    - `features`: name -> float ``[B, D]``
-    - `present`: modality -> bool ``[B]``
-    - `labels`: long ``[B]`` (-1 where unlabelled)
-    - `extracted`: cached outputs of frozen backbones, by encoder, set by the trainer's cache
+    - `ids`: B sample ids; `labels`: long ``[B]`` (-1 where unlabelled)
+    - `present`: modality -> bool ``[B]``, for every modality in `MODALITIES`
+    - `video`: float ``[B, T, 3, H, W]``, normalised, zeros where absent; None when no encoder of
+      the run asked for video, and None for an encoder whose frozen features come from the cache
+      (the loader then skips decoding; the features arrive as `Encoder.forward`'s `extracted`)
+    - `audio`: float ``[B, L]`` mono 16 kHz, right-padded, and `audio_lengths` ``[B]``; None as video
+    - `text`: B strings (None where absent); encoders tokenise with their own tokenizer
+    - `age`: float ``[B]`` (standardised, NaN unknown); `gender`: long ``[B]`` (`GENDER_CODES`)
+    - `speakers`: B speaker ids (None unknown)
+    - `features`: name -> float ``[B, D]`` (standardised, zeros where absent) and
+      `feature_present`: name -> bool ``[B]``, which rows of that set are real
+    - `dialogue_ids`, `utterance_indices`: B entries each (None outside a dialogue): batches of an
+      encoder with `Encoder.batches_by_dialogue` hold whole dialogues
+    - `extra`: the data pipeline's own bookkeeping (cache keys, clips that failed to decode); not a
+      contract for components
     """
 
     ids: list[str]
@@ -98,6 +105,9 @@ class Batch:
     gender: torch.Tensor | None = None
     speakers: list[str | None] = field(default_factory=list)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    feature_present: dict[str, torch.Tensor] = field(default_factory=dict)
+    dialogue_ids: list[str | None] = field(default_factory=list)
+    utterance_indices: list[int | None] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from emofuse.cli.app import app
@@ -61,3 +62,47 @@ def test_bad_values_give_one_line_errors_with_exit_2():
         lines = [line for line in result.output.strip().splitlines() if line.strip()]
         assert expected in " ".join(lines), (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_component_options_are_checked_before_anything_runs_dry_run_included():
+    runner = CliRunner()
+    for sets, expected in [
+        (["fusion.gamma=2"], "fusion.gamma: Extra inputs are not permitted"),
+        (["fusion_loss.gamma=-1"], "fusion_loss.gamma"),
+        (["fusion.init_weights=[1,2,3]"], "fusion.init_weights: 3 values for 2 branches"),
+        (["data.options.no_such_option=1"], "data.options.no_such_option"),
+    ]:
+        args = ["train", "--preset", "ravdess-reference", "--dry-run"]
+        for s in sets:
+            args += ["--set", s]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and expected in result.output, (sets, result.output)
+
+
+def test_train_run_checks_the_fusion_before_stage_one(tmp_path):
+    from emofuse.core.config import ComponentRef, RunConfig
+    from emofuse.core.engine.training import train_run
+    from emofuse.core.errors import ConfigError
+
+    config = RunConfig(branches={"a": ComponentRef(name="features"), "b": ComponentRef(name="features")},
+                       fusion=ComponentRef(name="weighted-late", init_weights=[1.0]), output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="init_weights: 1 values for 2 branches"):
+        train_run(config)
+    assert not any(tmp_path.iterdir())  # nothing loaded, nothing trained, no folder made
+
+
+def test_plugins_lists_a_broken_plugin_with_its_error_instead_of_crashing(monkeypatch):
+    from emofuse.core import registry as registry_module
+    from emofuse.core.registry import Problem, Provider, Registry
+
+    reg = Registry().load_entry_points()
+    reg.problems.append(Problem(Provider("broken", "emofuse-broken", "0.1"),
+                                "failed to import broken.plugin: ImportError: no [bold]x[/] [/tmp/broken.py:3]"))
+    monkeypatch.setattr(registry_module, "get_registry", lambda refresh=False: reg)
+    result = CliRunner().invoke(app, ["plugins", "--options"])
+    assert result.exit_code == 0, result.output
+    assert "emofuse-broken 0.1" in result.output and "[/tmp/broken.py:3]" in result.output
+    from emofuse.core.errors import PluginError
+
+    with pytest.raises(PluginError, match="failed to load: emofuse-broken 0.1"):
+        reg.get("encoder", "from-the-broken-plugin")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Mapping
 
 import pytest
 import torch
@@ -33,10 +33,10 @@ class MeanProbabilityFusion(Fusion):
         super().__init__(config, num_classes, branches)
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         probs = 0
         count = 0
-        for out in outputs:
+        for out in outputs.values():
             mask = out.presence().to(out.logits.dtype).unsqueeze(1)
             probs = probs + mask * torch.softmax(out.logits / self.log_temperature.exp(), dim=1)
             count = count + mask

@@ -89,11 +89,11 @@ def test_collate_exposes_dialogue_fields(meld, dialogue_slice):
     batch = next(iter(loader))
     by_id = {s.id: s for s in meld.splits["train"]}
     for i, sid in enumerate(batch.ids):
-        assert batch.extra["dialogue_ids"][i] == by_id[sid].dialogue_id
-        assert batch.extra["utterance_indices"][i] == by_id[sid].utterance_index
+        assert batch.dialogue_ids[i] == by_id[sid].dialogue_id
+        assert batch.utterance_indices[i] == by_id[sid].utterance_index
         assert batch.extra["sample_extra"][i]["sentiment"] == by_id[sid].extra["sentiment"]
     layout = dialogue_layout(batch)
-    assert layout.num_dialogues == len(set(batch.extra["dialogue_ids"]))
+    assert layout.num_dialogues == len(set(batch.dialogue_ids))
 
 
 def _batches(meld, samples, max_utterances=200):

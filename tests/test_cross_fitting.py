@@ -7,7 +7,7 @@ import torch
 from emofuse.core.config import validate
 from emofuse.core.engine.cross_fitting import out_of_fold_outputs, speaker_folds
 from emofuse.core.errors import ConfigError
-from emofuse.core.engine.training import BranchOutputs
+from emofuse.core.engine.branch_outputs import BranchOutputs
 from emofuse.core.types import Sample
 
 

@@ -38,7 +38,7 @@ def test_example_plugin_is_listed_with_its_distribution(example_installed):
     assert result.returncode == 0, result.stderr
     comps = {(c["kind"], c["name"]): c for c in json.loads(result.stdout)["components"]}
     for key in [("encoder", "prosody"), ("fusion", "product-of-experts")]:
-        assert comps[key]["distribution"] == "emofuse-example-plugin" and comps[key]["version"] == "0.2.0"
+        assert comps[key]["distribution"] == "emofuse-example-plugin" and comps[key]["version"] == "0.3.0"
     assert ("fusion", "enhanced-late") in comps  # built-ins still there
 
 

@@ -17,20 +17,29 @@ C = 7
 FUSIONS = ["weighted-late", "enhanced-late", "attention", "feature-level"]
 
 
+NAMES = ["video", "audio_text", "meta", "extra", "fifth"]
+
+
 def infos(n: int, emb: int = 16) -> list[BranchInfo]:
-    names = ["video", "audio_text", "meta", "extra", "fifth"]
-    return [BranchInfo(names[i], C, emb if i % 2 == 0 else 0, ("video",)) for i in range(n)]
+    return [BranchInfo(NAMES[i], C, emb if i % 2 == 0 else 0, ("video",)) for i in range(n)]
+
+
+class Outputs(dict):
+    """Branch outputs by name (what a fusion takes); ``outs[i]`` is the i-th branch's, for brevity."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(NAMES[key] if isinstance(key, int) else key)
 
 
 def outputs(n: int, b: int = 6, seed: int = 0, absent: dict[int, list[int]] | None = None, emb: int = 16):
     g = torch.Generator().manual_seed(seed)
-    outs = []
+    outs = Outputs()
     for i in range(n):
         present = torch.ones(b, dtype=torch.bool)
         for j in (absent or {}).get(i, []):
             present[j] = False
         embedding = torch.randn(b, emb, generator=g) if i % 2 == 0 else None
-        outs.append(EncoderOutput(torch.randn(b, C, generator=g) * 2, embedding, present))
+        outs[NAMES[i]] = EncoderOutput(torch.randn(b, C, generator=g) * 2, embedding, present)
     return outs
 
 
@@ -108,7 +117,7 @@ def test_every_fusion_takes_any_number_of_branches_and_learns(name, n):
 
     json.dumps(rep)  # plain JSON values only
     with pytest.raises(ValueError, match="branches"):
-        fusion(outs + outputs(1))
+        fusion({**outs, "intruder": outputs(1)[0]})
 
 
 def test_attention_weighs_per_sample_and_masks_absent_branches():
@@ -128,7 +137,7 @@ def test_attention_weighs_per_sample_and_masks_absent_branches():
     first_right = torch.arange(b) % 2 == 0
     l0 = torch.where(first_right[:, None], good + noise[0] * 0.3, noise[0] * 2)
     l1 = torch.where(first_right[:, None], noise[1] * 2, good + noise[1] * 0.3)
-    pair = [EncoderOutput(l0), EncoderOutput(l1)]
+    pair = {"video": EncoderOutput(l0), "audio_text": EncoderOutput(l1)}
     fusion = make("attention", 2, hidden=16)
     opt = torch.optim.Adam(fusion.parameters(), lr=0.02)
     for _ in range(200):
@@ -171,3 +180,16 @@ def test_bad_fusion_options_fail_clearly():
 def test_registered_classes():
     assert isinstance(make("enhanced-late", 2), EnhancedLateFusion)
     assert isinstance(make("attention", 2), AttentionFusion)
+
+
+@pytest.mark.parametrize("name", FUSIONS)
+def test_fusions_take_branches_by_name_never_by_position(name):
+    fusion = make(name, 3).eval()
+    outs = outputs(3, absent={1: [0]})
+    reversed_order = dict(reversed(list(outs.items())))
+    with torch.no_grad():
+        torch.testing.assert_close(fusion(reversed_order), fusion(outs))
+    with pytest.raises(TypeError, match="mapping of branch name"):
+        fusion(list(outs.values()))
+    with pytest.raises(ValueError, match="built for branches"):
+        fusion({k: v for k, v in outs.items() if k != "meta"})

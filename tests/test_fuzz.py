@@ -12,12 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from emofuse.core.config import RunConfig, validate
 from emofuse.core.data.tables import load_feature_table
-from emofuse.core.errors import ConfigError, DataError, EmofuseError
+from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.presets import load_presets, resolve_preset
 from emofuse.core.registry import get_registry
 

@@ -16,7 +16,8 @@ from emofuse.core.data.pipeline import load_data
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.interfaces import collate_extracted
 from emofuse.core.registry import get_registry
-from emofuse.core.engine.training import check_branch_inputs, parameter_groups
+from emofuse.core.engine.training import check_branch_inputs
+from emofuse.core.engine.fit import parameter_groups
 from emofuse.core.types import AUDIO, METADATA, TEXT
 from emofuse.plugins.encoders.mm_lstm import MMLSTMConfig, MultimodalLSTMEncoder, SequenceEncoder
 

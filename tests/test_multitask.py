@@ -10,7 +10,8 @@ from emofuse.core.data.dialogue import dialogue_loader
 from emofuse.core.data.pipeline import load_data
 from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import collate_extracted
-from emofuse.core.engine.training import auxiliary_loss, parameter_groups
+from emofuse.core.engine.branch_stage import auxiliary_loss
+from emofuse.core.engine.fit import parameter_groups
 from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.auxiliary import AuxTaskConfig, auxiliary_labels
 

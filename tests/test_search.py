@@ -187,8 +187,8 @@ class FeatureTrainer:
         loss = build_loss(config.loss, NUM_CLASSES, registry=self.registry)
 
         def fused(split: str, index=None) -> torch.Tensor:
-            return fusion([EncoderOutput(logits if index is None else logits[index])
-                           for logits in cached[split].values()])
+            return fusion({b: EncoderOutput(logits if index is None else logits[index])
+                           for b, logits in cached[split].items()})
 
         def scores(split: str) -> dict[str, float]:
             with torch.no_grad():

@@ -30,15 +30,10 @@ from emofuse.core.engine.train_state import (
     restore_rng,
     save_training_state,
 )
-from emofuse.core.engine.training import (
-    BranchOutputs,
-    EarlyStopping,
-    FitSettings,
-    FusionTask,
-    fit,
-    name_report,
-    train_run,
-)
+from emofuse.core.engine.branch_outputs import BranchOutputs
+from emofuse.core.engine.fit import EarlyStopping, FitSettings, fit
+from emofuse.core.engine.fusion_stage import FusionTask, name_report
+from emofuse.core.engine.training import train_run
 
 C = 8
 DATA = {"dataset": "ravdess", "limit": 240}
@@ -163,8 +158,16 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-def test_progress_prints_one_line_per_epoch(tmp_path, capsys):
-    _fit_fusion(tmp_path, "progress", TrainConfig(epochs=2, batch_size=16), progress=True)
+def test_progress_prints_one_line_per_epoch_under_the_cli_reporter_and_nothing_without(tmp_path, capsys):
+    from rich.console import Console
+
+    from emofuse.cli.progress import RichReporter
+    from emofuse.core.engine.progress import reporting
+
+    _fit_fusion(tmp_path, "silent", TrainConfig(epochs=2, batch_size=16), progress=True)
+    assert capsys.readouterr().out == ""  # the engine never prints: only the CLI's reporter does
+    with reporting(RichReporter(Console())):
+        _fit_fusion(tmp_path, "progress", TrainConfig(epochs=2, batch_size=16), progress=True)
     out = capsys.readouterr().out
     assert "fusion epoch 1/2: train loss" in out and "fusion epoch 2/2" in out and "val accuracy" in out
 

@@ -24,8 +24,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from emofuse.core.config import ComponentRef, RunConfig
-from emofuse.core.errors import ConfigError, EmofuseError
 from emofuse.core.apps.evaluation import (
     SPLITS,
     SplitOutputs,
@@ -35,9 +33,6 @@ from emofuse.core.apps.evaluation import (
     normalizer_of,
     resolve_device,
 )
-from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
-from emofuse.core.engine.model_io import LoadedModel, load_model
-from emofuse.core.registry import Registry, get_registry
 from emofuse.core.apps.report import (
     Column,
     human_bytes,
@@ -50,6 +45,12 @@ from emofuse.core.apps.report import (
     write_json,
     write_text,
 )
+from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.engine import branch_stage, training
+from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
+from emofuse.core.engine.model_io import LoadedModel, load_model
+from emofuse.core.errors import ConfigError, EmofuseError
+from emofuse.core.registry import Registry, get_registry
 from emofuse.core.types import MODALITIES, Batch, EncoderOutput
 
 log = logging.getLogger("emofuse.compare")
@@ -76,7 +77,7 @@ class TrainRunTrainer:
     """The real trainer, `emofuse.core.engine.training.train_run`.
 
     Branches train as the single-branch runs that the staged pipeline itself would make
-    (`training.branch_run_config`); a fused run over the same config finds those finished runs by
+    (`branch_stage.branch_run_config`); a fused run over the same config finds those finished runs by
     their fingerprint and reuses them, so every fusion of a seed fuses the very same frozen
     branches (checked after each fusion).
     """
@@ -87,18 +88,16 @@ class TrainRunTrainer:
         self.progress = progress
 
     def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
-        from emofuse.core.engine import training
 
         checkpoints = {}
         for branch in config.branches:
-            single = training.branch_run_config(config, branch)
+            single = branch_stage.branch_run_config(config, branch)
             result = training.train_run(single, registry=self.registry, resume=self.resume, progress=self.progress,
                                         data=data)
             checkpoints[branch] = Path(result.checkpoint)
         return checkpoints
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
-        from emofuse.core.engine import training
 
         result = training.train_run(config, registry=self.registry, resume=self.resume, progress=self.progress,
                                     data=data)
@@ -113,8 +112,8 @@ class TrainRunTrainer:
 
 def load_comparison_data(config: RunConfig, *, registry: Registry, split_dir: Path) -> Any:
     """The data bundle every model of the comparison trains and is scored on (one split for all)."""
-    from emofuse.core.engine.compose import required_modalities
     from emofuse.core.data.pipeline import load_data
+    from emofuse.core.engine.compose import required_modalities
 
     return load_data(config.data, sorted(required_modalities(config, registry)), registry=registry, split_dir=split_dir)
 

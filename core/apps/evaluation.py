@@ -14,9 +14,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from emofuse.core.engine.compose import ComposedModel
-from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
+from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.registry import Registry
 from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch, EncoderOutput, Sample
 
@@ -53,9 +53,7 @@ def drop_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
             out.text = [""] * n
         elif m == FEATURES:
             out.features = {k: torch.zeros_like(v) for k, v in batch.features.items()}
-            if "feature_present" in batch.extra:  # per-set masks some encoders read
-                out.extra = {**batch.extra, "feature_present": {
-                    k: torch.zeros_like(v) for k, v in batch.extra["feature_present"].items()}}
+            out.feature_present = {k: torch.zeros_like(v) for k, v in batch.feature_present.items()}
         elif m == METADATA:
             if batch.age is not None:
                 out.age = torch.full_like(batch.age, float("nan"))
@@ -139,9 +137,9 @@ def combine(
     branch_logits: dict[str, list[torch.Tensor]] = {}
     fusion = model.fusion.eval().cpu() if model.fusion is not None else None
     for batch, per_branch in zip(batches, outputs):
-        mine = [per_branch[name] for name in model.branches]  # the model's own branch order
+        mine = {name: per_branch[name] for name in model.branches}
         if fusion is None:
-            (only,) = mine
+            (only,) = mine.values()
             final = only.logits
         else:
             final = fusion(mine)

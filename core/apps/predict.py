@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.engine.model_io import LoadedModel, load_model
+from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
 from emofuse.core.types import AUDIO, TEXT, VIDEO, Sample
 

@@ -34,10 +34,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 
+from emofuse.core.apps.search_space import SearchSpace, default_space, focal_loss_key
 from emofuse.core.config import RunConfig, to_toml, validate
+from emofuse.core.engine import branch_stage, training
 from emofuse.core.errors import ConfigError, MissingDependencyError
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.apps.search_space import SearchSpace, default_space, focal_loss_key
 
 Scope = Literal["auto", "fusion", "full"]
 PrunerName = Literal["median", "hyperband", "none"]
@@ -338,7 +339,6 @@ class TrainRunTrainer:
 
     def train(self, config: RunConfig, *, on_epoch: Callable, data: Any,
               branch_checkpoints: Mapping[str, Path] | None) -> Any:
-        from emofuse.core.engine import training
 
         result = training.train_run(config, registry=self.registry, resume=True, progress=False,
                                     on_epoch=on_epoch, data=data)
@@ -350,11 +350,10 @@ class TrainRunTrainer:
         return result
 
     def train_branches(self, config: RunConfig, *, data: Any) -> dict[str, Path]:
-        from emofuse.core.engine import training
 
         checkpoints = {}
         for branch in config.branches:
-            branch_config = training.branch_run_config(config, branch)
+            branch_config = branch_stage.branch_run_config(config, branch)
             result = training.train_run(branch_config, registry=self.registry, resume=True, progress=self.progress,
                                         data=data)
             checkpoints[branch] = Path(result.checkpoint)
@@ -629,8 +628,8 @@ def run_search(config: RunConfig, options: SearchOptions | None = None, *, regis
 def load_search_data(config: RunConfig, registry: Registry, out_dir: Path) -> Any:
     """The data every trial shares, loaded once (the space leaves `data.*` alone); the split is
     written to the study folder."""
-    from emofuse.core.engine.compose import required_modalities
     from emofuse.core.data.pipeline import load_data
+    from emofuse.core.engine.compose import required_modalities
 
     return load_data(config.data, required_modalities(config, registry), registry, split_dir=out_dir)
 

@@ -24,8 +24,7 @@ from typing import Annotated, Any, Literal, Mapping, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from emofuse.core.config import RunConfig
-from emofuse.core.config import set_path as set_config_path
+from emofuse.core.config import RunConfig, set_path as set_config_path
 from emofuse.core.errors import ConfigError
 from emofuse.core.registry import Registry, get_registry
 

@@ -91,12 +91,12 @@ class Collator:
             gender=torch.tensor([x.gender for x in items], dtype=torch.long),
             speakers=[x.speaker for x in items],
             features=features,
+            feature_present=feature_present,
+            dialogue_ids=[x.dialogue_id for x in items],
+            utterance_indices=[x.utterance_index for x in items],
             extra={
                 "keys": [combine_keys({m: mkeys[m][i] for m in MODALITIES}) for i in range(b)],
                 "modality_keys": mkeys,
-                "feature_present": feature_present,
-                "dialogue_ids": [x.dialogue_id for x in items],
-                "utterance_indices": [x.utterance_index for x in items],
                 "sample_extra": [x.tags for x in items],
             },
         )

@@ -127,11 +127,11 @@ class DialogueLayout:
 
 
 def dialogue_layout(batch: Batch) -> DialogueLayout:
-    """The dialogue layout of `batch` from ``extra["dialogue_ids"]``, ``extra["utterance_indices"]`` and
+    """The dialogue layout of `batch` from `Batch.dialogue_ids`, `Batch.utterance_indices` and
     `Batch.speakers`; a batch without dialogue ids is B dialogues of one turn."""
     b = len(batch)
-    ids = batch.extra.get("dialogue_ids") or [None] * b
-    order = batch.extra.get("utterance_indices") or [None] * b
+    ids = batch.dialogue_ids or [None] * b
+    order = batch.utterance_indices or [None] * b
     speakers = list(batch.speakers) if batch.speakers and len(batch.speakers) == b else [None] * b
     return layout_from_lists(ids, order, speakers, device=batch.labels.device)
 

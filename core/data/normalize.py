@@ -48,7 +48,7 @@ class Normalizer:
             elif isinstance(item, Batch):
                 if item.extra.get("normalized"):
                     raise ValueError("fit() needs raw batches; this one is already normalised")
-                masks = item.extra.get("feature_present", {})
+                masks = item.feature_present
                 for name, tensor in item.features.items():
                     rows = tensor.detach().cpu().double().numpy()
                     mask = masks.get(name)
@@ -81,7 +81,7 @@ class Normalizer:
         """A copy of `batch` with features and known ages standardised; absent rows stay zero."""
         if batch.extra.get("normalized"):
             return batch
-        masks = batch.extra.get("feature_present", {})
+        masks = batch.feature_present
         features = {}
         for name, tensor in batch.features.items():
             if name not in self.feature_mean:

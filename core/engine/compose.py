@@ -62,11 +62,37 @@ def build_fusion(
 
 
 def build_loss(
-    ref: ComponentRef, num_classes: int, class_counts: torch.Tensor | None = None, registry: Registry | None = None
+    ref: ComponentRef, num_classes: int, class_counts: torch.Tensor | None = None, registry: Registry | None = None,
+    *, where: str = "loss",
 ) -> Loss:
     registry = registry or get_registry()
     cls = registry.cls("loss", ref.name)
-    return cls(cls.make_config(ref.options, where="loss"), num_classes, class_counts)
+    return cls(cls.make_config(ref.options, where=where), num_classes, class_counts)
+
+
+def check_components(config: RunConfig, registry: Registry | None = None) -> None:
+    """Every component named by `config` exists and accepts its options, checked before anything is
+    loaded or trained: a typo in the fusion's options must not surface after the branches trained.
+
+    The fusion is also built once over placeholder branches, so checks that need the branch count
+    (one initial weight per branch) run now too."""
+    registry = registry or get_registry()
+    for branch, ref in config.branches.items():
+        registry.cls("encoder", ref.name).make_config(ref.options, where=f"branches.{branch}")
+    registry.cls("loss", config.loss.name).make_config(config.loss.options, where="loss")
+    if config.fusion_loss is not None:
+        registry.cls("loss", config.fusion_loss.name).make_config(config.fusion_loss.options, where="fusion_loss")
+    registry.cls("dataset", config.data.dataset).make_config(config.data.options, where="data.options")
+    if config.fusion is not None:
+        cls = registry.cls("fusion", config.fusion.name)
+        options = cls.make_config(config.fusion.options, where="fusion")
+        placeholders = [BranchInfo(name, 2, 0, ()) for name in config.branches]
+        try:
+            cls(options, 2, placeholders)
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - other failures may come from the placeholders, not the options
+            pass
 
 
 def branch_info(name: str, encoder: Encoder) -> BranchInfo:
@@ -105,7 +131,7 @@ class ComposedModel(nn.Module):
         if self.fusion is None:
             (only,) = outputs.values()
             return only.logits, outputs
-        return self.fusion(list(outputs.values())), outputs
+        return self.fusion(outputs), outputs
 
 
 def build_model(

@@ -19,6 +19,8 @@ import torch
 from sklearn.model_selection import GroupKFold
 
 from emofuse.core.config import RunConfig
+from emofuse.core.engine.branch_outputs import BranchOutputs
+from emofuse.core.engine.branch_stage import branch_run_config
 from emofuse.core.errors import ConfigError
 from emofuse.core.types import Sample
 
@@ -48,7 +50,6 @@ def out_of_fold_outputs(
     checkpoints (a `BranchOutputs`). Both come from the trainer, so fold runs are resumable and
     shared between fusions exactly like the main branch runs.
     """
-    from emofuse.core.engine.training import BranchOutputs, branch_run_config
 
     train = list(bundle.splits["train"])
     parts = []

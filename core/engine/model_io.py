@@ -13,8 +13,8 @@ import torch
 
 from emofuse import __version__
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
-from emofuse.core.engine.compose import ComposedModel, build_model
 from emofuse.core.config import RunConfig, validate
+from emofuse.core.engine.compose import ComposedModel, build_model
 from emofuse.core.errors import CheckpointError, PluginError
 from emofuse.core.registry import Registry, get_registry
 
@@ -108,9 +108,14 @@ def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
         raise CheckpointError(f"{path}: sidecar lacks {exc.args[0]!r}", hint="this is not an emofuse checkpoint") from None
     for comp in meta.get("components", []):
         if comp["name"] not in registry.components.get(comp["kind"], {}):
+            made_with = f"{comp.get('distribution')} {comp.get('version')}"
+            failed = [p for p in registry.problems if p.provider.distribution == comp.get("distribution")]
+            if failed:
+                raise PluginError(f"{path}: {comp['kind']} {comp['name']!r} comes from {made_with}, which is installed "
+                                  f"but failed to load: {failed[0].message}",
+                                  hint="fix or reinstall that plugin (`emofuse plugins` lists what failed and why)")
             raise PluginError(
-                f"{path}: {comp['kind']} {comp['name']!r} is not installed "
-                f"(the checkpoint was made with {comp.get('distribution')} {comp.get('version')})",
+                f"{path}: {comp['kind']} {comp['name']!r} is not installed (the checkpoint was made with {made_with})",
                 hint=f"pip install {comp.get('distribution')}",
             )
     config = _in_saved_branch_order(config, meta.get("branch_order"), path)

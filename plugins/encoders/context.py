@@ -157,7 +157,7 @@ class DialogueContextEncoder(Encoder):
     @property
     def backbone_lr_scale(self) -> float:
         """The inner encoder's learning-rate factor for its unfrozen backbone (1 when it has none)."""
-        return float(getattr(self.inner, "backbone_lr_scale", 1.0))
+        return float(self.inner.backbone_lr_scale)
 
     @property
     def batches_by_dialogue(self) -> bool:

@@ -232,7 +232,7 @@ class MultimodalLSTMEncoder(Encoder):
 
     @property
     def backbone_lr_scale(self) -> float:
-        """Learning-rate factor of the unfrozen backbones (read by `emofuse.core.engine.training.parameter_groups`)."""
+        """Learning-rate factor of the unfrozen backbones (read by `emofuse.core.engine.fit.parameter_groups`)."""
         return float(self.config.backbone_lr_scale)
 
     def fingerprint(self) -> str:

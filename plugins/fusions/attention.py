@@ -8,7 +8,7 @@ the plain average of the present branches. One bias per class is added, as in en
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,9 @@ class AttentionFusion(Fusion):
         self.register_buffer("_weight_sum", torch.zeros(n), persistent=False)
         self.register_buffer("_weight_count", torch.zeros(()), persistent=False)
 
-    def branch_weights(self, outputs: Sequence[EncoderOutput]) -> tuple[torch.Tensor, torch.Tensor]:
+    def branch_weights(self, outputs: Mapping[str, EncoderOutput]) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, N] weights summing to 1 over present branches, [B, N, C] masked logits)``."""
-        logits, present = stack_branches(outputs, len(self.branches))
+        logits, present = stack_branches(self.ordered(outputs))
         log_probs = torch.where(present.unsqueeze(-1), F.log_softmax(logits.float(), dim=-1), 0.0)
         gate_in = torch.cat([log_probs.flatten(1), present.float()], dim=1).to(logits.dtype)
         scores = self.gate(gate_in).float().masked_fill(~present, float("-inf"))
@@ -60,7 +60,7 @@ class AttentionFusion(Fusion):
         weights = torch.where(present, weights, 0.0)  # a sample with no branch: all weights 0, not NaN
         return weights, logits
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         weights, logits = self.branch_weights(outputs)
         if self.training:
             self._weight_sum.zero_()

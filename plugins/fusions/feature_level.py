@@ -7,7 +7,7 @@ missing modality and a neutral one.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from pydantic import Field
@@ -54,11 +54,9 @@ class FeatureLevelFusion(Fusion):
             raise ValueError(f"branch {self.branches[index].name!r}: expected width {self.input_dims[index]}, got {x.shape[-1]}")
         return x
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
-        if len(outputs) != len(self.branches):
-            raise ValueError(f"fusion built for {len(self.branches)} branches got {len(outputs)} outputs")
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         parts, flags = [], []
-        for i, out in enumerate(outputs):
+        for i, out in enumerate(self.ordered(outputs)):
             present = out.presence()
             x = self.branch_input(i, out)
             parts.append(torch.where(present.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device)))

@@ -10,7 +10,7 @@ present the rescaling is exactly 1 and its gradient exactly 0, i.e. the referenc
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -25,10 +25,9 @@ from emofuse.core.types import EncoderOutput
 _EPS = 1e-8
 
 
-def stack_branches(outputs: Sequence[EncoderOutput], expected: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([B, N, C] logits with absent rows zeroed, [B, N] bool presence)`` of N branch outputs."""
-    if len(outputs) != expected:
-        raise ValueError(f"fusion built for {expected} branches got {len(outputs)} outputs")
+def stack_branches(outputs: Sequence[EncoderOutput]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, N, C] logits with absent rows zeroed, [B, N] bool presence)`` of N branch outputs
+    (in the fusion's branch order: `Fusion.ordered`)."""
     present = torch.stack([o.presence() for o in outputs], dim=1)
     logits = torch.stack([o.logits for o in outputs], dim=1)
     # where() rather than a product: an absent branch's logits may be anything, NaN included.
@@ -70,8 +69,8 @@ class WeightedLateFusion(Fusion):
                               f"({', '.join(b.name for b in self.branches)})")
         self.weights = nn.Parameter(torch.tensor(init, dtype=torch.float32))
 
-    def combine(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
-        logits, present = stack_branches(outputs, len(self.branches))
+    def combine(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
+        logits, present = stack_branches(self.ordered(outputs))
         w = self.weights.to(logits.dtype)
         masked = present.to(logits.dtype) * w  # [B, N]
         present_total = masked.sum(dim=1, keepdim=True)
@@ -81,7 +80,7 @@ class WeightedLateFusion(Fusion):
                             torch.zeros_like(present_total))
         return (masked.unsqueeze(-1) * logits).sum(dim=1) * scale
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         return self.combine(outputs)
 
     def report(self) -> dict[str, Any]:
@@ -107,13 +106,13 @@ class EnhancedLateFusion(WeightedLateFusion):
         super().__init__(config, num_classes, branches)
         self.class_bias = nn.Parameter(torch.full((num_classes,), float(config.init_bias)))
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         out = self.combine(outputs)
         return out + self.class_bias.to(out.dtype)
 
     def report(self) -> dict[str, Any]:
         rep = super().report()
-        # Indexed by class; the trainer names the classes (see emofuse.core.engine.training.name_report).
+        # Indexed by class; the trainer names the classes (see emofuse.core.engine.fusion_stage.name_report).
         rep["class_bias"] = [float(v) for v in self.class_bias.detach().cpu()]
         return rep
 

@@ -1,17 +1,15 @@
 """Components of the example plugin, registered through emofuse's hooks."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Encoder, Fusion
-from emofuse.core.types import AUDIO, EncoderOutput, Batch
+# The public plugin API: everything a plugin needs, from one module.
+from emofuse.core import AUDIO, Batch, ComponentConfig, Encoder, EncoderOutput, Fusion, hookimpl
 
 SAMPLE_RATE = 16_000
 
@@ -73,10 +71,10 @@ class ProductOfExpertsFusion(Fusion):
         super().__init__(config, num_classes, branches)
         self.log_temperature = nn.Parameter(torch.full((len(self.branches),), float(config.init_temperature)).log())
 
-    def forward(self, outputs: Sequence[EncoderOutput]) -> torch.Tensor:
+    def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         temps = self.log_temperature.exp()
         total = 0
-        for i, out in enumerate(outputs):
+        for i, out in enumerate(self.ordered(outputs)):
             mask = out.presence().to(out.logits.dtype).unsqueeze(1)
             total = total + mask * F.log_softmax(out.logits / temps[i], dim=1)
         return total

@@ -1,0 +1,96 @@
+"""Batches for the trainer: the same global batches on one process or several, and the frozen
+backbones' features extracted once into the feature cache before training starts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Sized
+
+import torch
+from torch.utils.data import DataLoader
+
+from emofuse.core.config import RunConfig
+from emofuse.core.engine.distributed import (
+    DistContext,
+    ShardedBatchSampler,
+)
+from emofuse.core.engine.progress import reporter
+from emofuse.core.interfaces import Encoder
+from emofuse.core.types import AUDIO, VIDEO
+
+
+def base_loader(bundle: Any, split: str, modalities: set[str], batch_size: int, seed: int, num_workers: int) -> Any:
+    return bundle.loader(split, batch_size=batch_size, shuffle=False, seed=seed, modalities=set(modalities),
+                         num_workers=num_workers)
+
+
+def split_batches(
+    bundle: Any, split: str, *, modalities: set[str], batch_size: int, shuffle: bool, seed: int, epoch: int,
+    ctx: DistContext, num_workers: int = 0, training: bool = False,
+) -> DataLoader:
+    """This rank's batches of `split`: global batches drawn by `ShardedBatchSampler`, so one process and
+    several cut the data identically; the bundle's dataset, collate function and bad-clip policy load them."""
+    base = base_loader(bundle, split, modalities, batch_size, seed, num_workers)
+    if not isinstance(base, DataLoader) or not isinstance(base.dataset, Sized):
+        raise TypeError("DataBundle.loader must return a torch DataLoader over a sized dataset")
+    sampler = ShardedBatchSampler(len(base.dataset), batch_size, shuffle=shuffle, seed=seed, rank=ctx.rank,
+                                  world_size=ctx.world_size, drop_small_last=training)
+    sampler.set_epoch(epoch)
+    options: dict[str, Any] = dict(
+        batch_sampler=sampler, collate_fn=base.collate_fn, num_workers=base.num_workers,
+        worker_init_fn=base.worker_init_fn, pin_memory=base.pin_memory,
+        generator=torch.Generator().manual_seed(seed * 1_000 + epoch),
+    )
+    if base.num_workers:
+        options["multiprocessing_context"] = base.multiprocessing_context
+    from emofuse.core.data.pipeline import BundleLoader
+
+    if isinstance(base, BundleLoader):
+        return BundleLoader(base.dataset, on_bad_sample=bundle.on_bad_sample, skipped=bundle.skipped, **options)
+    return DataLoader(base.dataset, **options)
+
+
+def light_modalities(encoder: Encoder) -> set[str]:
+    """What the loader must decode once `encoder`'s frozen features are cached: no frames, no waveforms."""
+    mods = set(encoder.modalities)
+    return mods - {VIDEO, AUDIO} if encoder.cacheable else mods
+
+
+def ensure_extracted(encoder: Encoder, cache: Any, bundle: Any, *, splits: Sequence[str], batch_size: int, seed: int,
+                     num_workers: int, ctx: DistContext, progress: bool) -> None:
+    """Fill `cache` with `encoder.extract` outputs for every clip of `splits` (main rank; others wait).
+
+    A first pass without decoding media collects the clips' keys; only when some are missing does a
+    second pass decode them and run the backbone.
+    """
+    from emofuse.core.data.cache import batch_keys, encoder_namespace
+
+    if not encoder.cacheable:
+        return
+    if ctx.is_main:
+        namespace = encoder_namespace(encoder)
+        light = light_modalities(encoder)
+        for split in splits:
+            if not bundle.splits.get(split):
+                continue
+            missing = 0
+            for batch in split_batches(bundle, split, modalities=light, batch_size=batch_size, shuffle=False,
+                                       seed=seed, epoch=0, ctx=DistContext(device=ctx.device), num_workers=num_workers):
+                missing += len(cache.missing(namespace, batch_keys(batch, encoder.modalities)))
+            if not missing:
+                continue
+            full = split_batches(bundle, split, modalities=set(encoder.modalities), batch_size=batch_size,
+                                 shuffle=False, seed=seed, epoch=0, ctx=DistContext(device=ctx.device),
+                                 num_workers=num_workers)
+            with reporter(progress).steps(f"{encoder.name}: frozen features ({split})", len(full)) as tick:
+                for batch in full:
+                    cache.extract(encoder, batch.to(ctx.device))
+                    tick()
+    ctx.barrier()
+
+
+def open_cache(config: RunConfig) -> Any:
+    from emofuse.core.data.cache import FeatureCache
+
+    root = config.cache_dir if config.cache_dir is not None else Path(config.output_dir) / ".cache"
+    return FeatureCache(root)
+

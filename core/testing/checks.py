@@ -1,0 +1,149 @@
+"""One check per component kind; each raises AssertionError naming what a component got wrong."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
+from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.engine.compose import build_model
+from emofuse.core.engine.model_io import load_model, save_model
+from emofuse.core.interfaces import BranchInfo, collate_extracted
+from emofuse.core.registry import Registry, get_registry
+from emofuse.core.testing.batches import make_batch
+from emofuse.core.types import EncoderOutput, Sample
+
+NUM_CLASSES = 7
+
+
+def check_encoder(name: str, tmp_path: Path, *, options: Mapping[str, Any] | None = None,
+                  registry: Registry | None = None, num_classes: int = NUM_CLASSES) -> None:
+    """Forward and backward, a missing modality, the cached path with media stripped, save and reload."""
+    registry = registry or get_registry()
+    torch.manual_seed(0)
+    config = RunConfig(branches={"b": ComponentRef(name=name, **dict(options or {}))})
+    model = build_model(config, num_classes, registry=registry)
+    enc = model.branches["b"]
+    batch = make_batch(3, num_classes=num_classes)
+
+    model.train()
+    logits, outputs = model(batch)
+    assert logits.shape == (3, num_classes) and torch.isfinite(logits).all(), f"{name}: bad logits {tuple(logits.shape)}"
+    out = outputs["b"]
+    assert isinstance(out, EncoderOutput), f"{name}: forward must return an EncoderOutput"
+    if out.embedding is not None:
+        assert out.embedding.shape == (3, enc.embedding_dim), f"{name}: embedding shape != [B, embedding_dim]"
+    torch.nn.functional.cross_entropy(logits, batch.labels).backward()
+    trainable = [p for p in enc.parameters() if p.requires_grad]
+    assert trainable, f"{name} has nothing to train"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), f"{name}: no gradient reaches it"
+
+    model.eval()
+    gappy = make_batch(3, num_classes=num_classes, missing={m: [1] for m in enc.modalities})
+    with torch.no_grad():
+        g_logits, _ = model(gappy)
+    assert torch.isfinite(g_logits).all(), f"{name}: a missing modality gives non-finite logits"
+
+    with torch.no_grad():
+        before, _ = model(batch)
+        if enc.cacheable:  # the trainer's path: features from the cache, no media decoded
+            per_sample = enc.extract(batch)
+            assert per_sample is not None and len(per_sample) == len(batch), f"{name}: extract must give one dict per sample"
+            stripped = dataclasses.replace(batch, video=None, audio=None, audio_lengths=None)
+            cached = enc(stripped, collate_extracted(per_sample)).logits
+            torch.testing.assert_close(cached, before, msg=lambda m: f"{name}: cached path differs from direct: {m}")
+    path = save_model(tmp_path / f"{name}-model", model, config, [f"c{i}" for i in range(num_classes)],
+                      registry=registry)
+    loaded = load_model(path, registry=registry)
+    with torch.no_grad():
+        after, _ = loaded.model(batch)
+    torch.testing.assert_close(after, before, msg=lambda m: f"{name}: reloaded checkpoint differs: {m}")
+
+
+def branch_outputs(n_branches: int, *, batch: int = 4, dim: int = 16, num_classes: int = NUM_CLASSES,
+                   seed: int = 0) -> tuple[dict[str, EncoderOutput], list[BranchInfo]]:
+    """Outputs of `n_branches` branches by name (each misses one sample) and their `BranchInfo`s."""
+    g = torch.Generator().manual_seed(seed)
+    outs = {}
+    for i in range(n_branches):
+        present = torch.ones(batch, dtype=torch.bool)
+        present[i % batch] = False
+        outs[f"branch{i}"] = EncoderOutput(torch.randn(batch, num_classes, generator=g),
+                                           torch.randn(batch, dim + i, generator=g), present)
+    infos = [BranchInfo(f"branch{i}", num_classes, dim + i, ("features",)) for i in range(n_branches)]
+    return outs, infos
+
+
+def check_fusion(name: str, n_branches: int, tmp_path: Path, *, options: Mapping[str, Any] | None = None,
+                 registry: Registry | None = None, num_classes: int = NUM_CLASSES) -> None:
+    """Any number of branches by name, in any order; trains; reports JSON-able values; reloads."""
+    registry = registry or get_registry()
+    torch.manual_seed(0)
+    cls = registry.cls("fusion", name)
+    outs, infos = branch_outputs(n_branches, num_classes=num_classes)
+    fusion = cls(cls.make_config(options or {}), num_classes, infos)
+    fusion.train()
+    logits = fusion(outs)
+    assert logits.shape == (4, num_classes) and torch.isfinite(logits).all(), f"{name}: bad fused logits"
+    params = list(fusion.trainable_parameters())
+    assert params, f"{name} has nothing to train"
+    torch.nn.functional.cross_entropy(logits, torch.arange(4) % num_classes).backward()
+    assert any(p.grad is not None for p in params), f"{name}: no gradient reaches it"
+    assert isinstance(fusion.report(), dict), f"{name}: report() must return a dict"
+
+    fusion.eval()
+    with torch.no_grad():
+        before = fusion(outs)
+        shuffled = dict(reversed(list(outs.items())))
+        torch.testing.assert_close(fusion(shuffled), before, msg=lambda m: f"{name}: depends on branch order: {m}")
+    save_checkpoint(tmp_path / f"{name}-fusion", fusion.state_dict(), {"name": name})
+    state, _ = load_checkpoint(tmp_path / f"{name}-fusion.safetensors")
+    again = cls(cls.make_config(options or {}), num_classes, infos)
+    again.load_state_dict(state)
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(outs), before, msg=lambda m: f"{name}: reloaded fusion differs: {m}")
+
+
+def check_loss(name: str, tmp_path: Path, *, options: Mapping[str, Any] | None = None,
+               registry: Registry | None = None, num_classes: int = NUM_CLASSES) -> None:
+    """A finite positive scalar with gradients, lower for right answers, unlabelled rows ignored."""
+    registry = registry or get_registry()
+    cls = registry.cls("loss", name)
+    counts = torch.tensor([10, 5, 3, 8, 1, 6, 2][:num_classes] + [4] * max(0, num_classes - 7))
+    loss_fn = cls(cls.make_config(options or {}), num_classes, counts)
+    logits = torch.randn(6, num_classes, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 6]) % num_classes
+    value = loss_fn(logits, labels)
+    assert value.dim() == 0 and torch.isfinite(value) and value > 0, f"{name}: not a finite positive scalar"
+    value.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all(), f"{name}: bad gradient"
+    right = torch.nn.functional.one_hot(labels, num_classes).float() * 10
+    assert loss_fn(right, labels) < loss_fn(-right, labels), f"{name}: right answers must cost less than wrong ones"
+    with_unlabelled = loss_fn(torch.cat([logits.detach(), torch.randn(2, num_classes)]),
+                              torch.cat([labels, torch.tensor([-1, -1])]))
+    torch.testing.assert_close(with_unlabelled, value.detach(), msg=lambda m: f"{name}: label -1 must add no loss: {m}")
+    state = loss_fn.state_dict()
+    if state:
+        save_checkpoint(tmp_path / f"{name}-loss", state, {})
+        loaded, _ = load_checkpoint(tmp_path / f"{name}-loss.safetensors")
+        again = cls(cls.make_config(options or {}), num_classes, counts)
+        again.load_state_dict(loaded)
+        torch.testing.assert_close(again(logits.detach(), labels), value.detach())
+
+
+def check_dataset(name: str, data_dir: Path | None, *, options: Mapping[str, Any] | None = None,
+                  registry: Registry | None = None) -> None:
+    """The reader yields valid samples with labels in its label set and a modality it declares."""
+    registry = registry or get_registry()
+    cls = registry.cls("dataset", name)
+    reader = cls(cls.make_config(options or {}), data_dir=data_dir)
+    sample = next(iter(reader.samples()), None)
+    assert sample is not None, f"{name}: yields no sample"
+    assert isinstance(sample, Sample) and sample.id, f"{name}: samples must be Sample with an id"
+    assert reader.label_names and 0 <= sample.label < len(reader.label_names), f"{name}: label outside label_names"
+    assert sample.label_name == reader.label_names[sample.label], f"{name}: label_name and label disagree"
+    assert any(sample.has(m) for m in reader.modalities), f"{name}: sample carries none of {reader.modalities}"
