@@ -3,8 +3,9 @@
 `transcribe` is the one entry point predict and the readers use (readers hold no model code); it runs
 the packaged Whisper tiny.en through this project's PyTorch port (`emofuse.plugins.encoders.whisper`):
 the clip is padded to Whisper's 30 s window (the decoder was trained on that), the encoder runs once,
-then tokens are chosen greedily until end of text. It gives the same text as the ctranslate2 runtime
-at the same speed on CPU (measured: `benchmarks/bench_whisper.py`), so that runtime is not a dependency.
+then tokens are chosen greedily until end of text. It gives the same text as the ctranslate2 runtime,
+which is about twice as fast on CPU (`benchmarks/bench_whisper.py`); the port is used anyway so that
+no second runtime is a dependency, and each clip is transcribed once (cached).
 `TranscriptCache` keeps each clip's text on disk
 by the clip's content hash, so a corpus is transcribed once.
 """
