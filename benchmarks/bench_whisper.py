@@ -1,8 +1,8 @@
 """The packaged Whisper tiny.en on real RAVDESS clips: feature speed against eGeMAPS, the clip's own frames
 against Whisper's 30 s padded window (speed and accuracy), and transcription (word error rate, speed).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_whisper.py --threads 2 [--speed-clips 96] \\
-        [--transcribe-clips 120] [--markdown benchmarks/results/whisper.md]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_whisper.py --threads 2 [--parts speed,padding,transcription] \\
+        [--speed-clips 96] [--transcribe-clips 120] [--markdown benchmarks/results/whisper.md]
 
 1. Feature extraction, clips/s, the same clips decoded beforehand (decoding is not counted): eGeMAPS
    low-level descriptors (openSMILE), the 64-band log-mel front end, the Whisper encoder over the clip's
@@ -131,38 +131,41 @@ def transcription(samples: Sequence[Sample], waves: Sequence[np.ndarray]) -> dic
     return out
 
 
+PARTS = ("speed", "padding", "transcription")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run: {', '.join(PARTS)}")
     p.add_argument("--speed-clips", type=int, default=96)
     p.add_argument("--transcribe-clips", type=int, default=120)
-    p.add_argument("--skip-padding-accuracy", action="store_true", help="skip part 2 (encodes all 720 clips padded)")
     p.add_argument("--cache-dir", type=Path, default=rt.ROOT / "runs" / "reference-table")
     p.add_argument("--markdown", type=Path, default=rt.ROOT / "benchmarks" / "results" / "whisper.md")
     args = p.parse_args(argv)
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not parts or parts - set(PARTS):
+        p.error(f"--parts: choose from {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
-    config = rt.base_config(None, [], args.cache_dir)
-    samples = rt.corpus_samples(config)
+    samples = rt.corpus_samples(rt.base_config(None, [], args.cache_dir))
     load = os.getloadavg()
-
-    speed_clips = spread(samples, args.speed_clips)
-    speed_waves = [decode_audio(s.audio_path) for s in speed_clips]
-    seconds = sum(len(w) for w in speed_waves) / 16_000 / len(speed_waves)
-    speeds = feature_speed(speed_waves)
-    padding = None if args.skip_padding_accuracy else padding_accuracy(samples, args.cache_dir)
-    clips = spread(samples, args.transcribe_clips)
-    transcripts = transcription(clips, [decode_audio(s.audio_path) for s in clips])
-
-    own, padded = speeds["whisper (own frames, 5 layers)"], speeds["whisper (30 s padded window)"]
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_whisper.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["### Whisper tiny.en on RAVDESS (packaged, offline)", "", "Made with:", "", "```", command, "```", "",
              f"{os.cpu_count()} cores, torch threads {args.threads}, load average {load[0]:.1f} {load[1]:.1f} "
-             f"{load[2]:.1f} at the start.", "",
-             f"**Feature extraction** ({len(speed_waves)} clips, {seconds:.1f} s long on average, decoded beforehand):", "",
-             "| front end | clips/s |", "|:---|---:|"]
-    lines += [f"| {name} | {v:.1f} |" for name, v in speeds.items()]
-    lines += ["", f"Encoding only the clip's own frames is {own / padded:.1f}x faster than the 30 s padded window."]
-    if padding:
+             f"{load[2]:.1f} at the start."]
+    results: dict[str, object] = {"command": command}
+
+    if "speed" in parts:
+        speed_waves = [decode_audio(s.audio_path) for s in spread(samples, args.speed_clips)]
+        seconds = sum(len(w) for w in speed_waves) / 16_000 / len(speed_waves)
+        speeds = results["feature_clips_per_s"] = feature_speed(speed_waves)
+        own, padded = speeds["whisper (own frames, 5 layers)"], speeds["whisper (30 s padded window)"]
+        lines += ["", f"**Feature extraction** ({len(speed_waves)} clips, {seconds:.1f} s long on average, decoded "
+                      "beforehand):", "", "| front end | clips/s |", "|:---|---:|"]
+        lines += [f"| {name} | {v:.1f} |" for name, v in speeds.items()]
+        lines += ["", f"Encoding only the clip's own frames is {own / padded:.1f}x faster than the 30 s padded window."]
+    if "padding" in parts:
+        padding = results["padding_accuracy"] = padding_accuracy(samples, args.cache_dir)
         lines += ["", "**Own frames vs padded window, accuracy** (logistic regression on mean+std of the last layer, "
                       "the reference table's 4 actor folds, all 720 clips):", "",
                   "| encoding | Acc % (mean ± std over folds) | per fold |", "|:---|---:|:---|"]
@@ -171,20 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         diff = np.subtract(padding["own frames"], padding["30 s padded window"])
         lines += ["", f"Own frames minus padded window, paired by fold: {100 * diff.mean():+.1f} ± "
                       f"{100 * diff.std(ddof=1):.1f} points."]
-    lines += ["", f"**Transcription** ({len(clips)} clips over every actor, emotion and statement; greedy decoding, "
-                  "30 s padded window, WER against the RAVDESS statement text, lower case without punctuation):", "",
-              "| decoder | WER % | clips transcribed exactly % | clips/s |", "|:---|---:|---:|---:|"]
-    lines += [f"| {name} | {100 * r['wer']:.1f} | {100 * r['exact']:.1f} | {r['clips_per_s']:.2f} |"
-              for name, r in transcripts.items()]
-    first = next(iter(transcripts.values()))
-    if first["errors"]:
-        lines += ["", "Some wrong transcripts: " + "; ".join(f'"{e}"' for e in first["errors"]) + "."]
+    if "transcription" in parts:
+        clips = spread(samples, args.transcribe_clips)
+        transcripts = results["transcription"] = transcription(clips, [decode_audio(s.audio_path) for s in clips])
+        lines += ["", f"**Transcription** ({len(clips)} clips over every actor, emotion and statement; greedy "
+                      "decoding, 30 s padded window, WER against the RAVDESS statement text, lower case without "
+                      "punctuation):", "", "| decoder | WER % | clips transcribed exactly % | clips/s |",
+                  "|:---|---:|---:|---:|"]
+        lines += [f"| {name} | {100 * r['wer']:.1f} | {100 * r['exact']:.1f} | {r['clips_per_s']:.2f} |"
+                  for name, r in transcripts.items()]
+        first = next(iter(transcripts.values()))
+        if first["errors"]:
+            lines += ["", "Some wrong transcripts: " + "; ".join(f'"{e}"' for e in first["errors"]) + "."]
     text = "\n".join(lines) + "\n"
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text(text)
-    args.markdown.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "feature_clips_per_s": speeds, "padding_accuracy": padding,
-         "transcription": transcripts}, indent=2))
+    args.markdown.with_suffix(".json").write_text(json.dumps(results, indent=2))
     print(text)
     return 0
 
