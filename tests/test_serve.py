@@ -255,3 +255,57 @@ def test_a_client_that_leaves_does_not_stop_the_queue():
             await queue.stop()
 
     assert asyncio.run(scenario()) == "next"
+
+
+def test_each_worker_builds_its_app_from_the_environment(speech_fusion_checkpoint, monkeypatch):
+    """`emofuse serve --workers N` hands the checkpoint and settings to each uvicorn worker process this way."""
+    from emofuse.core.apps.serve import SETTINGS_ENV, app_from_environment
+
+    monkeypatch.setenv(SETTINGS_ENV, json.dumps({"checkpoint": str(speech_fusion_checkpoint), "max_upload_mb": 5.0,
+                                                 "max_seconds": 30.0, "max_batch": 4}))
+    with TestClient(app_from_environment()) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "model": "speech-fusion", "max_batch": 4}
+        assert c.get("/v1/model").json()["limits"]["max_upload_mb"] == 5.0
+
+
+def test_serve_command_refuses_a_missing_checkpoint_before_listening(tmp_path):
+    from typer.testing import CliRunner
+
+    from emofuse.cli.app import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "nope.safetensors"), "--port", "0"])
+    assert result.exit_code == 2
+    assert "nope.safetensors: no such checkpoint" in result.output and "Traceback" not in result.output
+
+
+def audio_with_cover_art(path: Path, seconds: float = 1.0) -> Path:
+    """An MP4 audio file (AAC) whose video stream is only an attached still picture, as music files carry."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", format="mp4") as out:
+        audio = out.add_stream("aac", rate=48000)
+        cover = out.add_stream("mjpeg", rate=1)
+        cover.width = cover.height = 64
+        cover.pix_fmt = "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuvj420p")
+        for packet in [*cover.encode(picture), *cover.encode(None)]:
+            out.mux(packet)
+        for start in range(0, int(48000 * seconds), 1024):
+            frame = av.AudioFrame.from_ndarray((rng.standard_normal((1, 1024)) * 0.1).astype(np.float32),
+                                               format="flt", layout="mono")
+            frame.sample_rate, frame.pts = 48000, start
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    return path
+
+
+def test_cover_art_does_not_make_audio_a_video(client, tmp_path):
+    from emofuse.core.data.decode import probe
+
+    song = audio_with_cover_art(tmp_path / "song.m4a")
+    assert probe(song).has_video is False and 0.9 < media_duration(song) < 1.2
+    got = client.post("/v1/predict", files={"file": ("song", song.read_bytes())}).json()
+    assert got["media"] == "audio" and got["modalities"] == ["audio"]
