@@ -90,7 +90,7 @@ def train_tiny_model(folder: Path, threads: int) -> Path:
 class Server:
     """`emofuse serve` in a child process on a free loopback port, stopped on exit."""
 
-    def __init__(self, checkpoint: Path, *, max_batch: int, window_ms: float, threads: int, log: Path):
+    def __init__(self, checkpoint: Path, *, log: Path, max_batch: int = 8, window_ms: float = 5.0, threads: int = 1):
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -114,7 +114,7 @@ class Server:
                 pass
             time.sleep(0.25)
         self.__exit__()
-        raise SystemExit(f"emofuse serve did not start: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(f"emofuse serve did not start: {self.log.read_text()[-2000:]}")
 
     def __exit__(self, *_) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     clips = real_clips()
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as work:
         work_dir = Path(work)
@@ -207,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(markdown([rows[-1]], "").splitlines()[-1], flush=True)
                     for error in level.errors[:3]:
                         print(f"  error: {error}", file=sys.stderr)
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (f"`emofuse serve` on 127.0.0.1, {os.cpu_count()} cores, torch threads {args.threads}, 1 worker; "
               f"{args.requests} uploads of real RAVDESS .ogg clips (with transcript) per row; "
-              f"load average {load} at the end; {time.strftime('%d %b %Y')}.")
+              f"load average {load_before} at the start, {load_after} at the end; {time.strftime('%d %b %Y')}.")
     table = markdown(rows, header)
     print("\n" + table)
     if args.markdown:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_serve import Server  # noqa: E402
 
 STATEMENT = "Dogs are sitting by the door"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,41 +32,11 @@ def chromium_path() -> str:
     pytest.skip(message)
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(speech_fusion_checkpoint, tmp_path_factory):
-    """`emofuse serve` in its own process on a free loopback port; stopped after the module."""
-    port = free_loopback_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMOFUSE_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([*EMOFUSE, "serve", str(speech_fusion_checkpoint), "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"emofuse serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """`emofuse serve` in its own process on a free loopback port (the load test's launcher); stopped after."""
+    with Server(speech_fusion_checkpoint, log=tmp_path_factory.mktemp("serve") / "server.log") as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ class BatchingQueue(Generic[Item, Result]):
                     break
                 try:
                     pending.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                     break
             while len(pending) < self.max_batch and not self._queue.empty():
                 pending.append(self._queue.get_nowait())
@@ -251,6 +251,34 @@ class Prediction(BaseModel):
 
 class ErrorDetail(BaseModel):
     detail: str = Field(description="one line: what was wrong with the request")
+
+
+class Limits(BaseModel):
+    max_upload_mb: float
+    max_seconds: float
+    max_transcript_chars: int
+
+
+class BranchCard(BaseModel):
+    encoder: str
+    modalities: list[str]
+
+
+class ModelCard(BaseModel):
+    """What `GET /v1/model` answers: enough to know what the model reads and where it came from."""
+
+    name: str
+    classes: list[str] = Field(description="the class names, in the order of every probability table")
+    modalities: list[str] = Field(description="what the model reads from a clip and the form")
+    branches: dict[str, BranchCard]
+    fusion: str | None
+    components: list[dict[str, str]] = Field(
+        description="each part of the model with the plugin distribution and version that made it")
+    metrics: dict[str, Any] = Field(description="the training run's metrics, per split (null where undefined)")
+    fusion_report: dict[str, Any] | None
+    emofuse_version: str | None = Field(description="the emofuse that trained the checkpoint")
+    served_by: str = Field(description="the emofuse serving it")
+    limits: Limits
 
 
 class Health(BaseModel):
@@ -406,7 +434,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
                             decode_ms=timing["decode_ms"], model_ms=timing["model_ms"], total_ms=(done - received) * 1e3,
                             batch_size=timing["batch_size"]))
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", response_model=ModelCard)
     async def model() -> dict[str, Any]:
         """The model card: classes, branches, components with their plugin versions, training metrics, limits."""
         return card
