@@ -408,6 +408,27 @@ def predict_cmd(
         raise typer.Exit(1)
 
 
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model.safetensors written by `emofuse train`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes, each with its own copy of the model."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest upload accepted (MB)."),
+    max_seconds: float = typer.Option(60.0, "--max-seconds", min=0.1, help="Longest clip accepted (seconds)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most clips scored together; 1 turns batching off."),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0,
+                                          help="How long a batch waits for more requests (ms)."),
+):
+    """Serve a checkpoint over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at /."""
+    from emofuse.core.apps.serve import ServeSettings, serve
+
+    settings = ServeSettings(max_upload_mb=max_upload_mb, max_seconds=max_seconds, max_batch=max_batch,
+                             batch_window_ms=batch_window_ms)
+    serve(checkpoint, host=host, port=port, workers=workers, settings=settings)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

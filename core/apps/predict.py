@@ -2,7 +2,8 @@
 
 Inputs are media files (audio or video), folders of them, `Sample`s, or a manifest read by the
 ``manifest`` reader (text, metadata and features per clip). Each clip gives one JSON-able record:
-``{"id", "path", "probabilities": {label: p}, "label"}``; a clip that cannot be read gives
+``{"id", "path", "probabilities": {label: p}, "label", "branches": {branch: {label: p} or None},
+"modalities", "transcript"}``; a clip that cannot be read gives
 ``{"id", "path", "error"}`` instead and the others are still predicted. The checkpoint's own
 normaliser and label set are used, so predictions match what `evaluate` measured.
 """
@@ -20,12 +21,23 @@ from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
-from emofuse.core.types import AUDIO, VIDEO, Sample
+from emofuse.core.types import AUDIO, TEXT, VIDEO, Batch, Sample
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".ogg", ".oga", ".opus", ".mp3", ".flac", ".m4a", ".aac"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v"})
 MEDIA_EXTENSIONS = AUDIO_EXTENSIONS | VIDEO_EXTENSIONS
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz")
+
+
+@dataclass
+class DecodedClips:
+    """Samples after `Predictor.decode`: the batch of those that decoded (its rows are `decoded`)
+    and, for each that did not, the reason."""
+
+    samples: list[Sample]
+    batch: Batch | None
+    decoded: list[Sample]
+    failed: list[tuple[Sample, str]]
 
 
 @dataclass
@@ -50,10 +62,13 @@ def media_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
 
 
-def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterable[str] = (AUDIO, VIDEO)) -> Sample:
+def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterable[str] = (AUDIO, VIDEO),
+                      sample_id: str | None = None, by_content: bool = False) -> Sample:
     """A `Sample` for one media file: a video file serves as video and (when it has a track) as audio.
 
     The header is probed first, so a file that is not media at all fails here with its reason.
+    `by_content`: what PyAV finds in the file decides whether it is audio or video, never its name
+    (for uploads, which are stored under a neutral name and whose client-given name proves nothing).
     """
     from emofuse.core.data.decode import probe
 
@@ -61,18 +76,19 @@ def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterab
     if not path.is_file():
         raise DataError(path, "no such file", hint="check the path")
     ext = path.suffix.lower()
-    if ext not in MEDIA_EXTENSIONS:
+    if not by_content and ext not in MEDIA_EXTENSIONS:
         raise DataError(path, f"unsupported file type {ext or '(none)'}",
                         hint=f"give audio ({', '.join(sorted(AUDIO_EXTENSIONS))}) or video "
                              f"({', '.join(sorted(VIDEO_EXTENSIONS))}) files, or a manifest")
     info = probe(path)
+    is_video_file = info.has_video if by_content else ext in VIDEO_EXTENSIONS
     wanted = set(modalities)
     audio = str(path) if info.has_audio and AUDIO in wanted else None
-    video = str(path) if info.has_video and VIDEO in wanted and ext in VIDEO_EXTENSIONS else None
+    video = str(path) if info.has_video and VIDEO in wanted and is_video_file else None
     if audio is None and video is None:
         raise DataError(path, "has no audio or video stream this model reads",
                         hint=f"the model reads {', '.join(sorted(wanted)) or 'nothing'} from media")
-    return Sample(id=path.stem, text=text, audio_path=audio, video_path=video, source=str(path))
+    return Sample(id=sample_id or path.stem, text=text, audio_path=audio, video_path=video, source=str(path))
 
 
 def samples_from_manifest(
@@ -156,34 +172,21 @@ class Predictor:
         predicted = iter(self.predict_samples(samples))
         return [next(predicted) if isinstance(e, Sample) else e.to_dict() for e in entries]
 
-    @torch.no_grad()
     def predict_samples(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         """One record per sample, in order; a clip that fails to decode becomes an error record."""
-        from emofuse.core.data.pipeline import make_batch
-
         records: list[dict[str, Any]] = []
         for start in range(0, len(samples), self.batch_size):
-            chunk = list(samples[start:start + self.batch_size])
-            batch, decoded, bad = self._decode(make_batch, chunk)
-            by_position: dict[int, dict[str, Any]] = {id(s): Failure(s.id, _path_of(s), reason).to_dict() for s, reason in bad}
-            if batch is not None:
-                logits, _ = self.model(batch.to(self.device))
-                probs = logits.float().softmax(dim=1).cpu()
-                for row, sample in enumerate(decoded):
-                    p = probs[row].tolist()
-                    best = max(range(len(p)), key=p.__getitem__)
-                    by_position[id(sample)] = {
-                        "id": sample.id,
-                        "path": _path_of(sample),
-                        "label": self.label_names[best],
-                        "probabilities": {name: round(float(v), 6) for name, v in zip(self.label_names, p)},
-                        "modalities": sorted(m for m in self.modalities if bool(batch.present[m][row])),
-                    }
-            records += [by_position[id(s)] for s in chunk]
+            records += self.score(self.decode(samples[start:start + self.batch_size]))
         return records
 
-    def _decode(self, make_batch, chunk: list[Sample]):
-        """(batch or None, the samples in it, [(sample, reason)]): bad clips are left out and named."""
+    def decode(self, samples: Sequence[Sample]) -> DecodedClips:
+        """Decode and normalise `samples` as one batch; bad clips are left out and named with their reason.
+
+        Split from `score` so a caller (the prediction service) can batch and time the two steps.
+        """
+        from emofuse.core.data.pipeline import make_batch
+
+        chunk = list(samples)
         ids = [s.id for s in chunk]
         if len(set(ids)) == len(ids):
             try:
@@ -195,7 +198,7 @@ class Predictor:
                 reasons = dict(batch.extra.get("skipped", []))
                 decoded = [s for s in chunk if s.id in kept]
                 bad = [(s, self._reason(s, reasons)) for s in chunk if s.id not in kept]
-                return batch, decoded, bad
+                return DecodedClips(chunk, batch, decoded, bad)
         good, bad = [], []
         for sample in chunk:  # clip by clip: duplicate ids, or every clip of the chunk failed
             try:
@@ -204,8 +207,38 @@ class Predictor:
             except EmofuseError as exc:
                 bad.append((sample, exc.message))
         if not good:
-            return None, [], bad
-        return make_batch(good, self.modalities, self.normalizer, on_bad_sample="error"), good, bad
+            return DecodedClips(chunk, None, [], bad)
+        return DecodedClips(chunk, make_batch(good, self.modalities, self.normalizer, on_bad_sample="error"), good, bad)
+
+    @torch.no_grad()
+    def score(self, clips: DecodedClips) -> list[dict[str, Any]]:
+        """One record per sample of `clips`, in order: the fused probabilities, each branch's own
+        probabilities (None for a branch whose modalities the clip lacks), the modalities read and
+        the transcript the model read (None when it read none)."""
+        by_position: dict[int, dict[str, Any]] = {
+            id(s): Failure(s.id, _path_of(s), reason).to_dict() for s, reason in clips.failed}
+        if clips.batch is not None:
+            batch = clips.batch.to(self.device)
+            logits, outputs = self.model(batch)
+            probs = logits.float().softmax(dim=1).cpu()
+            branch_probs = {name: (out.logits.float().softmax(dim=1).cpu(), out.presence().cpu())
+                            for name, out in outputs.items()}
+            for row, sample in enumerate(clips.decoded):
+                modalities = sorted(m for m in self.modalities if bool(batch.present[m][row]))
+                by_position[id(sample)] = {
+                    "id": sample.id,
+                    "path": _path_of(sample),
+                    "label": self.label_names[int(probs[row].argmax())],
+                    "probabilities": self._by_label(probs[row]),
+                    "branches": {name: self._by_label(p[row]) if bool(seen[row]) else None
+                                 for name, (p, seen) in branch_probs.items()},
+                    "modalities": modalities,
+                    "transcript": sample.text if TEXT in modalities else None,
+                }
+        return [by_position[id(s)] for s in clips.samples]
+
+    def _by_label(self, probabilities: torch.Tensor) -> dict[str, float]:
+        return {name: round(float(v), 6) for name, v in zip(self.label_names, probabilities.tolist())}
 
     @staticmethod
     def _reason(sample: Sample, reasons: Mapping[str, str]) -> str:
@@ -256,4 +289,4 @@ def predict_cli(
     return failures
 
 
-__all__ = ["Failure", "Predictor", "load", "predict_cli", "sample_from_media", "samples_from_manifest"]
+__all__ = ["DecodedClips", "Failure", "Predictor", "load", "predict_cli", "sample_from_media", "samples_from_manifest"]

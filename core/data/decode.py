@@ -52,8 +52,39 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             format=container.format.name,
             duration=_container_duration(container),
             has_audio=bool(container.streams.audio),
-            has_video=bool(container.streams.video),
+            has_video=bool(_moving_video(container)),
         )
+
+
+def media_duration(path: str | os.PathLike) -> float:
+    """Seconds from the first to the last audio/video packet of `path`, read by demuxing (no decoding).
+
+    A header's declared duration can understate what a file holds (or be absent), so a limit on
+    clip length must measure the packets themselves.
+    """
+    with _open(path) as container:
+        streams = list(container.streams.audio) + _moving_video(container)
+        if not streams:
+            raise DataError(path, "has no audio or video stream", hint=_BAD_HINT)
+        first, last = None, 0.0
+        try:
+            for packet in container.demux(streams):
+                if packet.pts is None or packet.time_base is None:
+                    continue
+                start = float(packet.pts * packet.time_base)
+                first = start if first is None else min(first, start)
+                last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+        except _DECODE_ERRORS as exc:
+            raise DataError(path, f"not a readable media file: {_reason(exc)}", hint=_BAD_HINT) from None
+    if first is None:
+        raise DataError(path, "holds no timed audio or video packets", hint=_BAD_HINT)
+    return max(0.0, last - first)
+
+
+def _moving_video(container) -> list:
+    """The video streams that are not a still picture attached to audio (an MP3's or M4A's cover art)."""
+    still = av.stream.Disposition.attached_pic
+    return [s for s in container.streams.video if not s.disposition & still]
 
 
 def decode_audio(
