@@ -280,6 +280,10 @@ def _print_run_result(result: Any) -> None:
     if result.fusion_report:
         console.print("[bold]fusion learned:[/]", json.dumps(result.fusion_report, indent=2))
     console.print(f"best checkpoint: {result.checkpoint}")
+    if result.skipped:
+        from emofuse.core.data.pipeline import skipped_report
+
+        err_console.print(f"[yellow]{skipped_report(result.skipped)}[/]", highlight=False, markup=False)
 
 
 @app.command("evaluate")

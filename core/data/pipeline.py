@@ -148,11 +148,16 @@ class DataBundle:
 
     def skipped_report(self) -> str:
         """The clips left out in skip mode, one per line (empty when none)."""
-        if not self.skipped:
-            return ""
-        lines = [f"{len(self.skipped)} sample(s) skipped as bad input:"]
-        lines += [f"  {where}: {reason}" for where, reason in self.skipped]
-        return "\n".join(lines)
+        return skipped_report(self.skipped)
+
+
+def skipped_report(skipped: Sequence[tuple[str, str]]) -> str:
+    """``N sample(s) skipped as bad input:`` and one ``where: reason`` line each (empty when none)."""
+    if not skipped:
+        return ""
+    lines = [f"{len(skipped)} sample(s) skipped as bad input:"]
+    lines += [f"  {where}: {reason}" for where, reason in skipped]
+    return "\n".join(lines)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -40,6 +40,8 @@ class RunResult:
     history: list[dict]
     fusion_report: dict | None = None
     branch_results: dict[str, "RunResult"] = field(default_factory=dict)
+    #: (file or row, reason) of every sample left out as bad input (skip mode), reader and decoder alike.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -84,11 +84,11 @@ def train_run(
         stack.enter_context(threads_beside_workers(config.train.num_workers, ctx.device))
         bundle = data if data is not None else load_bundle(config, registry, run_dir)
         check_branch_inputs(config, bundle, registry)
-        if config.fusion is None:
-            return train_branch(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume,
-                                progress=progress, on_epoch=on_epoch)
-        return train_fused(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume, progress=progress,
-                           on_epoch=on_epoch)
+        stage = train_branch if config.fusion is None else train_fused
+        result = stage(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume, progress=progress,
+                       on_epoch=on_epoch)
+        result.skipped = list(getattr(bundle, "skipped", []))
+        return result
     finally:
         stack.close()
         teardown_distributed(ctx)
