@@ -309,12 +309,13 @@ def _remove_abandoned_temps(folder: Path) -> None:
             pid = int(tmp.name.rsplit(".", 2)[-2])
         except (OSError, ValueError):
             continue
-        if age > ABANDONED_AFTER_S or (age > DEAD_WRITER_GRACE_S and not _alive(pid)):
+        if age > ABANDONED_AFTER_S or (age > DEAD_WRITER_GRACE_S and not process_alive(pid)):
             tmp.unlink(missing_ok=True)
             log.info("removed %s, left by a cache writer that was killed mid-write", tmp)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
