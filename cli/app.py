@@ -248,6 +248,7 @@ def train_cmd(
     on_bad_sample: Optional[str] = BadSampleOpt,
     limit: Optional[int] = LimitOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run folder's last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run of another config in the run folder (without it, such a folder is refused)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the composed config and exit."),
 ):
     """Train a composed model: one branch alone, or each branch then a fusion over them (staged)."""
@@ -258,7 +259,7 @@ def train_cmd(
         typer.echo(to_toml(cfg))
         return
     from emofuse.core.engine import training
-    result = training.train_run(cfg, resume=resume, progress=True)
+    result = training.train_run(cfg, resume=resume, progress=True, overwrite=overwrite)
     _print_run_result(result)
 
 

@@ -102,6 +102,17 @@ class RunConfig(_Strict):
     #: Optuna search space: key path -> spec, see `emofuse.core.apps.search`.
     search: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output(cls, v: str) -> str:
+        """The run folder is ``output_dir/name``: a name that is absolute or climbs out with ``..`` would
+        write elsewhere (a config file from someone else could point it at any folder)."""
+        parts = Path(v).parts
+        if not v.strip() or Path(v).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
+            raise ValueError(f"run name {v!r} must be a folder name inside the output folder "
+                             "(no absolute path, no '.' or '..')")
+        return v
+
     @field_validator("branches")
     @classmethod
     def _branch_names(cls, v: dict[str, ComponentRef]) -> dict[str, ComponentRef]:

@@ -26,6 +26,7 @@ from emofuse.core.engine.distributed import (
 )
 from emofuse.core.engine.fusion_stage import train_fused
 from emofuse.core.engine.run_files import RunResult
+from emofuse.core.engine.run_guard import guarded_run_dir
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.registry import Registry, get_registry
 
@@ -59,12 +60,15 @@ def train_run(
     progress: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
     data: Any = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train what `config` describes, staged when it fuses branches; see the module docstring.
 
     `on_epoch(epoch, val_metrics)` is called after each epoch of the last stage (the fusion, or the
     single branch); it may raise (e.g. ``optuna.TrialPruned``) to stop the run. `data` is a loaded
     `DataBundle` to reuse across calls. Under torchrun every process calls this; rank 0 writes.
+    The run folder is locked while it trains; a folder holding a run of another config is refused
+    unless `overwrite` (see `emofuse.core.engine.run_guard`).
     """
     registry = registry or get_registry()
     if not config.branches:
@@ -81,6 +85,8 @@ def train_run(
     ctx = setup_distributed(config.train.device)
     stack = contextlib.ExitStack()
     try:
+        if ctx.is_main:
+            stack.enter_context(guarded_run_dir(run_dir, config, overwrite=overwrite))
         stack.enter_context(threads_beside_workers(config.train.num_workers, ctx.device))
         bundle = data if data is not None else load_bundle(config, registry, run_dir)
         check_branch_inputs(config, bundle, registry)
