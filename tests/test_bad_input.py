@@ -10,6 +10,7 @@ import pytest
 from emofuse.core.config import validate
 from emofuse.core.data.pipeline import load_data
 from emofuse.core.engine.training import train_run
+from emofuse.core.errors import DataError
 
 from conftest import SHARED_DATA
 
@@ -44,3 +45,60 @@ def test_skip_mode_leaves_an_undecodable_clip_out_of_a_cached_branch_run(tmp_pat
     result = train_run(config, data=bundle, progress=False)
     assert [where for where, _ in result.skipped] == [str(broken)]
     assert sum(map(len, bundle.splits.values())) == 29  # left out of every split, not only out of the cache
+
+
+def _with_empty_clips(tmp: Path) -> tuple[Path, list[str]]:
+    """Real clips of 5 actors plus zero-byte files with valid RAVDESS names (actors 13-14: no feature row)."""
+    root = small_ravdess(tmp)
+    names = []
+    for actor in (13, 14):
+        folder = root / f"Actor_{actor:02d}"
+        folder.mkdir()
+        for emotion in range(1, 9):
+            name = f"03-01-{emotion:02d}-01-01-01-{actor:02d}.ogg"
+            (folder / name).write_bytes(b"")
+            names.append(name)
+    return root, names
+
+
+def _features_config(tmp: Path, root: Path, on_bad_sample: str):
+    return validate({
+        "name": f"au-{on_bad_sample}", "output_dir": str(tmp / "runs"),
+        "data": {"dataset": "ravdess", "options": {"root": str(root)}, "on_bad_sample": on_bad_sample},
+        "branches": {"video": {"name": "features", "features": ["au"], "hidden_dims": [8]}},
+        "train": {"epochs": 1, "batch_size": 16},
+    })
+
+
+def test_clips_without_the_input_a_run_reads_are_refused_or_skipped_and_listed(tmp_path):
+    root, empty = _with_empty_clips(tmp_path)
+    with pytest.raises(DataError, match=r"16 clip\(s\) have no features.*Actor_1[34]"):
+        train_run(_features_config(tmp_path, root, "error"), progress=False)
+    config = _features_config(tmp_path, root, "skip")
+    bundle = load_data(config.data, {"features", "metadata"})
+    result = train_run(config, data=bundle, progress=False)
+    assert sorted(Path(where).name for where, _ in result.skipped) == sorted(empty)
+    assert all("no features" in reason for _, reason in result.skipped)
+    assert sum(map(len, bundle.splits.values())) == 30
+
+
+def test_train_lists_the_rows_a_reader_skipped(tmp_path):
+    from typer.testing import CliRunner
+
+    from emofuse.cli.app import app
+
+    clips = sorted((SPEECH / "Actor_01").glob("*.ogg"))[:4] + sorted((SPEECH / "Actor_02").glob("*.ogg"))[:4] \
+        + sorted((SPEECH / "Actor_03").glob("*.ogg"))[:4] + sorted((SPEECH / "Actor_04").glob("*.ogg"))[:4]
+    rows = ["id,label,speaker,text,audio"] + [f"c{i},{'happy' if i % 2 else 'sad'},s{i // 4},hello,{c}"
+                                              for i, c in enumerate(clips)]
+    rows.append(f"bad,joyful,s0,hello,{clips[0]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\ndataset = "manifest"\nsplit = "balanced"\n[data.options]\npath = "{tmp_path / "m.csv"}"\n'
+                      'labels = ["happy", "sad"]\n[branches.text]\nname = "mm-lstm"\naudio_backbone = "none"\n'
+                      'model_dim = 16\nlstm_hidden = 8\nattention_heads = 2\n')
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--output", str(tmp_path / "runs"), "--epochs", "1",
+                                      "--on-bad-sample", "skip"])
+    assert result.exit_code == 0, result.output
+    assert "1 sample(s) skipped as bad input" in result.output and "m.csv:18" in result.output
+    assert "'joyful' is not in the label set" in result.output

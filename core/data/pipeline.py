@@ -146,6 +146,32 @@ class DataBundle:
             worker_init_fn=_seed_worker,
         )
 
+    def require_input(self, modalities: Sequence[str]) -> None:
+        """Clips with none of `modalities` (the branches' primary inputs: say, no feature row for a
+        features run) carry nothing to learn from or score: an error naming them, or skipped and listed."""
+        wanted = [m for m in dict.fromkeys(modalities) if m]
+        if not wanted:
+            return
+        lacking = {split: [s for s in samples if not any(s.has(m) for m in wanted)]
+                   for split, samples in self.splits.items()}
+        bad = [s for samples in lacking.values() for s in samples]
+        if not bad:
+            return
+        what = " or ".join(wanted)
+        if self.on_bad_sample != "skip":
+            raise DataError(bad[0].source or bad[0].id,
+                            f"{len(bad)} clip(s) have no {what}, the input this run reads "
+                            f"(e.g. {', '.join(s.source or s.id for s in bad[:3])})",
+                            hint=f"give them {what} (e.g. a feature-table row), remove them, "
+                                 "or pass --on-bad-sample skip to leave them out")
+        for split, samples in lacking.items():
+            if samples:
+                gone = {id(s) for s in samples}
+                self.splits[split] = [s for s in self.splits[split] if id(s) not in gone]
+        for s in bad:
+            self.skipped.append((str(s.source or s.id), f"no {what}"))
+        log.warning("left out %d clip(s) with no %s", len(bad), what)
+
     def skipped_report(self) -> str:
         """The clips left out in skip mode, one per line (empty when none)."""
         return skipped_report(self.skipped)

@@ -39,8 +39,12 @@ def load_bundle(config: RunConfig, registry: Registry, run_dir: Path) -> Any:
 
 def check_branch_inputs(config: RunConfig, bundle: Any, registry: Registry) -> None:
     """Refuse to train a branch whose primary modality (its first) no training clip has: it would
-    learn from its side inputs alone and pretend to be, say, a video model."""
+    learn from its side inputs alone and pretend to be, say, a video model. Clips with no branch's
+    primary input are refused (or skipped) one by one too."""
     train = bundle.splits.get("train", [])
+    primaries = [modalities[0] for modalities in branch_modalities(config, registry).values() if modalities]
+    if hasattr(bundle, "require_input"):
+        bundle.require_input(primaries)
     for branch, modalities in branch_modalities(config, registry).items():
         primary = modalities[0] if modalities else None
         if primary is not None and not any(s.has(primary) for s in train):
