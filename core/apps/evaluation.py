@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from emofuse.core.data.dialogue import needs_whole_dialogues
 from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -71,13 +72,16 @@ def batches_of(
     *,
     batch_size: int = 16,
     on_bad_sample: str = "error",
+    by_dialogue: bool = False,
 ) -> Iterator[Batch]:
-    """Decode and collate `samples` in order, `batch_size` at a time, with the given normaliser."""
+    """Decode and collate `samples` with the given normaliser, `batch_size` at a time in order, or by
+    whole dialogues when `by_dialogue` (a context model: see `emofuse.core.data.dialogue.batch_positions`)."""
+    from emofuse.core.data.dialogue import batch_positions
     from emofuse.core.data.pipeline import make_batch
 
     modalities = sorted(set(modalities))
-    for start in range(0, len(samples), batch_size):
-        chunk = list(samples[start:start + batch_size])
+    for positions in batch_positions(samples, batch_size, by_dialogue=by_dialogue):
+        chunk = [samples[i] for i in positions]
         try:
             batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample)
         except DataError:
@@ -194,7 +198,8 @@ def evaluate_samples(
     if not labelled:
         raise ConfigError(f"split {split!r} has no labelled clips to score")
     batches = batches_of(labelled, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
-                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample)
+                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample,
+                         by_dialogue=needs_whole_dialogues(loaded.model))
     outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
     report = metric_report(outputs.labels, outputs.logits, loaded.label_names, bootstrap=bootstrap, seed=seed)
     return EvaluationResult(checkpoint, split, report, outputs, tuple(drop))

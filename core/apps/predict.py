@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
+from emofuse.core.data.dialogue import batch_positions, needs_whole_dialogues
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
@@ -161,9 +162,10 @@ class Predictor:
         """One record per sample, in order; a clip that fails to decode becomes an error record."""
         from emofuse.core.data.pipeline import make_batch
 
-        records: list[dict[str, Any]] = []
-        for start in range(0, len(samples), self.batch_size):
-            chunk = list(samples[start:start + self.batch_size])
+        records: dict[int, dict[str, Any]] = {}
+        by_dialogue = needs_whole_dialogues(self.model)
+        for positions in batch_positions(samples, self.batch_size, by_dialogue=by_dialogue):
+            chunk = [samples[i] for i in positions]
             batch, decoded, bad = self._decode(make_batch, chunk)
             by_position: dict[int, dict[str, Any]] = {id(s): Failure(s.id, _path_of(s), reason).to_dict() for s, reason in bad}
             if batch is not None:
@@ -179,8 +181,8 @@ class Predictor:
                         "probabilities": {name: round(float(v), 6) for name, v in zip(self.label_names, p)},
                         "modalities": sorted(m for m in self.modalities if bool(batch.present[m][row])),
                     }
-            records += [by_position[id(s)] for s in chunk]
-        return records
+            records.update((i, by_position[id(samples[i])]) for i in positions)
+        return [records[i] for i in range(len(samples))]
 
     def _decode(self, make_batch, chunk: list[Sample]):
         """(batch or None, the samples in it, [(sample, reason)]): bad clips are left out and named."""
