@@ -383,10 +383,16 @@ def predict_cmd(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="A CSV/JSONL manifest of clips."),
     text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
+    max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Use at most this many seconds of each clip's audio (its record then carries a warning); 0 decodes whole clips (memory grows with length)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
-    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out)
+    from emofuse.core.errors import ConfigError
+
+    if not max_audio_seconds >= 0:
+        raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
+    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
+                                   max_audio_seconds=max_audio_seconds or None)
     if failures:
         raise typer.Exit(1)
 

@@ -120,3 +120,23 @@ def test_top_level_emofuse_load(checkpoint, clips):
     assert isinstance(predictor, Predictor) and predictor.label_names == LABELS
     (record,) = predictor.predict(clips[0], text=STATEMENT)
     assert record["id"] == clips[0].stem and record["label"] in LABELS
+
+
+def test_long_audio_is_capped_with_a_warning(checkpoint, clips):
+    from emofuse.core.apps.predict import DEFAULT_MAX_AUDIO_SECONDS
+
+    assert DEFAULT_MAX_AUDIO_SECONDS is not None and DEFAULT_MAX_AUDIO_SECONDS <= 120  # bounded by default
+    capped = load(checkpoint, device="cpu", max_audio_seconds=1.0)
+    seen = []
+    original = capped.model.forward
+
+    def spy(batch, *args, **kwargs):
+        seen.append(batch.audio.shape[1])
+        return original(batch, *args, **kwargs)
+
+    capped.model.forward = spy
+    (record,) = capped.predict([clips[0]], text=STATEMENT)
+    assert seen == [16_000]  # the model saw one second of a ~3.5 s clip
+    assert "first 1 s" in record["warning"] and list(record["probabilities"]) == LABELS
+    (whole,) = load(checkpoint, device="cpu", max_audio_seconds=None).predict([clips[0]], text=STATEMENT)
+    assert "warning" not in whole

@@ -27,6 +27,9 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".ogg", ".oga", ".opus", ".mp3", ".flac", 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v"})
 MEDIA_EXTENSIONS = AUDIO_EXTENSIONS | VIDEO_EXTENSIONS
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz")
+#: Audio beyond this many seconds is not decoded (a record says so): memory grows with the audio's
+#: length (about 37 MB per minute was measured), so an hour-long file would need gigabytes.
+DEFAULT_MAX_AUDIO_SECONDS = 60.0
 
 
 @dataclass
@@ -102,13 +105,20 @@ class Predictor:
     """A loaded checkpoint ready to classify clips; build one with `load`."""
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", batch_size: int = 8,
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS):
+        from emofuse.core.data.preprocess import PreprocessSpec
+
+        if max_audio_seconds is not None and not max_audio_seconds > 0:
+            raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a positive number of seconds",
+                              hint="or None to decode whole clips")
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.label_names = list(loaded.label_names)
         self.modalities = sorted(loaded.model.modalities)
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        #: Decoding settings: the training defaults, with long audio cut at `max_audio_seconds`.
+        self.spec = PreprocessSpec(max_audio_seconds=max_audio_seconds)
         self.normalizer = normalizer_of(loaded)
         self.registry = registry
         self.model.to(self.device)
@@ -181,6 +191,9 @@ class Predictor:
                         "probabilities": {name: round(float(v), 6) for name, v in zip(self.label_names, p)},
                         "modalities": sorted(m for m in self.modalities if bool(batch.present[m][row])),
                     }
+                    warning = self._cropped(batch, row)
+                    if warning:
+                        by_position[id(sample)]["warning"] = warning
             records.update((i, by_position[id(samples[i])]) for i in positions)
         return [records[i] for i in range(len(samples))]
 
@@ -189,7 +202,7 @@ class Predictor:
         ids = [s.id for s in chunk]
         if len(set(ids)) == len(ids):
             try:
-                batch = make_batch(chunk, self.modalities, self.normalizer, on_bad_sample="skip")
+                batch = make_batch(chunk, self.modalities, self.normalizer, on_bad_sample="skip", spec=self.spec)
             except EmofuseError:
                 batch = None  # none decoded: find each one's reason below
             if batch is not None:
@@ -201,13 +214,21 @@ class Predictor:
         good, bad = [], []
         for sample in chunk:  # clip by clip: duplicate ids, or every clip of the chunk failed
             try:
-                make_batch([sample], self.modalities, self.normalizer, on_bad_sample="error")
+                make_batch([sample], self.modalities, self.normalizer, on_bad_sample="error", spec=self.spec)
                 good.append(sample)
             except EmofuseError as exc:
                 bad.append((sample, exc.message))
         if not good:
             return None, [], bad
-        return make_batch(good, self.modalities, self.normalizer, on_bad_sample="error"), good, bad
+        return make_batch(good, self.modalities, self.normalizer, on_bad_sample="error", spec=self.spec), good, bad
+
+    def _cropped(self, batch: Any, row: int) -> str | None:
+        cap = self.spec.max_audio_seconds
+        if cap is None or batch.audio is None or batch.audio_lengths is None or not bool(batch.present[AUDIO][row]):
+            return None
+        if int(batch.audio_lengths[row]) < int(cap * self.spec.sample_rate):
+            return None
+        return f"audio longer than {cap:g} s: only its first {cap:g} s were used (raise --max-audio-seconds)"
 
     @staticmethod
     def _reason(sample: Sample, reasons: Mapping[str, str]) -> str:
@@ -219,10 +240,12 @@ class Predictor:
 
 
 def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_size: int = 8,
-         registry: Registry | None = None) -> Predictor:
-    """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``."""
+         registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS) -> Predictor:
+    """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``.
+
+    Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it whole."""
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
-                     registry=registry)
+                     registry=registry, max_audio_seconds=max_audio_seconds)
 
 
 def predict_cli(
@@ -232,6 +255,7 @@ def predict_cli(
     manifest: Path | None = None,
     text: str | None = None,
     out: Path | None = None,
+    max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
 ) -> int:
     """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
 
@@ -243,7 +267,7 @@ def predict_cli(
         items.append(Path(manifest))
     if not items:
         raise ConfigError("nothing to predict", hint="pass media files, a folder, or --manifest FILE")
-    predictor = load(checkpoint)
+    predictor = load(checkpoint, max_audio_seconds=max_audio_seconds)
     records = predictor.predict(items, text=text)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out is not None:
