@@ -82,7 +82,7 @@ SeedOpt = typer.Option(None, "--seed", help="Random seed.")
 EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs (stage 1 and fusion stage).")
 PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16")
 BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
-LimitOpt = typer.Option(None, "--limit", help="Use at most N samples (quick runs).")
+LimitOpt = typer.Option(None, "--limit", help="Use at most N samples, N >= 1 (quick runs; leave it out for all).")
 
 
 def compose_run_config(
@@ -133,7 +133,7 @@ def compose_run_config(
         data_over["options"] = {"labels": [s.strip() for s in labels.split(",") if s.strip()]}
     if on_bad_sample:
         data_over["on_bad_sample"] = on_bad_sample
-    if limit:
+    if limit is not None:
         data_over["limit"] = limit
     if data_over:
         overrides["data"] = data_over
