@@ -81,7 +81,7 @@ NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --outp
 SeedOpt = typer.Option(None, "--seed", help="Random seed.")
 EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs (stage 1 and fusion stage).")
 PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16")
-BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
+BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: leave unreadable or unusable samples out; they are counted in a warning, and train lists each one at the end.")
 LimitOpt = typer.Option(None, "--limit", help="Use at most N samples, N >= 1 (quick runs; leave it out for all).")
 
 
@@ -296,11 +296,16 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, the table and confusion PNG."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
+    on_bad_sample: Optional[str] = typer.Option(None, "--on-bad-sample", help="error or skip (default: the run's setting): skip leaves unreadable clips out of the score and lists them."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
+    from emofuse.core.errors import ConfigError
+
+    if on_bad_sample not in (None, "error", "skip"):
+        raise ConfigError(f"--on-bad-sample {on_bad_sample!r}: expected error or skip")
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
-                            drop=tuple(without or ()), console=console)
+                            drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample)
 
 
 @app.command("compare")

@@ -102,3 +102,42 @@ def test_train_lists_the_rows_a_reader_skipped(tmp_path):
     assert result.exit_code == 0, result.output
     assert "1 sample(s) skipped as bad input" in result.output and "m.csv:18" in result.output
     assert "'joyful' is not in the label set" in result.output
+
+
+def test_symlinked_actor_folders_are_read(tmp_path):
+    from emofuse.core.engine.compose import build_reader
+    from emofuse.core.config import DataConfig
+
+    root = tmp_path / "linked"
+    root.mkdir()
+    for actor in ("Actor_01", "Actor_02"):
+        (root / actor).symlink_to(SPEECH / actor, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle is walked once, not forever
+    reader = build_reader(DataConfig(dataset="ravdess", options={"root": str(root), "feature_table": None}))
+    assert len(list(reader.samples())) == 120
+
+
+def test_evaluate_has_the_skip_option_its_hint_names(tmp_path):
+    from emofuse.core.apps.evaluation import evaluate_checkpoint
+
+    root = small_ravdess(tmp_path)
+    config = validate({
+        "name": "mm", "output_dir": str(tmp_path / "runs"), "data": {"dataset": "ravdess", "options": {"root": str(root)}},
+        "branches": {"audio_text": {"name": "mm-lstm", "model_dim": 16, "lstm_hidden": 8, "attention_heads": 2}},
+        "train": {"epochs": 1, "batch_size": 8},
+    })
+    bundle = load_data(config.data, {"audio", "text", "metadata"}, split_dir=tmp_path / "runs" / "mm")
+    result = train_run(config, data=bundle, progress=False)
+    broken = Path(bundle.splits["test"][0].audio_path)
+    broken.write_bytes(b"\0" * 64)
+    with pytest.raises(DataError, match="--on-bad-sample skip") as info:
+        evaluate_checkpoint(result.checkpoint, bootstrap=0)
+    from typer.testing import CliRunner
+
+    from emofuse.cli.app import app
+
+    assert "--on-bad-sample" in CliRunner().invoke(app, ["evaluate", "--help"]).output
+    scored = evaluate_checkpoint(result.checkpoint, bootstrap=0, on_bad_sample="skip")
+    assert len(scored.outputs.ids) == len(bundle.splits["test"]) - 1
+    assert [where for where, _ in scored.skipped] == [str(broken)]
+    assert str(broken) in str(info.value)

@@ -50,8 +50,10 @@ def is_manifest(path: Path) -> bool:
 
 
 def media_files(folder: Path) -> list[Path]:
-    """Every audio/video file under `folder`, recursively, in name order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
+    """Every audio/video file under `folder`, recursively (through symlinked folders), in name order."""
+    from emofuse.core.data.corpus import files_under
+
+    return [p for p in files_under(folder) if p.suffix.lower() in MEDIA_EXTENSIONS]
 
 
 def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterable[str] = (AUDIO, VIDEO)) -> Sample:
@@ -81,20 +83,33 @@ def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterab
 
 def samples_from_manifest(
     manifest: Path, label_names: Sequence[str], registry: Registry | None = None
-) -> tuple[list[Sample], list[Failure]]:
-    """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader; bad rows become failures."""
+) -> list[Sample | Failure]:
+    """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader, in the file's order; a bad row
+    becomes a failure under its own id. Labels are not read: prediction needs none."""
+    from emofuse.core.data.tables import read_table
+
     registry = registry or get_registry()
     cls = registry.cls("dataset", "manifest")
-    options = {"path": str(Path(manifest).resolve()), "labels": list(label_names), "empty_text": "absent"}
+    path = Path(manifest).resolve()
+    options = {"path": str(path), "labels": list(label_names), "empty_text": "absent", "labelled": False}
     reader = cls(cls.make_config(options, where="--manifest"), data_dir=None)
     reader.on_bad_sample = "skip"
     samples = list(reader.samples())
-    failures = [Failure(id=_where_id(where), path=where, error=reason) for where, reason in getattr(reader, "skipped", [])]
-    return samples, failures
+    skipped = list(getattr(reader, "skipped", []))
+    ids: dict[int, str] = {}
+    if skipped:
+        id_column = dict(reader.config.columns).get("id", "id")
+        ids = {line: str(row.get(id_column) or "").strip() for line, row in read_table(path).rows}
+    entries: list[tuple[int, Sample | Failure]] = [(_line_of(s.source), s) for s in samples]
+    for where, reason in skipped:
+        line = _line_of(where)
+        entries.append((line, Failure(id=ids.get(line) or f"{path.name}:{line}", path=where, error=reason)))
+    return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
 
 
-def _where_id(where: str) -> str:
-    return Path(str(where).split(":")[0]).name
+def _line_of(where: str | None) -> int:
+    tail = str(where or "").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _path_of(sample: Sample) -> str | None:
@@ -141,8 +156,7 @@ class Predictor:
                         raise DataError(path, "folder holds no audio or video files")
                     out += [self._media(media, text) for media in found]
                 elif is_manifest(path):
-                    samples, failures = samples_from_manifest(path, self.label_names, self.registry)
-                    out += failures + samples
+                    out += samples_from_manifest(path, self.label_names, self.registry)
                 else:
                     out.append(self._media(path, text))
             except EmofuseError as exc:

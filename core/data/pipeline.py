@@ -225,6 +225,10 @@ def load_data(
         log.info("left out on purpose by label_map: %s",
                  ", ".join(f"{n} {k}" for k, n in sorted(excluded.items())))
     samples = _check_samples(samples, config, skipped, reader.label_names)
+    if skipped:
+        where, reason = skipped[0]
+        log.warning("%d sample(s) of %s left out as bad input (first: %s: %s)", len(skipped), config.dataset,
+                    where, reason)
     if not samples:
         raise DataError(config.dataset, "no usable samples",
                         hint="check the corpus folder and the label set")
