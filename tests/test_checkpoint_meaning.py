@@ -16,9 +16,6 @@ from safetensors.torch import load as load_tensors, save as save_tensors
 
 import emofuse
 from emofuse.core import checkpoint as ckpt
-from emofuse.core.config import validate
-from emofuse.core.engine.compose import build_model
-from emofuse.core.engine.model_io import save_model
 from emofuse.core.errors import CheckpointError, EmofuseError
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
@@ -26,13 +23,10 @@ LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "sur
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = validate({"name": "speech", "branches": {"audio_text": {"name": "mm-lstm", "model_dim": 16,
-                                                                      "lstm_hidden": 8, "attention_heads": 2}}})
-    model = build_model(config, len(LABELS))
-    path = tmp_path_factory.mktemp("meaning") / "model.safetensors"
-    save_model(path, model, config, LABELS)
-    return path
+    """The untrained speech checkpoint of the prediction tests (its meaning, not its accuracy, matters here)."""
+    from test_predict import checkpoint
+
+    return checkpoint.__wrapped__(tmp_path_factory)
 
 
 def _copy(original: Path, tmp: Path) -> Path:
