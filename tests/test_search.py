@@ -40,7 +40,6 @@ from emofuse.core.interfaces import Encoder
 from emofuse.core.engine.metrics import classification_metrics
 from emofuse.core.presets import compose_config
 from emofuse.core.registry import Provider, Registry
-from emofuse.core.apps import search as search_module
 from emofuse.core.apps.search import (
     SearchOptions,
     Study,
@@ -544,6 +543,8 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = next(t for t in study.get_trials() if t.state.name == "RUNNING")
+    # as if its worker ran on another machine: only the silent heartbeat can tell it died
+    study._storage.set_trial_user_attr(killed._trial_id, "worker", "another-host:1")
     done_before = len(finished(study))
     time.sleep(2.5)  # the grace period passes without a heartbeat
     result = run_search(base_config(tmp_path), options(tmp_path, n_trials=6, heartbeat_interval=1, grace_period=2,
@@ -552,7 +553,7 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
     assert result.counts["complete"] == 6
     study = optuna.load_study(study_name="feat", storage=open_storage(storage))
     assert study.get_trials()[killed.number].state.name == "FAIL"
-    retry = next(t for t in study.get_trials() if search_module._retry_of(t) == killed.number)
+    retry = next(t for t in study.get_trials() if t.system_attrs.get("failed_trial") == killed.number)
     assert retry.state.name == "COMPLETE" and retry.params == killed.params
     assert len(finished(study)) == 6 and done_before >= 2
     assert_no_trial_lost_or_repeated(study, 6)
