@@ -82,8 +82,8 @@ NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --outp
 SeedOpt = typer.Option(None, "--seed", help="Random seed of every stage (train, fusion_train, branch_train.*).")
 EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs of every stage (train, fusion_train, branch_train.*); --set train.epochs=N sets the [train] key alone.")
 PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16, for every stage.")
-BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
-LimitOpt = typer.Option(None, "--limit", help="Use at most N samples (quick runs).")
+BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: leave unreadable or unusable samples out; they are counted in a warning, and train lists each one at the end.")
+LimitOpt = typer.Option(None, "--limit", help="Use at most N samples, N >= 1 (quick runs; leave it out for all).")
 
 
 def compose_run_config(
@@ -136,7 +136,7 @@ def compose_run_config(
         data_over["options"] = {"labels": [s.strip() for s in labels.split(",") if s.strip()]}
     if on_bad_sample:
         data_over["on_bad_sample"] = on_bad_sample
-    if limit:
+    if limit is not None:
         data_over["limit"] = limit
     if data_over:
         overrides["data"] = data_over
@@ -270,6 +270,7 @@ def train_cmd(
     on_bad_sample: Optional[str] = BadSampleOpt,
     limit: Optional[int] = LimitOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run folder's last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run of another config in the run folder (without it, such a folder is refused)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the composed config and exit."),
 ):
     """Train a composed model: one branch alone, or each branch then a fusion over them (staged)."""
@@ -280,7 +281,7 @@ def train_cmd(
         typer.echo(to_toml(cfg))
         return
     from emofuse.core.engine import training
-    result = training.train_run(cfg, resume=resume, progress=True)
+    result = training.train_run(cfg, resume=resume, progress=True, overwrite=overwrite)
     _print_run_result(result)
 
 
@@ -302,6 +303,10 @@ def _print_run_result(result: Any) -> None:
     if result.fusion_report:
         console.print("[bold]fusion learned:[/]", json.dumps(result.fusion_report, indent=2))
     console.print(f"best checkpoint: {result.checkpoint}")
+    if result.skipped:
+        from emofuse.core.data.pipeline import skipped_report
+
+        err_console.print(f"[yellow]{skipped_report(result.skipped)}[/]", highlight=False, markup=False)
 
 
 @app.command("evaluate")
@@ -313,11 +318,16 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, the table and confusion PNG."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
+    on_bad_sample: Optional[str] = typer.Option(None, "--on-bad-sample", help="error or skip (default: the run's setting): skip leaves unreadable clips out of the score and lists them."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
+    from emofuse.core.errors import ConfigError
+
+    if on_bad_sample not in (None, "error", "skip"):
+        raise ConfigError(f"--on-bad-sample {on_bad_sample!r}: expected error or skip")
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
-                            drop=tuple(without or ()), console=console)
+                            drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample)
 
 
 @app.command("compare")
@@ -400,10 +410,16 @@ def predict_cmd(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="A CSV/JSONL manifest of clips."),
     text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
+    max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Use at most this many seconds of each clip's audio (its record then carries a warning); 0 decodes whole clips (memory grows with length)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
-    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out)
+    from emofuse.core.errors import ConfigError
+
+    if not max_audio_seconds >= 0:
+        raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
+    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
+                                   max_audio_seconds=max_audio_seconds or None)
     if failures:
         raise typer.Exit(1)
 

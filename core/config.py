@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -102,6 +103,17 @@ class RunConfig(_Strict):
     #: Optuna search space: key path -> spec, see `emofuse.core.apps.search`.
     search: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output(cls, v: str) -> str:
+        """The run folder is ``output_dir/name``: a name that is absolute or climbs out with ``..`` would
+        write elsewhere (a config file from someone else could point it at any folder)."""
+        parts = Path(v).parts
+        if not v.strip() or Path(v).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
+            raise ValueError(f"run name {v!r} must be a folder name inside the output folder "
+                             "(no absolute path, no '.' or '..')")
+        return v
+
     @field_validator("branches")
     @classmethod
     def _branch_names(cls, v: dict[str, ComponentRef]) -> dict[str, ComponentRef]:
@@ -156,9 +168,9 @@ def parse_value(text: str) -> Any:
 def set_path(config: dict[str, Any], path: str, value: Any, *, where: str) -> dict[str, Any]:
     """Set the dotted `path` of a config dict to `value`, creating tables as needed; errors start
     with `where` (``--set train.lr``, ``search.train.lr``)."""
-    parts = [p for p in path.split(".") if p]
-    if not parts:
-        raise ConfigError(f"{where}: empty key")
+    parts = path.split(".")
+    if not path or any(not p.strip() for p in parts):
+        raise ConfigError(f"{where}: empty key part in {path!r}", hint="write key paths like train.lr")
     node = config
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part)
@@ -191,8 +203,29 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def _non_finite(node: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in a config tree, if any."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return path or "(top level)"
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            found = _non_finite(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found = _non_finite(value, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
-    """Validate a merged config dict; errors name each bad key's path."""
+    """Validate a merged config dict; errors name each bad key's path. NaN and infinity are refused
+    everywhere (a range check would call NaN "too large", and JSON and TOML cannot hold it)."""
+    bad = _non_finite(raw)
+    if bad:
+        raise ConfigError(f"{source}: {bad}: must be a finite number, not NaN or infinity")
     try:
         return RunConfig.model_validate(dict(raw))
     except ValidationError as err:
@@ -201,7 +234,28 @@ def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
 
 def to_toml(config: RunConfig) -> str:
     """Serialise a run config as TOML that `load_toml` + `validate` read back unchanged."""
-    return _toml_table(config.model_dump(mode="json", exclude_none=True))
+    data = config.model_dump(mode="json", exclude_none=True)
+    where = _none_inside(data)
+    if where:
+        raise ConfigError(f"{where}: is None, which a TOML run config cannot hold",
+                          hint="leave the key out to get its default, or give a value")
+    return _toml_table(data)
+
+
+def _none_inside(node: Any, path: str = "") -> str | None:
+    if node is None:
+        return path
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _none_inside(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _none_inside(value, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _toml_value(v: Any) -> str:

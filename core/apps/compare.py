@@ -46,6 +46,7 @@ from emofuse.core.apps.report import (
     write_text,
 )
 from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.data.dialogue import needs_whole_dialogues
 from emofuse.core.engine import branch_stage, training
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -234,7 +235,8 @@ def score_models(
                 variants += [(f"test-without-{m}", (m,)) for m in ablations]
             metas: list[Batch] = []
             outputs: dict[str, list[dict[tuple[str, str], EncoderOutput]]] = {v: [] for v, _ in variants}
-            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size):
+            by_dialogue = any(needs_whole_dialogues(m.loaded.model) for m in group)
+            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size, by_dialogue=by_dialogue):
                 metas.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
                 for variant, drop in variants:
                     seen = (drop_modalities(batch, drop) if drop else batch).to(device)

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
+from emofuse.core.data.dialogue import batch_positions, needs_whole_dialogues
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
@@ -27,6 +28,9 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".ogg", ".oga", ".opus", ".mp3", ".flac", 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v"})
 MEDIA_EXTENSIONS = AUDIO_EXTENSIONS | VIDEO_EXTENSIONS
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz")
+#: Audio beyond this many seconds is not decoded (a record says so): memory grows with the audio's
+#: length (about 37 MB per minute was measured), so an hour-long file would need gigabytes.
+DEFAULT_MAX_AUDIO_SECONDS = 60.0
 
 
 @dataclass
@@ -58,8 +62,10 @@ def is_manifest(path: Path) -> bool:
 
 
 def media_files(folder: Path) -> list[Path]:
-    """Every audio/video file under `folder`, recursively, in name order."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS)
+    """Every audio/video file under `folder`, recursively (through symlinked folders), in name order."""
+    from emofuse.core.data.corpus import files_under
+
+    return [p for p in files_under(folder) if p.suffix.lower() in MEDIA_EXTENSIONS]
 
 
 def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterable[str] = (AUDIO, VIDEO),
@@ -93,20 +99,33 @@ def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterab
 
 def samples_from_manifest(
     manifest: Path, label_names: Sequence[str], registry: Registry | None = None
-) -> tuple[list[Sample], list[Failure]]:
-    """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader; bad rows become failures."""
+) -> list[Sample | Failure]:
+    """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader, in the file's order; a bad row
+    becomes a failure under its own id. Labels are not read: prediction needs none."""
+    from emofuse.core.data.tables import read_table
+
     registry = registry or get_registry()
     cls = registry.cls("dataset", "manifest")
-    options = {"path": str(Path(manifest).resolve()), "labels": list(label_names), "empty_text": "absent"}
+    path = Path(manifest).resolve()
+    options = {"path": str(path), "labels": list(label_names), "empty_text": "absent", "labelled": False}
     reader = cls(cls.make_config(options, where="--manifest"), data_dir=None)
     reader.on_bad_sample = "skip"
     samples = list(reader.samples())
-    failures = [Failure(id=_where_id(where), path=where, error=reason) for where, reason in getattr(reader, "skipped", [])]
-    return samples, failures
+    skipped = list(getattr(reader, "skipped", []))
+    ids: dict[int, str] = {}
+    if skipped:
+        id_column = dict(reader.config.columns).get("id", "id")
+        ids = {line: str(row.get(id_column) or "").strip() for line, row in read_table(path).rows}
+    entries: list[tuple[int, Sample | Failure]] = [(_line_of(s.source), s) for s in samples]
+    for where, reason in skipped:
+        line = _line_of(where)
+        entries.append((line, Failure(id=ids.get(line) or f"{path.name}:{line}", path=where, error=reason)))
+    return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
 
 
-def _where_id(where: str) -> str:
-    return Path(str(where).split(":")[0]).name
+def _line_of(where: str | None) -> int:
+    tail = str(where or "").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _path_of(sample: Sample) -> str | None:
@@ -117,13 +136,20 @@ class Predictor:
     """A loaded checkpoint ready to classify clips; build one with `load`."""
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", batch_size: int = 8,
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS):
+        from emofuse.core.data.preprocess import PreprocessSpec
+
+        if max_audio_seconds is not None and not max_audio_seconds > 0:
+            raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a positive number of seconds",
+                              hint="or None to decode whole clips")
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.label_names = list(loaded.label_names)
         self.modalities = sorted(loaded.model.modalities)
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        #: Decoding settings: the training defaults, with long audio cut at `max_audio_seconds`.
+        self.spec = PreprocessSpec(max_audio_seconds=max_audio_seconds)
         self.normalizer = normalizer_of(loaded)
         self.registry = registry
         self.model.to(self.device)
@@ -146,8 +172,7 @@ class Predictor:
                         raise DataError(path, "folder holds no audio or video files")
                     out += [self._media(media, text) for media in found]
                 elif is_manifest(path):
-                    samples, failures = samples_from_manifest(path, self.label_names, self.registry)
-                    out += failures + samples
+                    out += samples_from_manifest(path, self.label_names, self.registry)
                 else:
                     out.append(self._media(path, text))
             except EmofuseError as exc:
@@ -174,10 +199,12 @@ class Predictor:
 
     def predict_samples(self, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         """One record per sample, in order; a clip that fails to decode becomes an error record."""
-        records: list[dict[str, Any]] = []
-        for start in range(0, len(samples), self.batch_size):
-            records += self.score(self.decode(samples[start:start + self.batch_size]))
-        return records
+        records: dict[int, dict[str, Any]] = {}
+        by_dialogue = needs_whole_dialogues(self.model)  # a context model sees whole dialogues, as in training
+        for positions in batch_positions(samples, self.batch_size, by_dialogue=by_dialogue):
+            chunk = [samples[i] for i in positions]
+            records.update(zip(positions, self.score(self.decode(chunk))))
+        return [records[i] for i in range(len(samples))]
 
     def decode(self, samples: Sequence[Sample]) -> DecodedClips:
         """Decode and normalise `samples` as one batch; bad clips are left out and named with their reason.
@@ -190,7 +217,7 @@ class Predictor:
         ids = [s.id for s in chunk]
         if len(set(ids)) == len(ids):
             try:
-                batch = make_batch(chunk, self.modalities, self.normalizer, on_bad_sample="skip")
+                batch = make_batch(chunk, self.modalities, self.normalizer, on_bad_sample="skip", spec=self.spec)
             except EmofuseError:
                 batch = None  # none decoded: find each one's reason below
             if batch is not None:
@@ -202,13 +229,14 @@ class Predictor:
         good, bad = [], []
         for sample in chunk:  # clip by clip: duplicate ids, or every clip of the chunk failed
             try:
-                make_batch([sample], self.modalities, self.normalizer, on_bad_sample="error")
+                make_batch([sample], self.modalities, self.normalizer, on_bad_sample="error", spec=self.spec)
                 good.append(sample)
             except EmofuseError as exc:
                 bad.append((sample, exc.message))
         if not good:
             return DecodedClips(chunk, None, [], bad)
-        return DecodedClips(chunk, make_batch(good, self.modalities, self.normalizer, on_bad_sample="error"), good, bad)
+        return DecodedClips(chunk, make_batch(good, self.modalities, self.normalizer, on_bad_sample="error", spec=self.spec),
+                            good, bad)
 
     @torch.no_grad()
     def score(self, clips: DecodedClips) -> list[dict[str, Any]]:
@@ -235,10 +263,21 @@ class Predictor:
                     "modalities": modalities,
                     "transcript": sample.text if TEXT in modalities else None,
                 }
+                warning = self._cropped(batch, row)
+                if warning:
+                    by_position[id(sample)]["warning"] = warning
         return [by_position[id(s)] for s in clips.samples]
 
     def _by_label(self, probabilities: torch.Tensor) -> dict[str, float]:
         return {name: round(float(v), 6) for name, v in zip(self.label_names, probabilities.tolist())}
+
+    def _cropped(self, batch: Any, row: int) -> str | None:
+        cap = self.spec.max_audio_seconds
+        if cap is None or batch.audio is None or batch.audio_lengths is None or not bool(batch.present[AUDIO][row]):
+            return None
+        if int(batch.audio_lengths[row]) < int(cap * self.spec.sample_rate):
+            return None
+        return f"audio longer than {cap:g} s: only its first {cap:g} s were used (raise --max-audio-seconds)"
 
     @staticmethod
     def _reason(sample: Sample, reasons: Mapping[str, str]) -> str:
@@ -250,10 +289,12 @@ class Predictor:
 
 
 def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_size: int = 8,
-         registry: Registry | None = None) -> Predictor:
-    """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``."""
+         registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS) -> Predictor:
+    """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``.
+
+    Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it whole."""
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
-                     registry=registry)
+                     registry=registry, max_audio_seconds=max_audio_seconds)
 
 
 def predict_cli(
@@ -263,6 +304,7 @@ def predict_cli(
     manifest: Path | None = None,
     text: str | None = None,
     out: Path | None = None,
+    max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
 ) -> int:
     """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
 
@@ -274,7 +316,7 @@ def predict_cli(
         items.append(Path(manifest))
     if not items:
         raise ConfigError("nothing to predict", hint="pass media files, a folder, or --manifest FILE")
-    predictor = load(checkpoint)
+    predictor = load(checkpoint, max_audio_seconds=max_audio_seconds)
     records = predictor.predict(items, text=text)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out is not None:
