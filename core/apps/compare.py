@@ -26,6 +26,7 @@ import torch
 
 from emofuse.core.config import ComponentRef, RunConfig
 from emofuse.core.errors import ConfigError, EmofuseError
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.apps.evaluation import (
     SPLITS,
     SplitOutputs,
@@ -217,6 +218,7 @@ def score_models(
         groups.setdefault(_state_hash(m.loaded.normalizer_state), []).append(m)
     for group in groups.values():
         normalizer = normalizer_of(group[0].loaded)
+        spec = preprocess_spec(group[0].loaded.config.data)
         modalities = sorted({x for m in group for x in m.loaded.model.modalities})
         encoders: dict[tuple[str, str], torch.nn.Module] = {}
         identity: dict[str, dict[str, tuple[str, str]]] = {}
@@ -235,7 +237,7 @@ def score_models(
                 variants += [(f"test-without-{m}", (m,)) for m in ablations]
             metas: list[Batch] = []
             outputs: dict[str, list[dict[tuple[str, str], EncoderOutput]]] = {v: [] for v, _ in variants}
-            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size):
+            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size, spec=spec):
                 metas.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
                 for variant, drop in variants:
                     seen = (drop_modalities(batch, drop) if drop else batch).to(device)

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.engine.metrics import MetricReport, metric_report
@@ -71,15 +72,17 @@ def batches_of(
     *,
     batch_size: int = 16,
     on_bad_sample: str = "error",
+    spec: Any = None,
 ) -> Iterator[Batch]:
-    """Decode and collate `samples` in order, `batch_size` at a time, with the given normaliser."""
+    """Decode and collate `samples` in order, `batch_size` at a time, with the given normaliser
+    (and preprocessing `spec`: the run's, from `preprocess_spec(config.data)`)."""
     from emofuse.core.data.pipeline import make_batch
 
     modalities = sorted(set(modalities))
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
         try:
-            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample)
+            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample, spec=spec)
         except DataError:
             if on_bad_sample != "skip":
                 raise
@@ -194,7 +197,8 @@ def evaluate_samples(
     if not labelled:
         raise ConfigError(f"split {split!r} has no labelled clips to score")
     batches = batches_of(labelled, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
-                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample)
+                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample,
+                         spec=preprocess_spec(loaded.config.data))
     outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
     report = metric_report(outputs.labels, outputs.logits, loaded.label_names, bootstrap=bootstrap, seed=seed)
     return EvaluationResult(checkpoint, split, report, outputs, tuple(drop))

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -109,6 +110,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.normalizer = normalizer_of(loaded)
+        self.spec = preprocess_spec(loaded.config.data)
         self.registry = registry
         self.model.to(self.device)
 
@@ -179,6 +181,9 @@ class Predictor:
                         "probabilities": {name: round(float(v), 6) for name, v in zip(self.label_names, p)},
                         "modalities": sorted(m for m in self.modalities if bool(batch.present[m][row])),
                     }
+                    reasons = batch.extra.get("absent_reasons", [{}] * len(decoded))[row]
+                    if reasons:  # e.g. a video without a face: predicted from the other modalities
+                        by_position[id(sample)]["absent"] = dict(reasons)
             records += [by_position[id(s)] for s in chunk]
         return records
 
@@ -187,7 +192,7 @@ class Predictor:
         ids = [s.id for s in chunk]
         if len(set(ids)) == len(ids):
             try:
-                batch = make_batch(chunk, self.modalities, self.normalizer, on_bad_sample="skip")
+                batch = make_batch(chunk, self.modalities, self.normalizer, on_bad_sample="skip", spec=self.spec)
             except EmofuseError:
                 batch = None  # none decoded: find each one's reason below
             if batch is not None:
@@ -199,13 +204,13 @@ class Predictor:
         good, bad = [], []
         for sample in chunk:  # clip by clip: duplicate ids, or every clip of the chunk failed
             try:
-                make_batch([sample], self.modalities, self.normalizer, on_bad_sample="error")
+                make_batch([sample], self.modalities, self.normalizer, on_bad_sample="error", spec=self.spec)
                 good.append(sample)
             except EmofuseError as exc:
                 bad.append((sample, exc.message))
         if not good:
             return None, [], bad
-        return make_batch(good, self.modalities, self.normalizer, on_bad_sample="error"), good, bad
+        return make_batch(good, self.modalities, self.normalizer, on_bad_sample="error", spec=self.spec), good, bad
 
     @staticmethod
     def _reason(sample: Sample, reasons: Mapping[str, str]) -> str:

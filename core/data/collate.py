@@ -98,6 +98,9 @@ class Collator:
                 "dialogue_ids": [x.dialogue_id for x in items],
                 "utterance_indices": [x.utterance_index for x in items],
                 "sample_extra": [x.tags for x in items],
+                "face_boxes": [x.face_boxes for x in items],
+                "face_detected": [x.face_detected for x in items],
+                "absent_reasons": [x.absent_reasons for x in items],
             },
         )
 
