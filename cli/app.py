@@ -288,11 +288,12 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, the table and confusion PNG."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
+    explain: int = typer.Option(0, "--explain", min=0, help="Also draw explanation PNGs for the split's first N clips (into <out>/explain)."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
-                            drop=tuple(without or ()), console=console)
+                            drop=tuple(without or ()), console=console, explain=explain)
 
 
 @app.command("compare")
@@ -375,12 +376,35 @@ def predict_cmd(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="A CSV/JSONL manifest of clips."),
     text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
+    explain: bool = typer.Option(False, "--explain", help="Also draw, per clip, a PNG: face track, crops with the spatial attention, each branch's share."),
+    explain_dir: Optional[Path] = typer.Option(None, "--explain-dir", help="Folder for the --explain PNGs (default: 'explanations' beside --out, else in the current folder)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
-    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out)
+    if explain and explain_dir is None:
+        explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
+    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
+                                   explain_dir=explain_dir if explain else None)
     if failures:
         raise typer.Exit(1)
+
+
+@app.command("zero-shot")
+@friendly_errors
+def zero_shot_cmd(
+    data: Optional[Path] = DataOpt,
+    dataset: str = typer.Option("crema-d", "--dataset", help="A corpus with video (see `emofuse plugins`)."),
+    labels: Optional[str] = LabelsOpt,
+    sets: Optional[List[str]] = SetOpt,
+    save: Optional[Path] = typer.Option(None, "--save", help="Also write the zero-shot model as a checkpoint for `emofuse predict`."),
+):
+    """Score the FER-2013 expression classifier, mapped onto the corpus's labels by name, on its video clips (no training)."""
+    from emofuse.core.apps.zero_shot import zero_shot_cli
+
+    cfg = compose_run_config(preset=None, config=None, encoder=None, fusion=None, loss=None, sets=sets, data=data,
+                             dataset=dataset, labels=labels, output=None, name=None, seed=None, epochs=None,
+                             precision=None, on_bad_sample=None, limit=None)
+    zero_shot_cli(cfg.data, save=save, console=console)
 
 
 def main() -> None:

@@ -262,9 +262,11 @@ def evaluate_cli(
     bootstrap: int = 1000,
     drop: Sequence[str] = (),
     console: Any = None,
+    explain: int = 0,
 ) -> EvaluationResult:
     """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
-    (default: ``<run folder>/eval-<split>``)."""
+    (default: ``<run folder>/eval-<split>``); with `explain` N, explanation PNGs of the split's first
+    N clips go to ``<out_dir>/explain``."""
     from emofuse.core.apps.report import evaluation_tables, write_evaluation_report
 
     result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop)
@@ -276,6 +278,16 @@ def evaluate_cli(
     from emofuse.core.apps.report import write_json
 
     write_json(paths["json"], result.to_dict())
+    if explain:
+        from emofuse.core.apps.explain import write_explanations
+        from emofuse.core.apps.predict import load
+
+        predictor = load(Path(checkpoint))
+        samples = split_samples(predictor.loaded, split, checkpoint=Path(checkpoint), data_dir=data_dir)[:explain]
+        written = write_explanations(predictor, samples, out_dir / "explain")
+        paths["explanations"] = out_dir / "explain"
+        if console is not None and len(written) < len(samples):
+            console.print(f"{len(samples) - len(written)} of {len(samples)} clips could not be explained (unreadable)")
     if console is not None:
         for table in evaluation_tables(result.report, title=title):
             console.print(table)

@@ -153,7 +153,10 @@ class Predictor:
         `items`: a path or `Sample`, or a list of them; paths may be media files, folders or manifests.
         `text` is the transcript given to every media file (manifests carry their own).
         """
-        entries = self.to_samples(items, text=text)
+        return self.records(self.to_samples(items, text=text))
+
+    def records(self, entries: Sequence[Sample | Failure]) -> list[dict[str, Any]]:
+        """Predict the `Sample`s of `to_samples`' output; its failures become error records, in order."""
         samples = [e for e in entries if isinstance(e, Sample)]
         predicted = iter(self.predict_samples(samples))
         return [next(predicted) if isinstance(e, Sample) else e.to_dict() for e in entries]
@@ -186,6 +189,39 @@ class Predictor:
                         by_position[id(sample)]["absent"] = dict(reasons)
             records += [by_position[id(s)] for s in chunk]
         return records
+
+    @torch.no_grad()
+    def branch_contributions(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """(final logits ``[B, C]``, each branch's share of them ``[B, C]``, the branch outputs).
+
+        A fusion that is a sum of per-branch terms reports them itself (`Fusion.contributions`:
+        weight x logits for the late fusions); for any other fusion a branch's share is what the
+        fused logits lose when that branch is marked absent. A single branch owns all of its logits.
+        """
+        from dataclasses import replace
+
+        batch = batch.to(self.device)
+        outputs = self.model.branch_outputs(batch)
+        fusion = self.model.fusion
+        if fusion is None:
+            ((name, only),) = outputs.items()
+            return only.logits.float(), {name: only.logits.float()}, outputs
+        ordered = list(outputs.values())
+        final = fusion(ordered).float()
+        parts = fusion.contributions(ordered)
+        if parts is None:
+            parts = {}
+            for i, name in enumerate(outputs):
+                absent = torch.zeros_like(ordered[i].presence())
+                without = [replace(o, present=absent) if j == i else o for j, o in enumerate(ordered)]
+                parts[name] = final - fusion(without).float()
+        return final, {k: v.float() for k, v in parts.items()}, outputs
+
+    def decode_for_explanation(self, samples: Sequence[Sample]):
+        """(batch or None, the samples in it, [(sample, reason)]), decoded as `predict` decodes them."""
+        from emofuse.core.data.pipeline import make_batch
+
+        return self._decode(make_batch, list(samples))
 
     def _decode(self, make_batch, chunk: list[Sample]):
         """(batch or None, the samples in it, [(sample, reason)]): bad clips are left out and named."""
@@ -235,8 +271,12 @@ def predict_cli(
     manifest: Path | None = None,
     text: str | None = None,
     out: Path | None = None,
+    explain_dir: Path | None = None,
 ) -> int:
     """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
+
+    With `explain_dir`, each predicted clip also gets ``<id>.png`` there (see `explain`), named in
+    its record's ``explanation`` field.
 
     The CLI exits 1 when any clip failed, so scripts notice, while every readable clip is still
     predicted and written.
@@ -247,7 +287,15 @@ def predict_cli(
     if not items:
         raise ConfigError("nothing to predict", hint="pass media files, a folder, or --manifest FILE")
     predictor = load(checkpoint)
-    records = predictor.predict(items, text=text)
+    entries = predictor.to_samples(items, text=text)
+    records = predictor.records(entries)
+    if explain_dir is not None:
+        from emofuse.core.apps.explain import write_explanations
+
+        written = write_explanations(predictor, [e for e in entries if isinstance(e, Sample)], explain_dir)
+        for record in records:
+            if record["id"] in written and "error" not in record:
+                record["explanation"] = str(written[record["id"]])
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
