@@ -215,7 +215,7 @@ class Predictor:
                 absent = torch.zeros_like(ordered[i].presence())
                 without = [replace(o, present=absent) if j == i else o for j, o in enumerate(ordered)]
                 parts[name] = final - fusion(without).float()
-        return final, {k: v.float() for k, v in parts.items()}, outputs
+        return final, {k: v.detach().float() for k, v in parts.items()}, outputs
 
     def decode_for_explanation(self, samples: Sequence[Sample]):
         """(batch or None, the samples in it, [(sample, reason)]), decoded as `predict` decodes them."""
