@@ -77,7 +77,7 @@ def test_the_prior_started_head_learns_from_there(crema_batch):
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert encoder.classifier.weight.abs().sum() > 0 and float(encoder.prior_weight) != 1.0
+    assert encoder.classifier.weight.abs().sum() > 0 and encoder.prior_weight.item() != 1.0
 
 
 def test_a_prior_needs_the_fer_backbone_and_the_data_sets_class_count():
