@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from emofuse.core.data.decode import SampledFrames, sample_frames
+from emofuse.core.data.decode import sample_frames
 from emofuse.core.errors import ConfigError, MissingDependencyError
 
 #: Detectors by the name `data.video.faces` accepts.
@@ -71,6 +71,14 @@ def _cv2():
     return cv2
 
 
+def _limit_opencv_threads(cv2) -> None:
+    """OpenCV's own thread pool follows ``--threads`` (EMOFUSE_THREADS): DataLoader workers already
+    take the cores, and more threads than cores only wait for each other."""
+    threads = os.environ.get("EMOFUSE_THREADS")
+    if threads and threads.isdigit():
+        cv2.setNumThreads(int(threads))
+
+
 class HaarFaceDetector:
     """OpenCV's frontal-face Haar cascade (Viola-Jones), on a grayscale, equalised, downscaled frame.
 
@@ -84,6 +92,7 @@ class HaarFaceDetector:
         self.settings = settings
         self._local = threading.local()
         cv2 = _cv2()
+        _limit_opencv_threads(cv2)
         self.path = Path(getattr(getattr(cv2, "data", None), "haarcascades", "")) / self.CASCADE
         if not self.path.is_file():
             raise MissingDependencyError(f"OpenCV {cv2.__version__} ships no {self.CASCADE}", hint=OPENCV_HINT)
@@ -270,14 +279,6 @@ def face_clip(path: str | os.PathLike, settings: FaceSettings, *, num_frames: in
     if cache is not None:
         cache.put_many(namespace, [cache_key], [found.tensors() if found is not None else {}])
     return found
-
-
-def sampled_frames_with_faces(path: str | os.PathLike, settings: FaceSettings, *, num_frames: int = 8,
-                              size: int = 224) -> tuple[SampledFrames, np.ndarray, FaceClip | None]:
-    """The sampled frames (for display), their RGB arrays and the face clip, computed once."""
-    sampled = sample_frames(path, num_frames=num_frames)
-    frames = sampled.rgb(MAX_DECODE_SIDE)
-    return sampled, frames, faces_in_frames(frames, settings, size=size)
 
 
 def crop_namespace(settings: FaceSettings, num_frames: int, size: int) -> str:
