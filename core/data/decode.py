@@ -196,6 +196,7 @@ def _frames_at_times(container, stream, targets, keyframes, rate, start) -> Samp
             if frames is not None:
                 container.seek(jump, stream=stream, backward=True)
                 seeks += 1
+                start, index = jump_t, 0  # frames without a timestamp count on from the keyframe
             frames = container.decode(stream)
             held = pending = held_t = pending_t = None
         while True:

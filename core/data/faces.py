@@ -214,10 +214,11 @@ def crop_faces(frames: np.ndarray, boxes: np.ndarray, *, size: int, margin: floa
     for i, (frame, box) in enumerate(zip(frames, boxes)):
         x, y, side = _centre_side(box)
         side *= 1 + 2 * margin
-        # An affine warp does crop, pad and resize in one step, with sub-pixel accuracy.
+        # An affine warp does crop, pad and resize in one step, with sub-pixel accuracy. Frames are
+        # decoded at most MAX_DECODE_SIDE wide, so a face is rarely shrunk by more than 2-3x here.
         s = size / side
         matrix = np.array([[s, 0, (side / 2 - x) * s], [0, s, (side / 2 - y) * s]], dtype=np.float64)
-        out[i] = cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
+        out[i] = cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out
 
