@@ -120,3 +120,22 @@ def test_explanation_png_returns_the_bytes_of_one_clip(checkpoint, clip, tmp_pat
     missing = tmp_path / "gone.mp4"
     with pytest.raises(DataError, match="gone.mp4"):
         explanation_png(predictor, missing)
+
+
+def test_the_cli_zero_shot_model_predicts_a_real_clip_with_an_explanation(tmp_path, shared_data, clip, monkeypatch):
+    from typer.testing import CliRunner
+
+    from emofuse.cli.app import app
+
+    runner = CliRunner()
+    model = tmp_path / "fer.safetensors"
+    result = runner.invoke(app, ["zero-shot", "--data", str(shared_data), "--dataset", "crema-d", "--save", str(model)])
+    assert result.exit_code == 0, result.output
+    assert "sampled frame" in result.output and "48" in result.output and model.is_file()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["predict", str(model), str(clip), "--explain"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(record["probabilities"]) == LABELS and record["modalities"] == ["video"]
+    assert record["explanation"] == str(Path("explanations") / "1001_DFA_HAP_XX.png")
+    assert (tmp_path / record["explanation"]).read_bytes().startswith(PNG)
