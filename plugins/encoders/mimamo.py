@@ -45,7 +45,8 @@ class MimamoConfig(ComponentConfig):
     frame_pretrained: bool = True
     #: For timm names: a local .safetensors file with the model's weights.
     frame_weights: str | None = None
-    #: Fixed face region (left, top, right, bottom as fractions of the frame) cropped before the CNN.
+    #: Fixed face region (left, top, right, bottom as fractions of the frame) cropped before the CNN;
+    #: for whole frames (data.video.faces = "none") of a corpus filmed with one framing.
     face_box: tuple[float, float, float, float] | None = None
     #: BERT-family text encoder for the text-fusion layer; None leaves text out.
     text_backbone: str | None = DEFAULT_TEXT_BACKBONE
