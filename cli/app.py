@@ -319,6 +319,7 @@ def evaluate_cmd(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
     on_bad_sample: Optional[str] = typer.Option(None, "--on-bad-sample", help="error or skip (default: the run's setting): skip leaves unreadable clips out of the score and lists them."),
+    explain: int = typer.Option(0, "--explain", min=0, help="Also draw explanation PNGs for the split's first N clips (into <out>/explain)."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
@@ -327,7 +328,8 @@ def evaluate_cmd(
     if on_bad_sample not in (None, "error", "skip"):
         raise ConfigError(f"--on-bad-sample {on_bad_sample!r}: expected error or skip")
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
-                            drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample)
+                            drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample,
+                            explain=explain)
 
 
 @app.command("compare")
@@ -411,6 +413,8 @@ def predict_cmd(
     text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
     max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Use at most this many seconds of each clip's audio (its record then carries a warning); 0 decodes whole clips (memory grows with length)."),
+    explain: bool = typer.Option(False, "--explain", help="Also draw, per clip, a PNG: face track, crops with the spatial attention, each branch's share."),
+    explain_dir: Optional[Path] = typer.Option(None, "--explain-dir", help="Folder for the --explain PNGs (default: 'explanations' beside --out, else in the current folder)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
@@ -418,8 +422,11 @@ def predict_cmd(
 
     if not max_audio_seconds >= 0:
         raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
+    if explain and explain_dir is None:
+        explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
     failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
-                                   max_audio_seconds=max_audio_seconds or None)
+                                   max_audio_seconds=max_audio_seconds or None,
+                                   explain_dir=explain_dir if explain else None)
     if failures:
         raise typer.Exit(1)
 
@@ -443,6 +450,24 @@ def serve_cmd(
     settings = ServeSettings(max_upload_mb=max_upload_mb, max_seconds=max_seconds, max_batch=max_batch,
                              batch_window_ms=batch_window_ms)
     serve(checkpoint, host=host, port=port, workers=workers, settings=settings)
+
+
+@app.command("zero-shot")
+@friendly_errors
+def zero_shot_cmd(
+    data: Optional[Path] = DataOpt,
+    dataset: str = typer.Option("crema-d", "--dataset", help="A corpus with video (see `emofuse plugins`)."),
+    labels: Optional[str] = LabelsOpt,
+    sets: Optional[List[str]] = SetOpt,
+    save: Optional[Path] = typer.Option(None, "--save", help="Also write the zero-shot model as a checkpoint for `emofuse predict`."),
+):
+    """Score the FER-2013 expression classifier, mapped onto the corpus's labels by name, on its video clips (no training)."""
+    from emofuse.core.apps.zero_shot import zero_shot_cli
+
+    cfg = compose_run_config(preset=None, config=None, encoder=None, fusion=None, loss=None, sets=sets, data=data,
+                             dataset=dataset, labels=labels, output=None, name=None, seed=None, epochs=None,
+                             precision=None, on_bad_sample=None, limit=None)
+    zero_shot_cli(cfg.data, save=save, console=console)
 
 
 def main() -> None:

@@ -39,6 +39,19 @@ class ComponentRef(BaseModel):
         return dict(self.model_extra or {})
 
 
+class VideoConfig(_Strict):
+    """How video clips become frames: the face found in each sampled frame, tracked and cropped."""
+
+    #: Face detector ("haar": OpenCV's Haar cascade) or "none" to keep whole frames (then an
+    #: encoder's fixed `face_box`, if any, crops them).
+    faces: Literal["haar", "none"] = "haar"
+    #: Added around each face box, on every side, as a fraction of its side.
+    face_margin: float = Field(0.25, ge=0, le=2)
+    #: Folder of the face-crop cache; None: $EMOFUSE_CACHE_DIR/face-crops or ~/.cache/emofuse/face-crops.
+    crop_cache: Path | None = None
+    cache_crops: bool = True
+
+
 class DataConfig(_Strict):
     dataset: str = "ravdess"
     #: Folder that holds the corpora; None -> ``../shared/data`` beside the project, if it exists.
@@ -57,6 +70,7 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
     #: Cap on samples (after the split), for quick runs; None keeps all.
     limit: int | None = Field(None, gt=0)
+    video: VideoConfig = Field(default_factory=VideoConfig)
 
 
 class TrainConfig(_Strict):

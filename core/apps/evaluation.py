@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from emofuse.core.data.dialogue import needs_whole_dialogues
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -72,9 +73,11 @@ def batches_of(
     on_bad_sample: str = "error",
     by_dialogue: bool = False,
     skipped: list[tuple[str, str]] | None = None,
+    spec: Any = None,
 ) -> Iterator[Batch]:
-    """Decode and collate `samples` with the given normaliser, `batch_size` at a time in order, or by
-    whole dialogues when `by_dialogue` (a context model: see `emofuse.core.data.dialogue.batch_positions`).
+    """Decode and collate `samples` with the given normaliser (and preprocessing `spec`: the run's, from
+    `preprocess_spec(config.data)`), `batch_size` at a time in order, or by whole dialogues when
+    `by_dialogue` (a context model: see `emofuse.core.data.dialogue.batch_positions`).
     In skip mode the clips left out are appended to `skipped` as ``(file, reason)``."""
     from emofuse.core.data.dialogue import batch_positions
     from emofuse.core.data.pipeline import make_batch
@@ -83,7 +86,7 @@ def batches_of(
     for positions in batch_positions(samples, batch_size, by_dialogue=by_dialogue):
         chunk = [samples[i] for i in positions]
         try:
-            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample)
+            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample, spec=spec)
         except DataError as exc:
             if on_bad_sample != "skip":
                 raise
@@ -206,7 +209,8 @@ def evaluate_samples(
     skipped: list[tuple[str, str]] = []
     batches = batches_of(labelled, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
                          on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample,
-                         by_dialogue=needs_whole_dialogues(loaded.model), skipped=skipped)
+                         by_dialogue=needs_whole_dialogues(loaded.model), skipped=skipped,
+                         spec=preprocess_spec(loaded.config.data))
     outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
     report = metric_report(outputs.labels, outputs.logits, loaded.label_names, bootstrap=bootstrap, seed=seed)
     return EvaluationResult(checkpoint, split, report, outputs, tuple(drop), skipped)
@@ -278,9 +282,11 @@ def evaluate_cli(
     drop: Sequence[str] = (),
     console: Any = None,
     on_bad_sample: str | None = None,
+    explain: int = 0,
 ) -> EvaluationResult:
     """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
-    (default: ``<run folder>/eval-<split>``)."""
+    (default: ``<run folder>/eval-<split>``); with `explain` N, explanation PNGs of the split's first
+    N clips go to ``<out_dir>/explain``."""
     from emofuse.core.apps.report import evaluation_tables, write_evaluation_report
 
     result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop,
@@ -293,6 +299,16 @@ def evaluate_cli(
     from emofuse.core.apps.report import write_json
 
     write_json(paths["json"], result.to_dict())
+    if explain:
+        from emofuse.core.apps.explain import write_explanations
+        from emofuse.core.apps.predict import load
+
+        predictor = load(Path(checkpoint))
+        samples = split_samples(predictor.loaded, split, checkpoint=Path(checkpoint), data_dir=data_dir)[:explain]
+        written = write_explanations(predictor, samples, out_dir / "explain")
+        paths["explanations"] = out_dir / "explain"
+        if console is not None and len(written) < len(samples):
+            console.print(f"{len(samples) - len(written)} of {len(samples)} clips could not be explained (unreadable)")
     if console is not None:
         for table in evaluation_tables(result.report, title=title):
             console.print(table)

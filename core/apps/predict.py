@@ -9,6 +9,7 @@ normaliser and label set are used, so predictions match what `evaluate` measured
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.data.dialogue import batch_positions, needs_whole_dialogues
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
@@ -137,7 +139,6 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", batch_size: int = 8,
                  registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS):
-        from emofuse.core.data.preprocess import PreprocessSpec
 
         if max_audio_seconds is not None and not max_audio_seconds > 0:
             raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a positive number of seconds",
@@ -148,8 +149,8 @@ class Predictor:
         self.modalities = sorted(loaded.model.modalities)
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        #: Decoding settings: the training defaults, with long audio cut at `max_audio_seconds`.
-        self.spec = PreprocessSpec(max_audio_seconds=max_audio_seconds)
+        #: Decoding settings: the run's (its face settings), with long audio cut at `max_audio_seconds`.
+        self.spec = dataclasses.replace(preprocess_spec(loaded.config.data), max_audio_seconds=max_audio_seconds)
         self.normalizer = normalizer_of(loaded)
         self.registry = registry
         self.model.to(self.device)
@@ -192,7 +193,10 @@ class Predictor:
         `items`: a path or `Sample`, or a list of them; paths may be media files, folders or manifests.
         `text` is the transcript given to every media file (manifests carry their own).
         """
-        entries = self.to_samples(items, text=text)
+        return self.records(self.to_samples(items, text=text))
+
+    def records(self, entries: Sequence[Sample | Failure]) -> list[dict[str, Any]]:
+        """Predict the `Sample`s of `to_samples`' output; its failures become error records, in order."""
         samples = [e for e in entries if isinstance(e, Sample)]
         predicted = iter(self.predict_samples(samples))
         return [next(predicted) if isinstance(e, Sample) else e.to_dict() for e in entries]
@@ -266,6 +270,9 @@ class Predictor:
                 warning = self._cropped(batch, row)
                 if warning:
                     by_position[id(sample)]["warning"] = warning
+                reasons = batch.extra.get("absent_reasons", [{}] * len(clips.decoded))[row]
+                if reasons:  # e.g. a video without a face: predicted from the other modalities
+                    by_position[id(sample)]["absent"] = dict(reasons)
         return [by_position[id(s)] for s in clips.samples]
 
     def _by_label(self, probabilities: torch.Tensor) -> dict[str, float]:
@@ -278,6 +285,36 @@ class Predictor:
         if int(batch.audio_lengths[row]) < int(cap * self.spec.sample_rate):
             return None
         return f"audio longer than {cap:g} s: only its first {cap:g} s were used (raise --max-audio-seconds)"
+
+    @torch.no_grad()
+    def branch_contributions(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """(final logits ``[B, C]``, each branch's share of them ``[B, C]``, the branch outputs).
+
+        A fusion that is a sum of per-branch terms reports them itself (`Fusion.contributions`:
+        weight x logits for the late fusions); for any other fusion a branch's share is what the
+        fused logits lose when that branch is marked absent. A single branch owns all of its logits.
+        """
+        from dataclasses import replace
+
+        batch = batch.to(self.device)
+        outputs = self.model.branch_outputs(batch)
+        fusion = self.model.fusion
+        if fusion is None:
+            ((name, only),) = outputs.items()
+            return only.logits.float(), {name: only.logits.float()}, outputs
+        final = fusion(outputs).float()
+        parts = fusion.contributions(outputs)
+        if parts is None:
+            parts = {}
+            for name, out in outputs.items():
+                without = {**outputs, name: replace(out, present=torch.zeros_like(out.presence()))}
+                parts[name] = final - fusion(without).float()
+        return final, {k: v.detach().float() for k, v in parts.items()}, outputs
+
+    def decode_for_explanation(self, samples: Sequence[Sample]):
+        """(batch or None, the samples in it, [(sample, reason)]), decoded as `predict` decodes them."""
+        clips = self.decode(list(samples))
+        return clips.batch, clips.decoded, clips.failed
 
     @staticmethod
     def _reason(sample: Sample, reasons: Mapping[str, str]) -> str:
@@ -305,8 +342,12 @@ def predict_cli(
     text: str | None = None,
     out: Path | None = None,
     max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
+    explain_dir: Path | None = None,
 ) -> int:
     """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
+
+    With `explain_dir`, each predicted clip also gets ``<id>.png`` there (see `explain`), named in
+    its record's ``explanation`` field.
 
     The CLI exits 1 when any clip failed, so scripts notice, while every readable clip is still
     predicted and written.
@@ -317,7 +358,15 @@ def predict_cli(
     if not items:
         raise ConfigError("nothing to predict", hint="pass media files, a folder, or --manifest FILE")
     predictor = load(checkpoint, max_audio_seconds=max_audio_seconds)
-    records = predictor.predict(items, text=text)
+    entries = predictor.to_samples(items, text=text)
+    records = predictor.records(entries)
+    if explain_dir is not None:
+        from emofuse.core.apps.explain import write_explanations
+
+        written = write_explanations(predictor, [e for e in entries if isinstance(e, Sample)], explain_dir)
+        for record in records:
+            if record["id"] in written and "error" not in record:
+                record["explanation"] = str(written[record["id"]])
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from emofuse.core.config import DataConfig
 from emofuse.core.data.collate import Collator
 from emofuse.core.data.keys import modality_keys
 from emofuse.core.data.normalize import Normalizer
-from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample
+from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample, preprocess_spec
 from emofuse.core.data.splits import SPLITS, check_speaker_independent, load_split, make_split, save_split
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.types import MODALITIES, Batch, Sample
@@ -213,7 +213,7 @@ def load_data(
     `modalities` are checked against the corpus (a warning when no clip has one); decoding waits
     for the loaders. The split file is `config.split_file`, else ``split_dir/split.json``.
     """
-    spec = spec or PreprocessSpec()
+    spec = spec or preprocess_spec(config)
     split_seed = config.split_seed if split_seed is None else split_seed
     reader = build_reader(config, registry)
     if hasattr(reader, "on_bad_sample"):
