@@ -57,14 +57,29 @@ from emofuse.core.types import Sample  # noqa: E402
 
 PRESET = "ravdess-reference"
 ROOT = Path(__file__).resolve().parents[1]
-#: The baselines the project must beat, as reported for grouped CV by actor on actors 1-12 (8 classes).
-REPORTED_BASELINES = {"egemaps": 0.472, "au": 0.583, "concat": 0.717, "average": 0.679}
+#: The baselines the project must beat, as reported for grouped CV by actor on actors 1-12 (8 classes);
+#: the Whisper ones (tiny.en encoder, mean+std pooled last layer) for leave-one-actor-out.
+REPORTED_BASELINES = {"egemaps": 0.472, "au": 0.583, "concat": 0.717, "average": 0.679,
+                      "whisper": 0.692, "concat-whisper": 0.807, "average-whisper": 0.750}
 BASELINE_TITLES = {
     "au": "baseline: AUs, logistic regression",
     "egemaps": "baseline: eGeMAPS, logistic regression",
     "concat": "baseline: AUs + eGeMAPS concatenated, logistic regression",
     "average": "baseline: averaged probabilities of the two",
+    "whisper": "baseline: Whisper encoder, logistic regression",
+    "concat-whisper": "baseline: AUs + Whisper concatenated, logistic regression",
+    "average-whisper": "baseline: averaged probabilities of AUs and Whisper",
 }
+#: Audio features a baseline can read: eGeMAPS functionals (always), Whisper statistics (``--audio-baselines``).
+AUDIO_BASELINES = ("egemaps", "whisper")
+
+
+def concat_kind(audio: str) -> str:
+    return "concat" if audio == "egemaps" else f"concat-{audio}"
+
+
+def average_kind(audio: str) -> str:
+    return "average" if audio == "egemaps" else f"average-{audio}"
 
 log = logging.getLogger("emofuse.benchmark")
 
@@ -127,14 +142,49 @@ def egemaps_functionals(samples: Sequence[Sample], cache: Path) -> dict[str, np.
     return out
 
 
+def whisper_functionals(samples: Sequence[Sample], cache: Path) -> dict[str, np.ndarray]:
+    """Mean and standard deviation over time of the packaged Whisper encoder's last layer (the clip's own
+    frames), 768 values per clip, cached as JSON: the figures-to-beat's Whisper features."""
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if all(s.id in stored for s in samples):
+            return {k: np.asarray(v, dtype=np.float64) for k, v in stored.items()}
+    import torch
+
+    from emofuse.core.data.decode import decode_audio
+    from emofuse.plugins.encoders.audio_backbone import WhisperFrontEnd
+
+    front = WhisperFrontEnd(all_layers=False).eval()
+    out = {}
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            frames = front([torch.from_numpy(decode_audio(s.audio_path))])[0].double()
+            out[s.id] = torch.cat([frames.mean(0), frames.std(0, unbiased=False)]).numpy()
+            if (i + 1) % 100 == 0:
+                log.info("Whisper: %d/%d clips", i + 1, len(samples))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({k: v.tolist() for k, v in out.items()}))
+    return out
+
+
+AUDIO_FEATURE_MAKERS = {"egemaps": egemaps_functionals, "whisper": whisper_functionals}
+
+
+def audio_baseline_features(samples: Sequence[Sample], names: Sequence[str], cache_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Each named audio feature set (``AUDIO_BASELINES``) of every clip, cached under `cache_dir`."""
+    return {name: AUDIO_FEATURE_MAKERS[name](samples, cache_dir / f"{name}-functionals.json") for name in names}
+
+
 #: Which clips a baseline learns from: all non-test actors (as the reported figures were made), or only
 #: the actors the toolkit's models train on (their validation actors only choose epochs).
 FIT_ON = {"train+val": ("train", "val"), "train": ("train",)}
 
 
-def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egemaps: dict[str, np.ndarray],
+def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], audio: dict[str, dict[str, np.ndarray]],
                     num_classes: int, *, fit_on: Sequence[str] = ("train", "val")) -> dict[str, dict[str, float]]:
-    """Accuracy/F1s of the four logistic-regression baselines trained on the `fit_on` splits, scored on test."""
+    """Accuracy/F1s of the logistic-regression baselines trained on the `fit_on` splits, scored on test: AUs,
+    and per audio feature set in `audio` (name -> clip id -> vector) the audio alone, both concatenated,
+    and the two models' averaged probabilities."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -147,31 +197,30 @@ def baseline_scores(samples: Sequence[Sample], split: dict[str, list[str]], egem
     fit_ids = [i for part in fit_on for i in split[part]]
     test_ids = split["test"]
 
-    def matrix(ids, kind):
-        rows = []
-        for i in ids:
-            au = np.asarray(by_id[i].features["au"], dtype=np.float64).reshape(-1)
-            eg = egemaps[i]
-            rows.append({"au": au, "egemaps": eg, "concat": np.concatenate([au, eg])}[kind])
-        return np.stack(rows)
+    def matrix(ids, parts):
+        au = lambda i: np.asarray(by_id[i].features["au"], dtype=np.float64).reshape(-1)  # noqa: E731
+        return np.stack([np.concatenate([au(i) if part == "au" else audio[part][i] for part in parts]) for i in ids])
 
     y_fit = np.array([by_id[i].label for i in fit_ids])
     y_test = torch.tensor([by_id[i].label for i in test_ids])
     probs = {}
-    for kind in ("au", "egemaps", "concat"):
+    inputs = {"au": ("au",)} | {kind: parts for name in audio
+                                 for kind, parts in ((name, (name,)), (concat_kind(name), ("au", name)))}
+    for kind, parts in inputs.items():
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-        model.fit(matrix(fit_ids, kind), y_fit)
+        model.fit(matrix(fit_ids, parts), y_fit)
         p = np.zeros((len(test_ids), num_classes))
-        p[:, model.classes_] = model.predict_proba(matrix(test_ids, kind))
+        p[:, model.classes_] = model.predict_proba(matrix(test_ids, parts))
         probs[kind] = p
-    probs["average"] = (probs["au"] + probs["egemaps"]) / 2
+    for name in audio:
+        probs[average_kind(name)] = (probs["au"] + probs[name]) / 2
     return {k: classification_metrics(y_test, torch.from_numpy(p), num_classes) for k, p in probs.items()}
 
 
-def baseline_runs(samples: Sequence[Sample], splits: Sequence[dict[str, list[str]]], egemaps: dict[str, np.ndarray],
-                  num_classes: int) -> dict[str, list[dict[str, dict[str, float]]]]:
+def baseline_runs(samples: Sequence[Sample], splits: Sequence[dict[str, list[str]]],
+                  audio: dict[str, dict[str, np.ndarray]], num_classes: int) -> dict[str, list[dict[str, dict[str, float]]]]:
     """Per fit set (``FIT_ON``), the baselines' scores on each split's test clips, in split order."""
-    return {name: [baseline_scores(samples, split, egemaps, num_classes, fit_on=parts) for split in splits]
+    return {name: [baseline_scores(samples, split, audio, num_classes, fit_on=parts) for split in splits]
             for name, parts in FIT_ON.items()}
 
 
@@ -183,11 +232,12 @@ def baseline_rows(per_run: Sequence[dict[str, dict[str, float]]],
                   train_only: Sequence[dict[str, dict[str, float]]] | None = None) -> list[dict[str, Any]]:
     """One row per baseline: mean ± std over runs of the train+val fit, and the train-only fit's accuracy."""
     rows = []
-    for kind in ("au", "egemaps", "concat", "average"):
+    for kind in per_run[0]:
         row: dict[str, Any] = {"key": f"baseline:{kind}", "kind_of_baseline": kind, "model": BASELINE_TITLES[kind],
                                "short": BASELINE_TITLES[kind].removeprefix("baseline: "),
                                "reported_accuracy": REPORTED_BASELINES[kind],
-                               "modalities": {"au": "features", "egemaps": "audio"}.get(kind, "audio+features")}
+                               "modalities": "features" if kind == "au" else
+                               "audio" if kind in AUDIO_BASELINES else "audio+features"}
         for metric in ("accuracy", "macro_f1", "weighted_f1", "uar"):
             row[metric], row[f"{metric}_std"] = _mean_std([r[kind][metric] for r in per_run])
         if train_only:
@@ -210,16 +260,16 @@ BASELINE_COLUMNS = [
 
 
 # --- each model against the baseline that sees the same modalities ------------------------------------
-def matching_baselines(modalities: str) -> list[str]:
+def matching_baselines(modalities: str, audio: Sequence[str] = ("egemaps",)) -> list[str]:
     """The baselines a model is to beat, by what it reads: AUs (features) alone -> the AU baseline, audio
-    alone -> eGeMAPS, both -> the concatenated and the averaged baselines."""
+    alone -> each audio baseline (eGeMAPS, Whisper), both -> the concatenated and the averaged baselines."""
     mods = set(modalities.split("+"))
     if "audio" in mods and "features" in mods:
-        return ["concat", "average"]
+        return [kind for name in audio for kind in (concat_kind(name), average_kind(name))]
     if "features" in mods:
         return ["au"]
     if "audio" in mods:
-        return ["egemaps"]
+        return list(audio)
     return []
 
 
@@ -232,13 +282,15 @@ def versus_baselines(per_fold_rows: Sequence[Sequence[dict[str, Any]]],
     (some actors are harder for every model), so ``diff_std`` says how steady the margin is.
     """
     out = []
+    first_run = next(iter(baseline_runs_by_fit.values()))[0]
+    audio = [name for name in AUDIO_BASELINES if name in first_run]
     keys = list(dict.fromkeys(r["key"] for rows in per_fold_rows for r in rows))
     for key in keys:
         # folds where this model exists (a fusion that failed in one fold is paired on the others)
         present = {k: r for k, rows in enumerate(per_fold_rows) for r in rows if r["key"] == key}
         fold_rows = list(present.values())
         first = fold_rows[0]
-        for kind in matching_baselines(first.get("modalities", "")):
+        for kind in matching_baselines(first.get("modalities", ""), audio):
             row: dict[str, Any] = {"key": key, "model": first["model"], "baseline": BASELINE_TITLES[kind].removeprefix(
                 "baseline: "), "baseline_kind": kind}
             row["accuracy"], row["accuracy_std"] = _mean_std([r["accuracy"] for r in fold_rows])
@@ -392,7 +444,8 @@ def render(rows, ablations, *, title: str, command: str, protocol_text: str, bas
                      "actors and scored on the same test actors as the models above (and, in the train-only "
                      "column, trained on the models' training actors alone: the models use the validation actors "
                      "only to pick their epoch). eGeMAPS = the 88 openSMILE eGeMAPSv02 functionals of the speech "
-                     "recording.")
+                     "recording; Whisper = mean and std over time of the packaged Whisper tiny.en encoder's last "
+                     "layer (768 values; its reported figures are for leave-one-actor-out, 11 training actors).")
     if versus:
         lines += ["", "**Each model against the baseline that reads the same inputs** (AUs: the AU baseline; "
                   "audio: eGeMAPS; both: the concatenated and the averaged baselines). Δ is the model's accuracy "
@@ -414,8 +467,8 @@ def baselines_only(args, argv, config: RunConfig, samples, num_classes: int, out
         splits = [make_split(samples, "speaker", val_fraction=config.data.val_fraction,
                              test_fraction=config.data.test_fraction, seed=config.data.split_seed)]
         spread = "one speaker-independent split"
-    egemaps = egemaps_functionals(samples, out.parent / "egemaps-functionals.json")
-    runs = baseline_runs(samples, splits, egemaps, num_classes)
+    audio = audio_baseline_features(samples, args.audio_baselines, out.parent)
+    runs = baseline_runs(samples, splits, audio, num_classes)
     rows = baseline_rows(runs["train+val"], runs["train"])
     text = "\n".join([f"### RAVDESS logistic-regression baselines ({spread})", "", "Made with:", "", "```",
                       command_line(argv), "```", "", markdown_table(rows, BASELINE_COLUMNS)])
@@ -441,12 +494,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--baselines", action="store_true", help="also score the logistic-regression baselines")
     p.add_argument("--baselines-only", action="store_true",
                    help="only the logistic-regression baselines on the protocol's folds/split (minutes, no training)")
+    p.add_argument("--audio-baselines", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                   default=["egemaps"], help=f"comma-separated audio features for the baselines: {', '.join(AUDIO_BASELINES)}")
     p.add_argument("--no-robustness", action="store_true", help="skip the modality-removed columns")
     p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", 0)) or None,
                    help="CPU threads for PyTorch (default: $EMOFUSE_THREADS, else PyTorch's choice)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reference-table")
     p.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "results" / "reference_table.md")
     args = p.parse_args(argv)
+    if unknown := set(args.audio_baselines) - set(AUDIO_BASELINES):
+        p.error(f"--audio-baselines: unknown {', '.join(sorted(unknown))} (choose from {', '.join(AUDIO_BASELINES)})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         import torch
@@ -510,8 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     baselines = versus = None
     if args.baselines:
-        egemaps = egemaps_functionals(samples, out.parent / "egemaps-functionals.json")
-        runs = baseline_runs(samples, splits_for_baselines, egemaps, num_classes)
+        audio = audio_baseline_features(samples, args.audio_baselines, out.parent)
+        runs = baseline_runs(samples, splits_for_baselines, audio, num_classes)
         baselines = baseline_rows(runs["train+val"], runs["train"])
         versus = versus_baselines(per_fold_rows, runs)
 

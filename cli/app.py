@@ -415,6 +415,8 @@ def predict_cmd(
     max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Use at most this many seconds of each clip's audio (its record then carries a warning); 0 decodes whole clips (memory grows with length)."),
     explain: bool = typer.Option(False, "--explain", help="Also draw, per clip, a PNG: face track, crops with the spatial attention, each branch's share."),
     explain_dir: Optional[Path] = typer.Option(None, "--explain-dir", help="Folder for the --explain PNGs (default: 'explanations' beside --out, else in the current folder)."),
+    transcribe: bool = typer.Option(True, "--transcribe/--no-transcribe",
+                                    help="Transcribe the speech of clips without text (Whisper tiny.en, offline)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
@@ -426,7 +428,7 @@ def predict_cmd(
         explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
     failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
                                    max_audio_seconds=max_audio_seconds or None,
-                                   explain_dir=explain_dir if explain else None)
+                                   explain_dir=explain_dir if explain else None, transcribe=transcribe)
     if failures:
         raise typer.Exit(1)
 

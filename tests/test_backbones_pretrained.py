@@ -162,7 +162,7 @@ def test_egemaps_without_opensmile_names_the_extra(monkeypatch):
 
 def test_wav2vec2_family_from_a_local_folder(tmp_path):
     """The transformers audio path (what facebook/wav2vec2-base takes online), with a small randomly
-    initialised Wav2Vec2 saved to a folder: 50 frames/s of hidden states, one clip at a time."""
+    initialised Wav2Vec2 saved to a folder: 50 frames/s of every layer's hidden states, one clip at a time."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -172,8 +172,13 @@ def test_wav2vec2_family_from_a_local_folder(tmp_path):
     assert front.has_weights and front.dim == 32 and front.frame_rate == 50
     with torch.no_grad():
         one, two = front([torch.randn(16_000) * 0.1, torch.randn(8_000) * 0.1])
-    assert one.shape == (49, 32) and two.shape == (24, 32)
+    # every hidden state (the CNN features' projection and the one transformer layer), layer-major per frame
+    assert front.num_layers == 2 and one.shape == (49, 2 * 32) and two.shape == (24, 2 * 32)
+    last = make_audio_backbone(str(tmp_path / "w2v"), all_layers=False)
+    with torch.no_grad():
+        torch.testing.assert_close(last([torch.ones(8_000) * 0.1])[0], front([torch.ones(8_000) * 0.1])[0][:, 32:])
     enc_cls = REG.cls("encoder", "mm-lstm")
     enc = enc_cls(enc_cls.make_config({"audio_backbone": str(tmp_path / "w2v")}), 3)
     assert len(enc.audio_front.convs) == 1  # 50 -> 25 frames/s
+    assert enc.layer_mix.num_layers == 2
     assert not any(p.requires_grad for p in enc.audio_backbone.parameters())

@@ -21,7 +21,7 @@ STATEMENT = "Kids are talking by the door"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """An audio+text model (mm-lstm over log-mel and the packaged MiniLM) saved as a real checkpoint.
+    """An audio+text model (mm-lstm over its default audio encoder and the packaged MiniLM) saved as a real checkpoint.
 
     Its head is untrained: these tests check the prediction plumbing, not accuracy.
     """
@@ -41,7 +41,7 @@ def clips(shared_data) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    return load(checkpoint, device="cpu", batch_size=4)
+    return load(checkpoint, device="cpu", batch_size=4, transcribe=False)  # transcription: test_transcription.py
 
 
 def test_one_corrupt_file_among_good_ones(tmp_path, checkpoint, clips):

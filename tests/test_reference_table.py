@@ -51,8 +51,8 @@ def test_baselines_fit_on_the_chosen_actors_and_beat_chance_from_real_action_uni
     rng = np.random.default_rng(0)
     # real action units; stand-in audio functionals with no signal (openSMILE over 720 clips is slow)
     noise = {s.id: rng.normal(size=88) for s in samples}
-    both = rt.baseline_scores(samples, split, noise, 8, fit_on=("train", "val"))
-    train_only = rt.baseline_scores(samples, split, noise, 8, fit_on=("train",))
+    both = rt.baseline_scores(samples, split, {"egemaps": noise}, 8, fit_on=("train", "val"))
+    train_only = rt.baseline_scores(samples, split, {"egemaps": noise}, 8, fit_on=("train",))
     assert set(both) == {"au", "egemaps", "concat", "average"}
     assert both["au"]["accuracy"] > 0.4 and train_only["au"]["accuracy"] > 0.4  # chance is 1/8
     assert both["egemaps"]["accuracy"] < 0.3  # noise stays near chance
@@ -143,3 +143,17 @@ def test_the_summary_groups_models_by_verdict_for_each_fit():
     reported, train_only = rt.versus_summary(versus)
     assert "clearly above: a vs AUs (+5.0 ± 1.0)" in reported and "below: b vs eGeMAPS (-2.0 ± 1.0)" in reported
     assert "training actors only" in train_only and "above, not clearly: b vs eGeMAPS (+1.0 ± 3.0)" in train_only
+
+
+def test_whisper_baselines_sit_beside_egemaps_and_pair_with_audio_models(ravdess):
+    samples, _ = ravdess
+    split = rt.actor_folds(samples, 4)[0]
+    rng = np.random.default_rng(1)
+    audio = {"egemaps": {s.id: rng.normal(size=88) for s in samples},
+             "whisper": {s.id: rng.normal(size=768) for s in samples}}
+    scores = rt.baseline_scores(samples, split, audio, 8)
+    assert set(scores) == {"au", "egemaps", "concat", "average", "whisper", "concat-whisper", "average-whisper"}
+    rows = {r["kind_of_baseline"]: r for r in rt.baseline_rows([scores])}
+    assert rows["whisper"]["modalities"] == "audio" and rows["concat-whisper"]["modalities"] == "audio+features"
+    assert rt.matching_baselines("audio+text", ["egemaps", "whisper"]) == ["egemaps", "whisper"]
+    assert rt.matching_baselines("audio+features", ["whisper"]) == ["concat-whisper", "average-whisper"]

@@ -6,6 +6,10 @@ Inputs are media files (audio or video), folders of them, `Sample`s, or a manife
 "modalities", "transcript"}``; a clip that cannot be read gives
 ``{"id", "path", "error"}`` instead and the others are still predicted. The checkpoint's own
 normaliser and label set are used, so predictions match what `evaluate` measured.
+
+A model that reads text gets a transcript for every clip given without one (no ``--text``, an empty
+manifest cell): the clip's speech transcribed offline by Whisper tiny.en (`emofuse.plugins.transcription`,
+cached per clip); its record then carries the ``transcript``. ``transcribe=False`` leaves such clips textless.
 """
 from __future__ import annotations
 
@@ -100,16 +104,18 @@ def sample_from_media(path: Path, *, text: str | None = None, modalities: Iterab
 
 
 def samples_from_manifest(
-    manifest: Path, label_names: Sequence[str], registry: Registry | None = None
+    manifest: Path, label_names: Sequence[str], registry: Registry | None = None, *, transcribe: bool = False
 ) -> list[Sample | Failure]:
     """Rows of a CSV/TSV/JSONL manifest via the ``manifest`` reader, in the file's order; a bad row
-    becomes a failure under its own id. Labels are not read: prediction needs none."""
+    becomes a failure under its own id. Labels are not read: prediction needs none. With `transcribe`,
+    rows without text get their clip's speech transcribed."""
     from emofuse.core.data.tables import read_table
 
     registry = registry or get_registry()
     cls = registry.cls("dataset", "manifest")
     path = Path(manifest).resolve()
-    options = {"path": str(path), "labels": list(label_names), "empty_text": "absent", "labelled": False}
+    options = {"path": str(path), "labels": list(label_names), "labelled": False,
+               "empty_text": "transcribe" if transcribe else "absent"}
     reader = cls(cls.make_config(options, where="--manifest"), data_dir=None)
     reader.on_bad_sample = "skip"
     samples = list(reader.samples())
@@ -138,7 +144,8 @@ class Predictor:
     """A loaded checkpoint ready to classify clips; build one with `load`."""
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", batch_size: int = 8,
-                 registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS):
+                 registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
+                 transcribe: bool = True):
 
         if max_audio_seconds is not None and not max_audio_seconds > 0:
             raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a positive number of seconds",
@@ -153,6 +160,8 @@ class Predictor:
         self.spec = dataclasses.replace(preprocess_spec(loaded.config.data), max_audio_seconds=max_audio_seconds)
         self.normalizer = normalizer_of(loaded)
         self.registry = registry
+        #: Transcribe the speech of clips that come without text (only when the model reads text).
+        self.transcribe = transcribe and TEXT in self.modalities
         self.model.to(self.device)
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -173,18 +182,34 @@ class Predictor:
                         raise DataError(path, "folder holds no audio or video files")
                     out += [self._media(media, text) for media in found]
                 elif is_manifest(path):
-                    out += samples_from_manifest(path, self.label_names, self.registry)
+                    out += samples_from_manifest(path, self.label_names, self.registry, transcribe=self.transcribe)
                 else:
                     out.append(self._media(path, text))
             except EmofuseError as exc:
                 out.append(Failure(path.stem, str(path), exc.message))
-        return out
+        return self._with_transcripts(out) if self.transcribe else out
 
     def _media(self, path: Path, text: str | None) -> Sample | Failure:
+        # a model that reads text but not audio still needs the sound track to transcribe
+        modalities = self.modalities + [AUDIO] if self.transcribe and text is None else self.modalities
         try:
-            return sample_from_media(path, text=text, modalities=self.modalities)
+            return sample_from_media(path, text=text, modalities=modalities)
         except EmofuseError as exc:
             return Failure(path.stem, str(path), exc.message)
+
+    def _with_transcripts(self, entries: list[Sample | Failure]) -> list[Sample | Failure]:
+        """Fill missing transcripts from the clips' speech; drop the sound track again where the model does not
+        read audio."""
+        from dataclasses import replace
+
+        from emofuse.plugins.transcription import fill_missing_transcripts
+
+        positions = [i for i, e in enumerate(entries) if isinstance(e, Sample)]
+        filled = fill_missing_transcripts([entries[i] for i in positions])  # type: ignore[misc]
+        out = list(entries)
+        for i, sample in zip(positions, filled):
+            out[i] = sample if AUDIO in self.modalities else replace(sample, audio_path=None)
+        return out
 
     # -- prediction ---------------------------------------------------------------------------------
     def predict(self, items: Any, *, text: str | None = None) -> list[dict[str, Any]]:
@@ -267,6 +292,8 @@ class Predictor:
                     "modalities": modalities,
                     "transcript": sample.text if TEXT in modalities else None,
                 }
+                if sample.extra.get("transcribed"):  # the text came from Whisper, not from the caller
+                    by_position[id(sample)]["transcribed"] = True
                 warning = self._cropped(batch, row)
                 if warning:
                     by_position[id(sample)]["warning"] = warning
@@ -326,12 +353,14 @@ class Predictor:
 
 
 def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_size: int = 8,
-         registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS) -> Predictor:
+         registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
+         transcribe: bool = True) -> Predictor:
     """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``.
 
-    Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it whole."""
+    Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it
+    whole. With `transcribe`, clips without text get their speech transcribed (when the model reads text)."""
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
-                     registry=registry, max_audio_seconds=max_audio_seconds)
+                     registry=registry, max_audio_seconds=max_audio_seconds, transcribe=transcribe)
 
 
 def predict_cli(
@@ -343,6 +372,7 @@ def predict_cli(
     out: Path | None = None,
     max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
     explain_dir: Path | None = None,
+    transcribe: bool = True,
 ) -> int:
     """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
 
@@ -357,7 +387,7 @@ def predict_cli(
         items.append(Path(manifest))
     if not items:
         raise ConfigError("nothing to predict", hint="pass media files, a folder, or --manifest FILE")
-    predictor = load(checkpoint, max_audio_seconds=max_audio_seconds)
+    predictor = load(checkpoint, max_audio_seconds=max_audio_seconds, transcribe=transcribe)
     entries = predictor.to_samples(items, text=text)
     records = predictor.records(entries)
     if explain_dir is not None:

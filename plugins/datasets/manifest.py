@@ -6,6 +6,9 @@ JSON Lines, one key holding a list. Media paths are relative to ``media_root`` (
 manifest's folder); when the reader's ``root`` is set, a media path that leads outside it (``..``,
 an absolute path elsewhere) is bad input, so a manifest cannot point the loader at other files.
 Only `id` is required; without a label column the rows are unlabelled (for prediction). The label set must be given explicitly with ``labels``.
+With ``empty_text = "transcribe"`` a clip without a transcript (empty cell, or no text column) gets one
+from its speech (Whisper tiny.en, offline; `emofuse.plugins.transcription`), cached so each clip is
+transcribed once.
 """
 from __future__ import annotations
 
@@ -33,8 +36,11 @@ class ManifestConfig(CorpusReaderConfig):
     media_root: Path | None = None
     #: False: leave the label column unread, every row unlabelled (prediction needs no labels).
     labelled: bool = True
-    #: An empty cell in the text column: "error" (bad input) or "absent" (the clip has no text).
-    empty_text: Literal["error", "absent"] = "error"
+    #: A clip without text (an empty cell in the text column, or no such column): "error" (bad input; only
+    #: for an empty cell), "absent" (the clip has no text), or "transcribe" (its speech, transcribed offline).
+    empty_text: Literal["error", "absent", "transcribe"] = "error"
+    #: Where "transcribe" keeps the transcripts (JSON); default: the user's cache folder (~/.cache/emofuse).
+    transcript_cache: Path | None = None
 
 
 class ManifestReader(CorpusReader):
@@ -46,6 +52,15 @@ class ManifestReader(CorpusReader):
     modalities: ClassVar[tuple[str, ...]] = (VIDEO, AUDIO, TEXT, METADATA, FEATURES)
 
     def samples(self) -> Iterator[Sample]:
+        cfg: ManifestConfig = self.config  # type: ignore[assignment]
+        if cfg.empty_text != "transcribe":
+            yield from self._rows()
+            return
+        from emofuse.plugins.transcription import fill_missing_transcripts
+
+        yield from fill_missing_transcripts(list(self._rows()), cfg.transcript_cache)
+
+    def _rows(self) -> Iterator[Sample]:
         cfg: ManifestConfig = self.config  # type: ignore[assignment]
         unknown = sorted(set(cfg.columns) - set(FIELDS))
         if unknown:

@@ -105,3 +105,21 @@ class RunningStandardizer(nn.Module):
         if self.training and rows.shape[0] > 0:
             self._update(rows.detach().to(self.mean.dtype))
         return (rows - self.mean) / torch.sqrt(self.var + self.eps)
+
+
+class LayerMix(nn.Module):
+    """A learned softmax-weighted sum of a pretrained encoder's layers (the SUPERB recipe): ``[..., L * D]``
+    (layer-major, as `audio_backbone.stack_layers` makes it) -> ``[..., D]``. Starts as the plain mean."""
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        self.logits = nn.Parameter(torch.zeros(num_layers))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = x.unflatten(-1, (self.num_layers, -1))
+        return (layers * self.weights.to(x.dtype)[:, None]).sum(dim=-2)

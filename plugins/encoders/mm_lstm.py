@@ -1,8 +1,9 @@
 """Multimodal LSTM branch: speech audio + transcript text (+ speaker metadata) -> emotion.
 
 A frozen text encoder (BERT family; the packaged MiniLM by default) gives token vectors, a frozen
-audio encoder (Wav2Vec2 family, or a log-mel / eGeMAPS front end) gives frame vectors. Audio frames
-pass a learned strided convolutional front end (to about 25 frames/s), then attend to the text
+audio encoder (Whisper or Wav2Vec2 family, or a log-mel / eGeMAPS front end) gives frame vectors; from
+a pretrained audio encoder, every layer's frames, mixed by learned softmax weights (``audio_layers``).
+Audio frames pass a learned strided convolutional front end (to about 25 frames/s), then attend to the text
 tokens with 8-head attention (audio queries, text keys and values, plus a learned "no text" slot
 so a clip without a transcript still has something to attend to); a sequence model reads the
 text-aware audio sequence: a bidirectional LSTM (the reference design), or transformer encoder
@@ -35,6 +36,7 @@ from emofuse.core.types import AUDIO, METADATA, TEXT, Batch, EncoderOutput, leng
 from emofuse.plugins.encoders.audio_backbone import DEFAULT_AUDIO_BACKBONE, make_audio_backbone
 from emofuse.plugins.encoders.layers import (
     BatchNorm1d,
+    LayerMix,
     MetadataEmbedding,
     RunningStandardizer,
     classifier_head,
@@ -51,16 +53,21 @@ TARGET_FRAME_RATE = 25.0
 NO_AUDIO = "none"
 
 SequenceModel = Literal["lstm", "transformer"]
+#: Which of a pretrained audio encoder's layers the branch reads: all (a learned mix) or the last.
+AudioLayers = Literal["all", "last"]
 #: The options that shape `extract`'s output (the head's options do not).
-EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "max_text_tokens")
+EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "audio_layers", "max_text_tokens")
 
 
 class MMLSTMConfig(ComponentConfig):
     #: BERT-family text encoder: "minilm" (packaged, offline), a local folder, or a hub id (bert-base-uncased).
     text_backbone: str = DEFAULT_TEXT_BACKBONE
-    #: "log-mel" (default), "egemaps" (needs emofuse[egemaps]), a Wav2Vec2-family hub id / local folder
-    #: (facebook/wav2vec2-base), or "none": text only (the sequence model then reads the text tokens).
+    #: "whisper" (the packaged Whisper tiny.en encoder, default), "log-mel", "egemaps" (needs emofuse[egemaps]), a
+    #: Wav2Vec2-family or Whisper hub id / local folder (facebook/wav2vec2-base), or "none": text only
+    #: (the sequence model then reads the text tokens).
     audio_backbone: str = DEFAULT_AUDIO_BACKBONE
+    #: A pretrained audio encoder's layers: "all" (a learned softmax-weighted sum) or the "last" alone.
+    audio_layers: AudioLayers = "all"
     #: Keep the pretrained encoders fixed (their outputs are then cached once per clip).
     freeze_backbone: bool = True
     #: Learning rate of an unfrozen backbone, as a fraction of the head's (`train.lr`).
@@ -82,7 +89,7 @@ class MMLSTMConfig(ComponentConfig):
         if self.model_dim % self.attention_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by attention_heads ({self.attention_heads})")
         if not self.audio_backbone.strip():
-            raise ValueError(f"audio_backbone is empty: give log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
+            raise ValueError(f"audio_backbone is empty: give whisper, log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
         return self
 
     @property
@@ -194,13 +201,16 @@ class MultimodalLSTMEncoder(Encoder):
         c = config
         self.modalities = self.modalities_for(c)  # type: ignore[misc]
         self.text_backbone = TextBackbone(c.text_backbone, max_length=c.max_text_tokens)
-        self.audio_backbone = make_audio_backbone(c.audio_backbone) if c.has_audio else None
+        self.audio_backbone = (make_audio_backbone(c.audio_backbone, all_layers=c.audio_layers == "all")
+                               if c.has_audio else None)
         if c.freeze_backbone:
             freeze(self.text_backbone)
             freeze(self.audio_backbone)
         d = c.model_dim
         self.text_proj = nn.Sequential(nn.Linear(self.text_backbone.dim, d), nn.LayerNorm(d))
         if self.audio_backbone is not None:
+            layers = self.audio_backbone.num_layers
+            self.layer_mix = LayerMix(layers) if layers > 1 else None
             self.audio_front = ConvFrontEnd(self.audio_backbone.dim, d, self.audio_backbone.frame_rate, c.dropout)
             self.no_text = nn.Parameter(torch.zeros(1, 1, d))
             self.cross_attention = nn.MultiheadAttention(d, c.attention_heads, dropout=c.dropout, batch_first=True)
@@ -267,7 +277,7 @@ class MultimodalLSTMEncoder(Encoder):
         for i in range(b):
             audio = frames.get(i)
             if audio is None:
-                audio = torch.zeros(1, self.audio_backbone.dim, device=device)
+                audio = torch.zeros(1, self.audio_backbone.num_layers * self.audio_backbone.dim, device=device)
             out.append({"text_tokens": tokens[i], "audio_frames": audio})
         return out
 
@@ -288,6 +298,8 @@ class MultimodalLSTMEncoder(Encoder):
         audio = ex["audio_frames"].to(dtype)
         audio_len = ex.get("audio_frames_lengths", torch.full((b,), audio.shape[1], dtype=torch.long)).to(device)
         has_audio = presence(batch, AUDIO)
+        if self.layer_mix is not None:
+            audio = self.layer_mix(audio)
         a, a_len, audio_stats = self.audio_front(audio, audio_len)
         a_len = a_len.clamp_min(1)
         text_mask = lengths_to_mask(text_len, t.shape[1]) & has_text[:, None]
