@@ -123,7 +123,8 @@ def test_a_recording_from_the_microphone_is_predicted(page):
     page.wait_for_function("!document.getElementById('result').hidden || "
                            "document.getElementById('error').textContent.length > 0", timeout=60_000)
     assert page.text_content("#error") == ""
-    assert page.text_content("#transcript-used") == "(none)"
+    used = page.text_content("#transcript-used")  # a fake microphone's tone may transcribe to a word or to none
+    assert used == "(none)" or used.endswith("(transcribed from the speech)")
     bars = bars_of(page, "#bars")
     assert len(bars) == 8 and sum(bars.values()) == pytest.approx(1.0, abs=1e-4)
     # Chromium's fake microphone gives a few seconds of audio in WebM/Opus, sniffed and measured by content

@@ -187,17 +187,21 @@ class Predictor:
                     out.append(self._media(path, text))
             except EmofuseError as exc:
                 out.append(Failure(path.stem, str(path), exc.message))
-        return self._with_transcripts(out) if self.transcribe else out
+        return self.with_transcripts(out) if self.transcribe else out
+
+    def media_modalities(self, text: str | None) -> list[str]:
+        """What to read from a media file given with `text`: the model's modalities, plus the sound track
+        of a text-reading model's clip that comes without text (to transcribe it)."""
+        return self.modalities + [AUDIO] if self.transcribe and text is None and AUDIO not in self.modalities \
+            else self.modalities
 
     def _media(self, path: Path, text: str | None) -> Sample | Failure:
-        # a model that reads text but not audio still needs the sound track to transcribe
-        modalities = self.modalities + [AUDIO] if self.transcribe and text is None else self.modalities
         try:
-            return sample_from_media(path, text=text, modalities=modalities)
+            return sample_from_media(path, text=text, modalities=self.media_modalities(text))
         except EmofuseError as exc:
             return Failure(path.stem, str(path), exc.message)
 
-    def _with_transcripts(self, entries: list[Sample | Failure]) -> list[Sample | Failure]:
+    def with_transcripts(self, entries: list[Sample | Failure]) -> list[Sample | Failure]:
         """Fill missing transcripts from the clips' speech; drop the sound track again where the model does not
         read audio."""
         from dataclasses import replace
@@ -205,7 +209,16 @@ class Predictor:
         from emofuse.plugins.transcription import fill_missing_transcripts
 
         positions = [i for i, e in enumerate(entries) if isinstance(e, Sample)]
-        filled = fill_missing_transcripts([entries[i] for i in positions])  # type: ignore[misc]
+        samples = [entries[i] for i in positions]
+        try:
+            filled = fill_missing_transcripts(samples)  # type: ignore[arg-type]
+        except EmofuseError:  # one clip's sound cannot be read: the others are still transcribed, and that
+            filled = []       # clip goes on without text (its decoding then reports what is wrong with it)
+            for sample in samples:
+                try:
+                    filled += fill_missing_transcripts([sample])  # type: ignore[list-item]
+                except EmofuseError:
+                    filled.append(sample)
         out = list(entries)
         for i, sample in zip(positions, filled):
             out[i] = sample if AUDIO in self.modalities else replace(sample, audio_path=None)

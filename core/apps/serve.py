@@ -204,7 +204,8 @@ def inspect_upload(stored: Path, name: str, sample_id: str, predictor: Predictor
         raise UploadError(413, f"{name}: the clip lasts {seconds:.1f} s; this service takes at most "
                                f"{settings.max_seconds:g} s")
     try:
-        sample = sample_from_media(stored, text=transcript, modalities=predictor.modalities, sample_id=sample_id,
+        sample = sample_from_media(stored, text=transcript, modalities=predictor.media_modalities(transcript),
+                                   sample_id=sample_id,
                                    by_content=True)
     except DataError as exc:
         raise UploadError(422, f"{name}: {_scrub(exc.message, stored, name)}") from None
@@ -240,8 +241,9 @@ class Prediction(BaseModel):
     branches: dict[str, dict[str, float] | None] = Field(
         description="branch -> its own class probabilities; null for a branch whose modalities the clip lacks")
     modalities: list[str] = Field(description="what the model read from this clip")
-    transcript: str | None = Field(description="the transcript the model read: the one given, or (once the "
-                                               "predictor transcribes speech) its transcription; null if none")
+    transcript: str | None = Field(description="the transcript the model read: the one given, or the clip's "
+                                               "speech transcribed (Whisper tiny.en) when none was; null if none")
+    transcribed: bool = Field(False, description="true when `transcript` was transcribed from the clip's speech")
     explanation: str | None = Field(None, description="an image explaining a video prediction, as a data: URL, "
                                                       "when the predictor provides one; null otherwise")
     media: Literal["audio", "video"] = Field(description="what the upload's content turned out to be")
@@ -364,6 +366,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
 
     def run_batch(samples: list[Sample]) -> list[tuple[dict[str, Any], dict[str, float]]]:
         start = time.perf_counter()
+        if predictor.transcribe:  # clips without a transcript: their speech, transcribed (cached per clip)
+            samples = [x for x in predictor.with_transcripts(list(samples)) if isinstance(x, Sample)]
         clips = predictor.decode(samples)
         decoded = time.perf_counter()
         records = predictor.score(clips)
@@ -429,6 +433,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
         return Prediction(
             id=name, label=record["label"], probabilities=record["probabilities"], branches=record["branches"],
             modalities=record["modalities"], transcript=record.get("transcript"),
+            transcribed=bool(record.get("transcribed")),
             explanation=record.get("explanation"), media=upload.kind, seconds=round(upload.seconds, 3),
             timings=Timings(upload_ms=(inspected - received) * 1e3, queue_ms=(timing["started"] - inspected) * 1e3,
                             decode_ms=timing["decode_ms"], model_ms=timing["model_ms"], total_ms=(done - received) * 1e3,
