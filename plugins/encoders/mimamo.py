@@ -93,9 +93,15 @@ class MimamoEncoder(Encoder):
     Config: ClassVar[type[ComponentConfig]] = MimamoConfig
     pretrained_modules: ClassVar[tuple[str, ...]] = ("frame_backbone", "text_backbone")
 
+    @classmethod
+    def modalities_for(cls, config: MimamoConfig) -> tuple[str, ...]:
+        """Without a text backbone the transcript is not read (and so never needs transcribing)."""
+        return cls.modalities if config.text_backbone else tuple(m for m in cls.modalities if m != TEXT)
+
     def __init__(self, config: MimamoConfig, num_classes: int):
         super().__init__(config, num_classes)
         c = config
+        self.modalities = self.modalities_for(c)
         self.frame_backbone = make_frame_backbone(
             c.frame_backbone, pretrained=c.frame_pretrained, weights=c.frame_weights, face_box=c.face_box
         )
