@@ -303,11 +303,11 @@ class MultimodalLSTMEncoder(Encoder):
         a = self.attention_norm(a + attended)
 
         audio_summary = torch.cat([audio_stats, self._pooled_sequence(a, a_len)], dim=-1) * has_audio[:, None].to(dtype)
-        embedding = self.head(torch.cat([audio_summary, text_summary, self._speaker(batch, text_summary)], dim=-1))
+        embedding = self.head(torch.cat([audio_summary, text_summary, self._metadata_embedding(batch, text_summary)], dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_audio,
                              extras={"audio_text_attention": weights})
 
-    def _speaker(self, batch: Batch, like: torch.Tensor) -> torch.Tensor:
+    def _metadata_embedding(self, batch: Batch, like: torch.Tensor) -> torch.Tensor:
         """The metadata embedding ``[B, metadata_dim]``, or ``[B, 0]`` when the branch reads no metadata."""
         if self.metadata is None:
             return like.new_zeros(like.shape[0], 0)
@@ -324,7 +324,7 @@ class MultimodalLSTMEncoder(Encoder):
                    has_text: torch.Tensor) -> EncoderOutput:
         """No audio side: the sequence model reads the transcript's projected token vectors."""
         sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
-        embedding = self.head(torch.cat([sequence_summary, text_summary, self._speaker(batch, text_summary)], dim=-1))
+        embedding = self.head(torch.cat([sequence_summary, text_summary, self._metadata_embedding(batch, text_summary)], dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_text)
 
 
