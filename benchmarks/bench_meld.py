@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emofuse.core.config import DataConfig, RunConfig
+from emofuse.core.config import RunConfig
 from emofuse.core.data.cache import FeatureCache
 from emofuse.core.data.pipeline import DataBundle, load_data
 from emofuse.core.engine.branch_stage import BranchTask
@@ -96,13 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one more --set on every trained row (stated in the table); repeatable")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="train.steps_per_epoch of the fine-tuned rows (0: the preset's)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="train.epochs of the fine-tuned rows (0: the preset's)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="train.epochs of the fine-tuned rows (0: the preset's)")
     p.add_argument("--data", type=Path, default=None, help="folder holding meld/ (default ../shared/data)")
     p.add_argument("--limit", type=int, default=None, help="use only this many utterances (a quick check)")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"), help="the feature cache (MiniLM tokens)")
     p.add_argument("--store", type=Path, default=Path("runs/bench-meld"), help="finished (row, seed) results")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of dev dialogues")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", 0)) or None,
+    p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", "0")) or None,
                    help="CPU threads for PyTorch (default: $EMOFUSE_THREADS, else PyTorch's choice)")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here (with the command)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -230,8 +231,6 @@ def paired_bootstrap(bundle: DataBundle, ours: list[dict[str, int]], theirs: lis
     """95% interval of mean weighted F1 (ours) - mean weighted F1 (theirs) over dev, resampling whole
     dialogues (utterances of one dialogue are not independent); every run of both rows is scored on the
     same resamples, the seeds paired where both rows have them."""
-    from sklearn.metrics import f1_score
-
     samples = bundle.splits["val"]
     by_dialogue: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
@@ -244,10 +243,16 @@ def paired_bootstrap(bundle: DataBundle, ours: list[dict[str, int]], theirs: lis
     deltas = []
     for _ in range(resamples):
         idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
-        score = lambda runs: np.mean([f1_score(labels[idx], r[idx], average="weighted") for r in runs])  # noqa: E731
-        deltas.append(score(a) - score(b))
+        deltas.append(mean_weighted_f1(labels[idx], [r[idx] for r in a])
+                      - mean_weighted_f1(labels[idx], [r[idx] for r in b]))
     low, high = np.percentile(deltas, [2.5, 97.5])
     return float(low), float(high)
+
+
+def mean_weighted_f1(labels: np.ndarray, runs: list[np.ndarray]) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(np.mean([f1_score(labels, r, average="weighted") for r in runs]))
 
 
 # -- baseline ----------------------------------------------------------------------------------------

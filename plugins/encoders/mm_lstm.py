@@ -303,7 +303,8 @@ class MultimodalLSTMEncoder(Encoder):
         a = self.attention_norm(a + attended)
 
         audio_summary = torch.cat([audio_stats, self._pooled_sequence(a, a_len)], dim=-1) * has_audio[:, None].to(dtype)
-        embedding = self.head(torch.cat([audio_summary, text_summary, self._metadata_embedding(batch, text_summary)], dim=-1))
+        parts = [audio_summary, text_summary, self._metadata_embedding(batch, text_summary)]
+        embedding = self.head(torch.cat(parts, dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_audio,
                              extras={"audio_text_attention": weights})
 
@@ -324,7 +325,8 @@ class MultimodalLSTMEncoder(Encoder):
                    has_text: torch.Tensor) -> EncoderOutput:
         """No audio side: the sequence model reads the transcript's projected token vectors."""
         sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
-        embedding = self.head(torch.cat([sequence_summary, text_summary, self._metadata_embedding(batch, text_summary)], dim=-1))
+        parts = [sequence_summary, text_summary, self._metadata_embedding(batch, text_summary)]
+        embedding = self.head(torch.cat(parts, dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_text)
 
 
