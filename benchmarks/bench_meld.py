@@ -51,6 +51,7 @@ from emofuse.plugins.encoders.text_backbone import masked_mean
 BRANCH = "text"
 SENTIMENT_HEAD = 'branches.text.aux_task={field="sentiment", classes=["negative","neutral","positive"], weight=0.5}'
 BASELINE = "baseline"
+TRANSFORMER = ("branches.text.inner.sequence_model=transformer", "branches.text.sequence_model=transformer")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,13 @@ ROWS: dict[str, Row] = {
     "bidirectional-focal": Row("+ bidirectional context, focal loss with per-class alpha", "meld-context",
                                ('loss={name="focal", alpha="balanced", gamma=2.0}',),
                                notes="focal, gamma 2, alpha N / (C n_c)"),
+    "transformer": Row("text branch, transformer layers, no context", "meld-text", TRANSFORMER, reference=None,
+                       notes="transformer layers over the tokens"),
+    "transformer-causal": Row("transformer + causal dialogue context", "meld-context",
+                              (*TRANSFORMER, "branches.text.direction=causal"), reference="transformer",
+                              notes="transformer layers over the tokens and over the past turns"),
+    "transformer-bidirectional": Row("transformer + bidirectional dialogue context", "meld-context", TRANSFORMER,
+                                     reference="transformer", notes="transformer layers over the tokens and the whole dialogue"),
     "finetune": Row("no context, MiniLM fine-tuned", "meld-finetune",
                     notes="MiniLM unfrozen at 0.05 x the head's lr, 32 tokens per utterance"),
     "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", "meld-finetune-context",
