@@ -64,7 +64,9 @@ class DataConfig(_Strict):
     #: Seed of the split alone, so training seeds vary while the held-out clips stay the same.
     split_seed: int = 0
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    #: 0: no test split (a corpus whose own partition lacks one, like MELD's shared train + dev, then
+    #: fits on its whole train partition and reports on val).
+    test_fraction: float = Field(0.15, ge=0, lt=0.5)
     #: Reuse (or write) the split here so later runs score the same clips.
     split_file: Path | None = None
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -88,6 +90,9 @@ class TrainConfig(_Strict):
     device: str = "auto"
     num_workers: int = Field(0, ge=0, le=64)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    #: Cap on a branch's training batches per epoch, each epoch a fresh shuffled share of train (the schedule is
+    #: sized to match): fine-tuning a pretrained encoder within a CPU budget. None: whole epochs.
+    steps_per_epoch: int | None = Field(None, ge=1)
 
 
 class RunConfig(_Strict):
