@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size)
         print(f"decode+preprocess RAVDESS .ogg -> 16 kHz mono: {rate:7.1f} clips/s ({n} clips)")
 
-        crema = load_data(DataConfig(dataset="crema-d", split="balanced"), {VIDEO, AUDIO}, split_dir=tmp / "c")
+        # Whole frames, as before face tracking existed; bench_faces.py measures decode + detect + crop.
+        crema = load_data(DataConfig(dataset="crema-d", split="balanced", video={"faces": "none"}), {VIDEO, AUDIO},
+                          split_dir=tmp / "c")
         # The six audio-visual clips, several times over in one pass, so workers run at steady state.
         clips = sorted((s for k in crema.splits for s in crema.splits[k] if s.video_path), key=lambda s: s.id)
         crema.splits["train"] = clips * args.video_repeats

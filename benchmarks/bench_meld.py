@@ -1,39 +1,26 @@
-"""Dialogue context on MELD, text branch: dev weighted F1 of every variant side by side, in one run.
+"""MELD dev: every README row is a preset (plus `--set`s), trained side by side over seeds in one run.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_meld.py [--epochs 12] [--finetune-epochs 3] [--sequence-model lstm transformer] [--threads 1]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_meld.py [--rows baseline text causal ...] [--seeds 0 1 2] [--threads 1]
 
-MELD transcripts from ``../shared/data/meld`` with the corpus' own partition: the whole train
-partition to fit, dev to choose (the epoch with the best dev weighted F1 is kept and reported,
-early stopping on it; there is no test partition in the shared data, so these are dev numbers).
-Speakers and dialogues are as MELD gives them. Rows:
+Each trained row is exactly what ``emofuse train --preset NAME [--set ...]`` trains (the command is in
+the table): the preset's data (MELD's train partition to fit, dev to choose the epoch and report:
+``test_fraction = 0``), encoder, loss and train settings, through the trainer's own `fit` over a
+`BranchTask`. The benchmark adds only the seed, the thread count and, for a quick run, ``--limit``.
+The baseline is MiniLM sentence embeddings (mean of its token vectors) + logistic regression
+(scikit-learn, standardised inputs, C chosen on dev), deterministic, so one run.
 
-1. baseline: MiniLM sentence embeddings (mean of its token vectors) + logistic regression
-   (scikit-learn, standardised inputs, C chosen on dev);
-2. the text branch: `mm-lstm` text-only (``audio_backbone = "none"``; MiniLM frozen, its token
-   vectors read by a BiLSTM, or transformer layers with ``--sequence-model transformer``; the same
-   kind reads the dialogue's turns) inside `dialogue-context` with ``direction = "none"`` (no
-   context), ``"causal"`` (past turns only) and ``"bidirectional"`` (the whole dialogue); three rows
-   per ``--sequence-model`` given;
-3. the same without context (first sequence model), the MiniLM text encoder fine-tuned (unfrozen) at
-   ``--backbone-lr-scale`` times the head's learning rate, for fewer epochs and shorter token
-   sequences (``--finetune-tokens``; optionally a cap on steps per epoch) to fit a CPU budget, all
-   stated in the table.
+Per row: dev weighted and macro F1 averaged over the seeds with a 95% t interval over seeds, and the
+difference from its reference row (the no-context row) with a 95% paired bootstrap interval over dev
+dialogues (each resample scores both rows' seeds on the same dialogues and averages the differences),
+so a gain inside the dev set's sampling noise reads as such. Training seconds per run beside.
 
-Beside each row's dev weighted F1: its difference from the no-context row of the same sequence
-model, with a 95% paired bootstrap interval over dev dialogues (both models scored on the same
-resampled dialogues), so a difference within the dev set's sampling noise reads as such. One seed.
-
-Every row trains with the trainer itself (`emofuse.core.engine.fit.fit` over a `BranchTask`: AdamW,
-warm-up + cosine, its parameter groups, dialogue batches for the context models, plain
-cross-entropy), the same seed and the same settings. MiniLM's token vectors are extracted once into
-the feature cache (``--cache-dir``) and shared by the baseline and every frozen row (and by later runs).
-With ``--aux-weight`` > 0 one more row adds MELD sentiment as an auxiliary task to the causal model;
-its dev sentiment accuracy is reported beside.
+A finished (row, seed) is stored under ``--store`` keyed by its config, so a rerun, or a run with more
+rows, reuses it instead of training again.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
 import json
 import os
 import platform
@@ -41,158 +28,170 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
-from emofuse.core.engine.compose import ComposedModel, build_encoder, build_loss
-from emofuse.core.config import ComponentRef, DataConfig, TrainConfig
+from emofuse.core.config import RunConfig
 from emofuse.core.data.cache import FeatureCache
-from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.pipeline import DataBundle, load_data
-from emofuse.core.engine.distributed import DistContext
-from emofuse.core.interfaces import Encoder
 from emofuse.core.engine.branch_stage import BranchTask
+from emofuse.core.engine.compose import ComposedModel, build_encoder, build_loss
+from emofuse.core.engine.distributed import DistContext
 from emofuse.core.engine.fit import FitSettings, fit, seed_everything
 from emofuse.core.engine.loaders import ensure_extracted
+from emofuse.core.interfaces import Encoder
+from emofuse.core.presets import compose_config
 from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.text_backbone import masked_mean
 
-SENTIMENTS = ["negative", "neutral", "positive"]
 BRANCH = "text"
+SENTIMENT_HEAD = 'branches.text.aux_task={field="sentiment", classes=["negative","neutral","positive"], weight=0.5}'
+BASELINE = "baseline"
+TRANSFORMER = ("branches.text.inner.sequence_model=transformer", "branches.text.sequence_model=transformer")
+
+
+@dataclass(frozen=True)
+class Row:
+    """A README row: a preset and the `--set`s on top of it."""
+
+    label: str
+    preset: str
+    sets: tuple[str, ...] = ()
+    #: Key of the row it is compared with (the no-context row).
+    reference: str | None = "text"
+    notes: str = ""
+
+
+ROWS: dict[str, Row] = {
+    "text": Row("text branch, no context", "meld-text", reference=None,
+                notes="MiniLM frozen, BiLSTM over its tokens"),
+    "causal": Row("+ causal dialogue context", "meld-context", ("branches.text.direction=causal",),
+                  notes="past turns and their speakers"),
+    "bidirectional": Row("+ bidirectional dialogue context", "meld-context", notes="the whole dialogue"),
+    "sentiment": Row("+ causal context + sentiment head", "meld-context",
+                     ("branches.text.direction=causal", SENTIMENT_HEAD),
+                     notes="MELD sentiment as auxiliary task, loss weight 0.5"),
+    "bidirectional-balanced": Row("+ bidirectional context, class-weighted loss", "meld-context",
+                                  ('loss={name="cross-entropy", class_weights="balanced"}',),
+                                  notes="cross-entropy weighted N / (C n_c)"),
+    "bidirectional-focal": Row("+ bidirectional context, focal loss with per-class alpha", "meld-context",
+                               ('loss={name="focal", alpha="balanced", gamma=2.0}',),
+                               notes="focal, gamma 2, alpha N / (C n_c)"),
+    "transformer": Row("text branch, transformer layers, no context", "meld-text", TRANSFORMER, reference=None,
+                       notes="transformer layers over the tokens"),
+    "transformer-causal": Row("transformer + causal dialogue context", "meld-context",
+                              (*TRANSFORMER, "branches.text.direction=causal"), reference="transformer",
+                              notes="transformer layers over the tokens and over the past turns"),
+    "transformer-bidirectional": Row("transformer + bidirectional dialogue context", "meld-context", TRANSFORMER,
+                                     reference="transformer", notes="transformer layers over the tokens and the whole dialogue"),
+    "finetune": Row("no context, MiniLM fine-tuned", "meld-finetune",
+                    notes="MiniLM unfrozen at 0.05 x the head's lr, 32 tokens per utterance"),
+    "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", "meld-finetune-context",
+                            notes="the combination"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=None, help="folder holding meld/ (default ../shared/data)")
-    p.add_argument("--epochs", type=int, default=12, help="most epochs of the frozen-encoder rows")
-    p.add_argument("--patience", type=int, default=3, help="early stopping on dev weighted F1")
-    p.add_argument("--batch-size", type=int, default=32, help="utterances per batch (whole dialogues with context)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the heads")
-    p.add_argument("--sequence-model", choices=["lstm", "transformer"], nargs="+", default=["lstm"],
-                   help="what reads the tokens (mm-lstm) and the turns (dialogue-context); several: rows for each")
-    p.add_argument("--finetune-epochs", type=int, default=3, help="most epochs of the fine-tuned row (0 leaves it out)")
+    p.add_argument("--rows", nargs="+", default=[BASELINE, *ROWS], choices=[BASELINE, *ROWS],
+                   help="which rows, in table order")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of every trained row")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more --set on every trained row (stated in the table); repeatable")
     p.add_argument("--finetune-steps", type=int, default=0,
-                   help="cap on optimizer steps per epoch of the fine-tuned row, each epoch a fresh shuffled share "
-                        "of train (0: whole epochs)")
-    p.add_argument("--finetune-tokens", type=int, default=32, help="max MiniLM tokens per utterance when fine-tuning")
-    p.add_argument("--backbone-lr-scale", type=float, default=0.05, help="MiniLM's learning rate / the head's")
-    p.add_argument("--aux-weight", type=float, default=0.0,
-                   help="> 0 adds a row: causal context + MELD sentiment as auxiliary task with this weight")
+                   help="train.steps_per_epoch of the fine-tuned rows (0: the preset's)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="train.epochs of the fine-tuned rows (0: the preset's)")
+    p.add_argument("--data", type=Path, default=None, help="folder holding meld/ (default ../shared/data)")
     p.add_argument("--limit", type=int, default=None, help="use only this many utterances (a quick check)")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"), help="the feature cache (MiniLM tokens)")
+    p.add_argument("--store", type=Path, default=Path("runs/bench-meld"), help="finished (row, seed) results")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of dev dialogues")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", 0)) or None,
+    p.add_argument("--threads", type=int, default=int(os.environ.get("EMOFUSE_THREADS", "0")) or None,
                    help="CPU threads for PyTorch (default: $EMOFUSE_THREADS, else PyTorch's choice)")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here (with the command)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
 
 
-# -- data --------------------------------------------------------------------------------------------
-def load_meld(args: argparse.Namespace) -> DataBundle:
-    """MELD with its own partition: train to fit, dev ("val") to choose.
-
-    The pipeline carves a test split out of train when the corpus has no test partition (the shared
-    data has none); this benchmark reports dev only, so those dialogues go back to train.
-    """
-    bundle = load_data(DataConfig(dataset="meld", data_dir=args.data, limit=args.limit), {TEXT})
-    train = sorted(bundle.splits["train"] + bundle.splits.get("test", []), key=lambda s: s.id)
-    bundle.splits = {"train": train, "val": bundle.splits["val"], "test": []}
-    bundle.normalizer = Normalizer().fit(train)
-    return bundle
+# -- configs and data --------------------------------------------------------------------------------
+def is_finetune(config: RunConfig) -> bool:
+    inner = config.branches[BRANCH].options.get("inner") or {}
+    return not inner.get("freeze_backbone", True)
 
 
-# -- models ------------------------------------------------------------------------------------------
-def text_branch(args: argparse.Namespace, kind: str, *, finetune: bool = False) -> dict[str, Any]:
-    """The text-only mm-lstm's options."""
-    options: dict[str, Any] = {"name": "mm-lstm", "audio_backbone": "none", "sequence_model": kind,
-                               "freeze_backbone": not finetune, "backbone_lr_scale": args.backbone_lr_scale}
-    if finetune:
-        options["max_text_tokens"] = args.finetune_tokens
-    return options
+def row_sets(row: Row, args: argparse.Namespace) -> list[str]:
+    """The `--set`s of the row's command: its own, the run's, and the fine-tuning budget on fine-tuned rows."""
+    sets = [*row.sets, *args.sets]
+    if is_finetune(compose_config(preset=row.preset, sets=sets)):
+        sets += [f"train.steps_per_epoch={args.finetune_steps}"] if args.finetune_steps else []
+        sets += [f"train.epochs={args.finetune_epochs}"] if args.finetune_epochs else []
+    return sets
 
 
-def context_model(direction: str, kind: str, args: argparse.Namespace, *, finetune: bool = False,
-                  aux_weight: float = 0.0) -> ComponentRef:
-    aux = {"field": "sentiment", "classes": SENTIMENTS, "weight": aux_weight} if aux_weight > 0 else None
-    return ComponentRef(name="dialogue-context", inner=text_branch(args, kind, finetune=finetune), direction=direction,
-                        sequence_model=kind, aux_task=aux)
+def row_command(row: Row, args: argparse.Namespace) -> str:
+    words = ["emofuse", "train", "--preset", row.preset]
+    for assignment in row_sets(row, args):
+        words += ["--set", assignment]
+    return shlex.join(words)
 
 
-@dataclass
-class Row:
-    label: str
-    model: ComponentRef
-    epochs: int
-    max_steps: int | None = None
-    notes: str = ""
-    #: Label of the row it is compared with (the no-context row of the same sequence model).
-    reference: str | None = None
+def row_config(row: Row, seed: int, args: argparse.Namespace) -> RunConfig:
+    """The preset with the command's `--set`s, exactly as `emofuse train` composes it, at this seed on the CPU."""
+    sets = [*row_sets(row, args), f"train.seed={seed}", "train.device=cpu"]
+    if args.data is not None:
+        sets.append(f"data.data_dir={json.dumps(str(args.data))}")
+    if args.limit:
+        sets.append(f"data.limit={args.limit}")
+    return compose_config(preset=row.preset, sets=sets)
 
 
-class StepCappedTask(BranchTask):
-    """A `BranchTask` whose training epochs stop after `max_steps` batches (each epoch a fresh shuffled
-    share of train), with the schedule sized to match: fine-tuning within a CPU budget."""
-
-    def __init__(self, *args: Any, max_steps: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.max_steps = max_steps
-
-    def train_batches(self, epoch: int) -> Iterable[Any]:
-        return itertools.islice(super().train_batches(epoch), self.max_steps)
-
-    def num_train_batches(self) -> int:
-        return min(super().num_train_batches(), self.max_steps)
+def load_meld(config: RunConfig) -> DataBundle:
+    return load_data(config.data, {TEXT})
 
 
-def train_config(args: argparse.Namespace, epochs: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                       monitor="weighted_f1", seed=args.seed, device="cpu", precision="fp32")
+def config_key(config: RunConfig) -> str:
+    payload = json.dumps(config.model_dump(mode="json", exclude={"name", "preset", "output_dir"}), sort_keys=True,
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def train_row(row: Row, bundle: DataBundle, cache: FeatureCache, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Train one row with the trainer's `fit`; its best dev metrics (chosen epoch) and timings."""
+# -- one training ------------------------------------------------------------------------------------
+def train_row(config: RunConfig, bundle: DataBundle, cache: FeatureCache, work: Path) -> dict[str, Any]:
+    """Train the preset's branch with the trainer's `fit`; its best dev metrics (chosen epoch), predictions, time."""
     started = time.perf_counter()
-    seed_everything(args.seed)
+    cfg = config.train
+    seed_everything(cfg.seed)
     num_classes = bundle.num_classes
-    encoder = build_encoder(row.model, num_classes, where=row.label)
+    encoder = build_encoder(config.branches[BRANCH], num_classes, where=config.name)
     model = ComposedModel({BRANCH: encoder})
-    loss_fn = build_loss(ComponentRef(name="cross-entropy"), num_classes, bundle.class_counts("train"))
-    cfg = train_config(args, row.epochs)
+    loss_fn = build_loss(config.loss, num_classes, bundle.class_counts("train"))
     ctx = DistContext()
-    ensure_extracted(encoder, cache, bundle, splits=("train", "val"), batch_size=64, seed=args.seed, num_workers=0,
+    ensure_extracted(encoder, cache, bundle, splits=("train", "val"), batch_size=64, seed=cfg.seed, num_workers=0,
                      ctx=ctx, progress=True)
-    task = (StepCappedTask(model, bundle, cache, cfg, ctx, max_steps=row.max_steps) if row.max_steps
-            else BranchTask(model, bundle, cache, cfg, ctx))
-    run_dir = work / f"row{len(list(work.iterdir()))}"
-    settings = FitSettings(stage=row.label, train=cfg, num_classes=num_classes, run_dir=run_dir,
-                           fingerprint=row.label, resume=False, progress=True, find_unused_parameters=True)
+    task = BranchTask(model, bundle, cache, cfg, ctx)
+    settings = FitSettings(stage=config.name, train=cfg, num_classes=num_classes, run_dir=work / config_key(config),
+                           fingerprint=config_key(config), resume=False, progress=True, find_unused_parameters=True)
     outcome = fit(task, loss_fn, settings, ctx)  # leaves the best epoch's weights in the model
     best = dict(outcome.best_val)
     result: dict[str, Any] = {
         "weighted_f1": best["weighted_f1"], "macro_f1": best["macro_f1"], "accuracy": best["accuracy"],
         "best_epoch": outcome.best_epoch + 1, "epochs_run": len(outcome.history),
         "steps_per_epoch": task.num_train_batches(),
-        "utterances_per_epoch": min(len(bundle.splits["train"]), task.num_train_batches() * args.batch_size)
-        if row.max_steps else len(bundle.splits["train"]),
         "trainable_parameters": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
-        "history": outcome.history,
     }
     result.update(dev_predictions(task))
-    if encoder.aux_weight > 0:
-        result["train_aux_loss"] = outcome.history[outcome.best_epoch]["train_aux_loss"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
 def dev_predictions(task: BranchTask) -> dict[str, Any]:
     """The (best) model's dev predictions by utterance id (for the paired bootstrap) and, with an auxiliary
-    head, its dev accuracy and cross-entropy: the trainer logs only the training-side auxiliary loss."""
+    head, its dev accuracy: the trainer logs only the training-side auxiliary loss."""
     module = task.module.eval()
     predictions: dict[str, int] = {}
     aux_logits, aux_labels = [], []
@@ -209,32 +208,59 @@ def dev_predictions(task: BranchTask) -> dict[str, Any]:
         y, z = torch.cat(aux_labels), torch.cat(aux_logits)
         known = y >= 0
         out["dev_aux_accuracy"] = float((z[known].argmax(-1) == y[known]).float().mean())
-        out["dev_aux_loss"] = float(torch.nn.functional.cross_entropy(z[known], y[known]))
     return out
 
 
-def paired_bootstrap(bundle: DataBundle, ours: dict[str, int], theirs: dict[str, int], *, resamples: int,
-                     seed: int) -> tuple[float, float]:
-    """95% interval of weighted F1 (ours) - weighted F1 (theirs) over dev, resampling whole dialogues
-    (utterances of one dialogue are not independent), both scored on the same resamples."""
-    from sklearn.metrics import f1_score
+def stored_or_trained(row: Row, seed: int, bundle: DataBundle, cache: FeatureCache, args: argparse.Namespace,
+                      work: Path) -> dict[str, Any]:
+    config = row_config(row, seed, args)
+    path = args.store / f"{config_key(config)}.json"
+    if path.is_file():
+        print(f"   seed {seed}: reusing {path}", flush=True)
+        return json.loads(path.read_text())
+    result = train_row(config, bundle, cache, work)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
 
+
+# -- statistics --------------------------------------------------------------------------------------
+def t_interval(values: list[float]) -> float:
+    """Half-width of the 95% t interval of the mean (0 for one value)."""
+    if len(values) < 2:
+        return 0.0
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def paired_bootstrap(bundle: DataBundle, ours: list[dict[str, int]], theirs: list[dict[str, int]], *,
+                     resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean weighted F1 (ours) - mean weighted F1 (theirs) over dev, resampling whole
+    dialogues (utterances of one dialogue are not independent); every run of both rows is scored on the
+    same resamples, the seeds paired where both rows have them."""
     samples = bundle.splits["val"]
     by_dialogue: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         by_dialogue.setdefault(s.dialogue_id or s.id, []).append(i)
     groups = list(by_dialogue.values())
     labels = np.array([s.label for s in samples])
-    a = np.array([ours[s.id] for s in samples])
-    b = np.array([theirs[s.id] for s in samples])
+    a = [np.array([run[s.id] for s in samples]) for run in ours]
+    b = [np.array([run[s.id] for s in samples]) for run in theirs]
     rng = np.random.default_rng(seed)
     deltas = []
     for _ in range(resamples):
         idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
-        deltas.append(f1_score(labels[idx], a[idx], average="weighted")
-                      - f1_score(labels[idx], b[idx], average="weighted"))
+        deltas.append(mean_weighted_f1(labels[idx], [r[idx] for r in a])
+                      - mean_weighted_f1(labels[idx], [r[idx] for r in b]))
     low, high = np.percentile(deltas, [2.5, 97.5])
     return float(low), float(high)
+
+
+def mean_weighted_f1(labels: np.ndarray, runs: list[np.ndarray]) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(np.mean([f1_score(labels, r, average="weighted") for r in runs]))
 
 
 # -- baseline ----------------------------------------------------------------------------------------
@@ -251,13 +277,18 @@ def sentence_embeddings(encoder: Encoder, bundle: DataBundle, cache: FeatureCach
     return torch.cat(xs).numpy(), torch.cat(ys).numpy(), ids
 
 
-def logistic_baseline(encoder: Encoder, bundle: DataBundle, cache: FeatureCache) -> dict[str, Any]:
+def logistic_baseline(bundle: DataBundle, cache: FeatureCache, args: argparse.Namespace) -> dict[str, Any]:
+    """MiniLM sentence embedding + logistic regression, C in {0.01, 0.1, 1} chosen on dev."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     started = time.perf_counter()
+    config = row_config(ROWS["text"], 0, args)  # its frozen MiniLM fills the cache every frozen row reads
+    encoder = build_encoder(config.branches[BRANCH], bundle.num_classes, where=BASELINE)
+    ensure_extracted(encoder, cache, bundle, splits=("train", "val"), batch_size=64, seed=0, num_workers=0,
+                     ctx=DistContext(), progress=True)
     xtr, ytr, _ = sentence_embeddings(encoder, bundle, cache, "train")
     xdv, ydv, dev_ids = sentence_embeddings(encoder, bundle, cache, "val")
     best: dict[str, Any] = {"weighted_f1": -1.0}
@@ -273,36 +304,60 @@ def logistic_baseline(encoder: Encoder, bundle: DataBundle, cache: FeatureCache)
     return best
 
 
+def stored_baseline(bundle: DataBundle, cache: FeatureCache, args: argparse.Namespace) -> dict[str, Any]:
+    path = args.store / f"{BASELINE}-{config_key(row_config(ROWS['text'], 0, args))}.json"
+    if path.is_file():
+        print(f"   baseline: reusing {path}", flush=True)
+        return json.loads(path.read_text())
+    result = logistic_baseline(bundle, cache, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
 # -- report ------------------------------------------------------------------------------------------
-def table(results: list[tuple[str, str, dict[str, Any]]], with_aux: bool) -> str:
+@dataclass
+class RowResult:
+    key: str
+    label: str
+    command: str
+    notes: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    delta: tuple[float, float, float] | None = None
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean([r[metric] for r in self.runs]))
+
+    def cell(self, metric: str) -> str:
+        values = [100 * r[metric] for r in self.runs]
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{np.mean(values):.1f} ± {t_interval(values):.1f}"
+
+
+def table(results: list[RowResult]) -> str:
+    with_aux = any("dev_aux_accuracy" in r for res in results for r in res.runs)
     head = ["model", "dev weighted F1 %", "vs no context (95% CI)", "dev macro F1 %", "dev accuracy %",
-            "chosen on dev", "seconds", "notes"]
+            "chosen on dev", "train s / run", "command", "notes"]
     if with_aux:
-        head.insert(7, "dev sentiment acc %")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 2) + [":---"]) + "|"]
-    for label, notes, r in results:
-        chosen = f"C = {r['C']}" if "C" in r else f"epoch {r['best_epoch']} of {r['epochs_run']}"
+        head.insert(8, "dev sentiment acc %")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * 6 + [":---"] * (len(head) - 7)) + "|"]
+    for res in results:
+        first = res.runs[0]
+        chosen = (f"C = {first['C']}" if "C" in first
+                  else ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in res.runs) + " epochs")
         delta = "-"
-        if "delta" in r:
-            low, high = r["delta_ci"]
-            delta = f"{100 * r['delta']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
-        cells = [label, f"{100 * r['weighted_f1']:.1f}", delta, f"{100 * r['macro_f1']:.1f}",
-                 f"{100 * r['accuracy']:.1f}", chosen, f"{r['seconds']:.0f}", notes]
+        if res.delta is not None:
+            d, low, high = res.delta
+            delta = f"{100 * d:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+        cells = [res.label, res.cell("weighted_f1"), delta, res.cell("macro_f1"), res.cell("accuracy"), chosen,
+                 f"{np.mean([r['seconds'] for r in res.runs]):.0f}", f"`{res.command}`" if res.command else "-",
+                 res.notes]
         if with_aux:
-            cells.insert(7, f"{100 * r['dev_aux_accuracy']:.1f}" if "dev_aux_accuracy" in r else "-")
+            cells.insert(8, f"{100 * np.mean([r['dev_aux_accuracy'] for r in res.runs]):.1f}"
+                         if "dev_aux_accuracy" in first else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def token_coverage(bundle: DataBundle, max_tokens: int) -> float:
-    """Share of train utterances whose MiniLM tokens fit in `max_tokens` (the rest are cut)."""
-    from emofuse.plugins.encoders.pretrained import load_pretrained
-    from transformers import AutoTokenizer
-
-    tokenizer = load_pretrained("minilm", AutoTokenizer.from_pretrained, what="text backbone",
-                                option="text_backbone", alternative="minilm")
-    lengths = [len(ids) for ids in tokenizer([s.text or "" for s in bundle.splits["train"]])["input_ids"]]
-    return float(np.mean(np.array(lengths) <= max_tokens))
 
 
 def command_line(argv: list[str] | None) -> str:
@@ -316,97 +371,65 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    bundle = load_meld(args)
+    bundle = load_meld(row_config(ROWS["text"], 0, args))
     n_train, n_dev = len(bundle.splits["train"]), len(bundle.splits["val"])
     print(f"MELD: {n_train} train, {n_dev} dev utterances", flush=True)
     cache = FeatureCache(args.cache_dir)
 
-    rows: list[Row] = []
-    for kind in args.sequence_model:
-        plain = f"text branch ({kind}), no context"
-        rows += [
-            Row(plain, context_model("none", kind, args), args.epochs, notes=f"MiniLM frozen, {kind} over its tokens"),
-            Row(f"text branch ({kind}) + causal context", context_model("causal", kind, args), args.epochs,
-                notes="past turns and their speakers", reference=plain),
-            Row(f"text branch ({kind}) + bidirectional context", context_model("bidirectional", kind, args),
-                args.epochs, notes="the whole dialogue", reference=plain),
-        ]
-        if args.aux_weight > 0:
-            rows.append(Row(f"text branch ({kind}) + causal context + sentiment head",
-                            context_model("causal", kind, args, aux_weight=args.aux_weight), args.epochs,
-                            notes=f"MELD sentiment as auxiliary task, loss weight {args.aux_weight:g}", reference=plain))
-    if args.finetune_epochs > 0:
-        kind = args.sequence_model[0]
-        steps = args.finetune_steps or None
-        budget = (f"at most {args.finetune_epochs} x {steps} steps of {args.batch_size} utterances" if steps
-                  else f"at most {args.finetune_epochs} epochs")
-        coverage = token_coverage(bundle, args.finetune_tokens)
-        rows.append(Row(f"text branch ({kind}), no context, MiniLM fine-tuned",
-                        context_model("none", kind, args, finetune=True), args.finetune_epochs, max_steps=steps,
-                        notes=f"MiniLM unfrozen at {args.backbone_lr_scale:g} x the head's lr; {budget}; at most "
-                              f"{args.finetune_tokens} tokens per utterance ({100 * coverage:.0f}% of train "
-                              f"utterances fit whole)", reference=f"text branch ({kind}), no context"))
-
-    # The no-context row's encoder fills the cache that the baseline and every frozen row read.
-    first = build_encoder(rows[0].model, bundle.num_classes, where="baseline")
-    extract_started = time.perf_counter()
-    ensure_extracted(first, cache, bundle, splits=("train", "val"), batch_size=64, seed=args.seed, num_workers=0,
-                     ctx=DistContext(), progress=True)
-    extract_seconds = time.perf_counter() - extract_started
-    print(f"MiniLM token vectors cached in {extract_seconds:.0f} s", flush=True)
-    baseline_label = "MiniLM sentence embedding + logistic regression"
-    results: list[tuple[str, str, dict[str, Any]]] = [
-        (baseline_label, "mean of token vectors, standardised", logistic_baseline(first, bundle, cache))]
-    references = {baseline_label: rows[0].label}
-    del first
+    results: list[RowResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-meld-") as tmp:
-        work = Path(tmp)
-        for row in rows:
-            print(f"== {row.label}", flush=True)
-            r = train_row(row, bundle, cache, args, work)
-            print(f"   dev weighted F1 {r['weighted_f1']:.4f} (epoch {r['best_epoch']} of {r['epochs_run']}, "
-                  f"{r['seconds']:.0f} s)", flush=True)
-            results.append((row.label, row.notes, r))
-            if row.reference:
-                references[row.label] = row.reference
-    by_label = {label: r for label, _, r in results}
-    for label, reference in references.items():
-        r, ref = by_label[label], by_label[reference]
-        r["delta"] = r["weighted_f1"] - ref["weighted_f1"]
-        r["delta_ci"] = paired_bootstrap(bundle, r["predictions"], ref["predictions"], resamples=args.bootstrap,
-                                         seed=args.seed)
+        for key in args.rows:
+            if key == BASELINE:
+                res = RowResult(key, "MiniLM sentence embedding + logistic regression (the baseline)", "",
+                                "mean of token vectors, standardised", [stored_baseline(bundle, cache, args)])
+            else:
+                row = ROWS[key]
+                res = RowResult(key, row.label, row_command(row, args), row.notes)
+                print(f"== {row.label}: {res.command}", flush=True)
+                for seed in args.seeds:
+                    r = stored_or_trained(row, seed, bundle, cache, args, Path(tmp))
+                    print(f"   seed {seed}: dev weighted F1 {r['weighted_f1']:.4f}, macro F1 {r['macro_f1']:.4f} "
+                          f"(epoch {r['best_epoch']} of {r['epochs_run']}, {r['seconds']:.0f} s)", flush=True)
+                    res.runs.append(r)
+            results.append(res)
+    by_key = {res.key: res for res in results}
+    for res in results:
+        reference = by_key.get(ROWS[res.key].reference if res.key in ROWS else "text")
+        if reference is None or reference is res:
+            continue
+        low, high = paired_bootstrap(bundle, [r["predictions"] for r in res.runs],
+                                     [r["predictions"] for r in reference.runs], resamples=args.bootstrap)
+        res.delta = (res.mean("weighted_f1") - reference.mean("weighted_f1"), low, high)
 
     total = time.perf_counter() - started
-    with_aux = any("dev_aux_accuracy" in r for _, _, r in results)
-    text = table(results, with_aux)
+    text = table(results)
     print()
     print(text)
-    print(f"\ntotal {total / 60:.1f} min (MiniLM extraction {extract_seconds:.0f} s of it)")
+    print(f"\ntotal {total / 60:.1f} min")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        threads = torch.get_num_threads()
+        seeds = ", ".join(map(str, args.seeds))
         args.markdown.write_text(
-            "### MELD dev: dialogue context and fine-tuning of the text branch\n\n"
+            "### MELD dev: the presets side by side\n\n"
             f"Made with:\n\n```\n{command_line(argv)}\n```\n\n"
             f"MELD transcripts (`../shared/data/meld`): {n_train} train utterances (the whole train partition) to "
-            f"fit, {n_dev} dev utterances to choose (best dev weighted F1 over the epochs, early stopping with "
-            f"patience {args.patience}); no test partition here, so these are dev numbers. 7 emotions; speakers "
-            f"and dialogues as MELD gives them. Every trained row: AdamW lr {args.lr:g}, warm-up + cosine, "
-            f"batches of {args.batch_size} utterances (whole dialogues with context), cross-entropy, seed "
-            f"{args.seed}, one run each. \"vs no context\": the difference in dev weighted F1 from the "
-            f"no-context row of the same sequence model (for the baseline: from the first no-context row), with "
-            f"a 95% paired bootstrap interval over {args.bootstrap} resamples of dev dialogues. "
-            f"CPU, {threads} PyTorch threads ({platform.machine()}, "
-            f"{os.cpu_count()} cores, shared with other jobs); total {total / 60:.1f} min, of which "
-            f"{extract_seconds:.0f} s extracting MiniLM token vectors into the feature cache (0 s on a rerun).\n\n"
+            f"fit, {n_dev} dev utterances to choose the epoch (best dev weighted F1, early stopping) and to report; "
+            f"no test partition here, so these are dev numbers. Each trained row is its command (the preset's "
+            f"settings), seeds {seeds}: mean ± the 95% t interval over seeds (one seed: no interval). "
+            "\"vs no context\": the difference in mean dev weighted F1 from the no-context row (for the baseline "
+            f"too), with a 95% paired bootstrap interval over {args.bootstrap} resamples of dev dialogues. "
+            f"\"train s / run\": wall seconds of one training (CPU, {torch.get_num_threads()} PyTorch thread(s), "
+            f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs; MiniLM's token vectors already "
+            f"in the feature cache). Total {total / 60:.1f} min (stored rows reused, not retrained).\n\n"
             f"{text}\n",
             encoding="utf-8")
         print(f"wrote {args.markdown}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command_line(argv), "results": [
-            {"model": label, "notes": notes, **{k: v for k, v in r.items() if k != "predictions"}}
-            for label, notes, r in results]}, indent=2, default=str))
+            {"key": res.key, "model": res.label, "command": res.command, "notes": res.notes, "delta": res.delta,
+             "runs": [{k: v for k, v in r.items() if k != "predictions"} for r in res.runs]}
+            for res in results]}, indent=2, default=str))
     return 0
 
 

@@ -82,8 +82,8 @@ NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --outp
 SeedOpt = typer.Option(None, "--seed", help="Random seed of every stage (train, fusion_train, branch_train.*).")
 EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs of every stage (train, fusion_train, branch_train.*); --set train.epochs=N sets the [train] key alone.")
 PrecisionOpt = typer.Option(None, "--precision", help="auto|fp32|bf16|fp16, for every stage.")
-BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: skip unreadable samples, counted and listed.")
-LimitOpt = typer.Option(None, "--limit", help="Use at most N samples (quick runs).")
+BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or skip: leave unreadable or unusable samples out; they are counted in a warning, and train lists each one at the end.")
+LimitOpt = typer.Option(None, "--limit", help="Use at most N samples, N >= 1 (quick runs; leave it out for all).")
 
 
 def compose_run_config(
@@ -136,7 +136,7 @@ def compose_run_config(
         data_over["options"] = {"labels": [s.strip() for s in labels.split(",") if s.strip()]}
     if on_bad_sample:
         data_over["on_bad_sample"] = on_bad_sample
-    if limit:
+    if limit is not None:
         data_over["limit"] = limit
     if data_over:
         overrides["data"] = data_over
@@ -270,6 +270,7 @@ def train_cmd(
     on_bad_sample: Optional[str] = BadSampleOpt,
     limit: Optional[int] = LimitOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run folder's last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run of another config in the run folder (without it, such a folder is refused)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the composed config and exit."),
 ):
     """Train a composed model: one branch alone, or each branch then a fusion over them (staged)."""
@@ -280,7 +281,7 @@ def train_cmd(
         typer.echo(to_toml(cfg))
         return
     from emofuse.core.engine import training
-    result = training.train_run(cfg, resume=resume, progress=True)
+    result = training.train_run(cfg, resume=resume, progress=True, overwrite=overwrite)
     _print_run_result(result)
 
 
@@ -302,6 +303,10 @@ def _print_run_result(result: Any) -> None:
     if result.fusion_report:
         console.print("[bold]fusion learned:[/]", json.dumps(result.fusion_report, indent=2))
     console.print(f"best checkpoint: {result.checkpoint}")
+    if result.skipped:
+        from emofuse.core.data.pipeline import skipped_report
+
+        err_console.print(f"[yellow]{skipped_report(result.skipped)}[/]", highlight=False, markup=False)
 
 
 @app.command("evaluate")
@@ -313,11 +318,18 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json, the table and confusion PNG."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for 95% intervals (0: none)."),
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
+    on_bad_sample: Optional[str] = typer.Option(None, "--on-bad-sample", help="error or skip (default: the run's setting): skip leaves unreadable clips out of the score and lists them."),
+    explain: int = typer.Option(0, "--explain", min=0, help="Also draw explanation PNGs for the split's first N clips (into <out>/explain)."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
+    from emofuse.core.errors import ConfigError
+
+    if on_bad_sample not in (None, "error", "skip"):
+        raise ConfigError(f"--on-bad-sample {on_bad_sample!r}: expected error or skip")
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
-                            drop=tuple(without or ()), console=console)
+                            drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample,
+                            explain=explain)
 
 
 @app.command("compare")
@@ -400,15 +412,64 @@ def predict_cmd(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="A CSV/JSONL manifest of clips."),
     text: Optional[str] = typer.Option(None, "--text", help="Transcript to use for every clip given as a path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSON lines here instead of stdout."),
+    max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Use at most this many seconds of each clip's audio (its record then carries a warning); 0 decodes whole clips (memory grows with length)."),
+    explain: bool = typer.Option(False, "--explain", help="Also draw, per clip, a PNG: face track, crops with the spatial attention, each branch's share."),
+    explain_dir: Optional[Path] = typer.Option(None, "--explain-dir", help="Folder for the --explain PNGs (default: 'explanations' beside --out, else in the current folder)."),
     transcribe: bool = typer.Option(True, "--transcribe/--no-transcribe",
                                     help="Transcribe the speech of clips without text (Whisper tiny.en, offline)."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
+    from emofuse.core.errors import ConfigError
+
+    if not max_audio_seconds >= 0:
+        raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
+    if explain and explain_dir is None:
+        explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
     failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
-                                   transcribe=transcribe)
+                                   max_audio_seconds=max_audio_seconds or None,
+                                   explain_dir=explain_dir if explain else None, transcribe=transcribe)
     if failures:
         raise typer.Exit(1)
+
+
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model.safetensors written by `emofuse train`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes, each with its own copy of the model."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest upload accepted (MB)."),
+    max_seconds: float = typer.Option(60.0, "--max-seconds", min=0.1, help="Longest clip accepted (seconds)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most clips scored together; 1 turns batching off."),
+    batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0,
+                                          help="How long a batch waits for more requests (ms)."),
+):
+    """Serve a checkpoint over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at /."""
+    from emofuse.core.apps.serve import ServeSettings, serve
+
+    settings = ServeSettings(max_upload_mb=max_upload_mb, max_seconds=max_seconds, max_batch=max_batch,
+                             batch_window_ms=batch_window_ms)
+    serve(checkpoint, host=host, port=port, workers=workers, settings=settings)
+
+
+@app.command("zero-shot")
+@friendly_errors
+def zero_shot_cmd(
+    data: Optional[Path] = DataOpt,
+    dataset: str = typer.Option("crema-d", "--dataset", help="A corpus with video (see `emofuse plugins`)."),
+    labels: Optional[str] = LabelsOpt,
+    sets: Optional[List[str]] = SetOpt,
+    save: Optional[Path] = typer.Option(None, "--save", help="Also write the zero-shot model as a checkpoint for `emofuse predict`."),
+):
+    """Score the FER-2013 expression classifier, mapped onto the corpus's labels by name, on its video clips (no training)."""
+    from emofuse.core.apps.zero_shot import zero_shot_cli
+
+    cfg = compose_run_config(preset=None, config=None, encoder=None, fusion=None, loss=None, sets=sets, data=data,
+                             dataset=dataset, labels=labels, output=None, name=None, seed=None, epochs=None,
+                             precision=None, on_bad_sample=None, limit=None)
+    zero_shot_cli(cfg.data, save=save, console=console)
 
 
 def main() -> None:

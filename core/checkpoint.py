@@ -5,6 +5,10 @@ plugins that made them, metrics, a checksum of the tensor file). Writes are atom
 fsync + rename), so a crash mid-save leaves the previous checkpoint intact. The tensor file also
 carries the same metadata and a hash of its tensors in its own header, so it is complete by itself:
 a kill between the two renames (new tensors, old sidecar) still loads the new checkpoint whole.
+A seal in that header, a hash over the tensors' hash and the metadata text, covers what the
+checkpoint means (class names, config, components): an edited header breaks the seal, and a
+sidecar that differs from the sealed metadata is refused, so the same scores never come back under
+other class names.
 Loading never unpickles: a ``.pt``/``.pth``/``.pkl`` file is refused.
 """
 from __future__ import annotations
@@ -29,6 +33,11 @@ FORMAT_VERSION = 1
 #: Header keys of the tensor file: the sidecar's metadata and a hash of the tensors themselves.
 META_KEY = "emofuse_meta"
 TENSORS_HASH_KEY = "emofuse_tensors_sha256"
+#: Header key of the seal: a hash over the tensors' hash and the embedded metadata text together.
+SEAL_KEY = "emofuse_seal_sha256"
+#: Sidecar keys that describe the tensor file itself (not part of the embedded metadata).
+FILE_KEYS = ("sha256", "tensor_file")
+REMEDY = "restore the checkpoint from its run folder, or retrain"
 
 
 def _write_temp(path: Path, data: bytes) -> str:
@@ -110,8 +119,10 @@ def save_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mappi
     tpath = tensor_path(path)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     embedded = json.dumps({**dict(meta), "format_version": FORMAT_VERSION}, sort_keys=True, default=str)
+    tensors_hash = tensors_sha256(contiguous)
     blob = save(contiguous, metadata={"format": "emofuse", "format_version": str(FORMAT_VERSION),
-                                      META_KEY: embedded, TENSORS_HASH_KEY: tensors_sha256(contiguous)})
+                                      META_KEY: embedded, TENSORS_HASH_KEY: tensors_hash,
+                                      SEAL_KEY: _seal(tensors_hash, embedded)})
     sidecar = dict(meta)
     sidecar["format_version"] = FORMAT_VERSION
     sidecar["sha256"] = hashlib.sha256(blob).hexdigest()
@@ -140,71 +151,135 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     if not spath.is_file():
         raise CheckpointError(f"{spath}: sidecar missing", hint="a checkpoint is a .safetensors file with its .json beside it")
     try:
-        return json.loads(spath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        meta = json.loads(spath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{spath}: sidecar is not valid JSON ({exc})", hint="restore it from the run folder") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{spath}: sidecar holds a JSON {type(meta).__name__}, not an object",
+                              hint="restore it from the run folder")
+    return meta
 
 
-def _self_contained(blob: bytes, tpath: Path, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The tensors and metadata of a tensor file that carries both in itself and whose tensors match
-    the hash in its header; None for anything else (an older file, a corrupted one)."""
+def _seal(tensors_hash: str, embedded_meta: str) -> str:
+    return hashlib.sha256(f"{tensors_hash}\n{embedded_meta}".encode()).hexdigest()
+
+
+def _canonical(meta: Mapping[str, Any]) -> dict[str, str]:
+    """Each metadata key as canonical JSON text (NaN metrics compare equal this way)."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in meta.items() if k not in FILE_KEYS}
+
+
+def _check_sidecar_agrees(sidecar: Mapping[str, Any], embedded: Mapping[str, Any], spath: Path, tpath: Path) -> None:
+    """Refuse a sidecar whose content differs from the metadata carried inside the tensor file."""
+    a, b = _canonical(sidecar), _canonical(embedded)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if differ:
+        raise CheckpointError(
+            f"{spath}: {', '.join(map(repr, differ[:4]))}{', ...' if len(differ) > 4 else ''} differ from the metadata "
+            f"sealed in {tpath.name} (the sidecar was edited)",
+            hint=f"delete {spath.name} (the tensor file is complete by itself) or {REMEDY}")
+
+
+def _embedded(blob: bytes, tpath: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The tensor file's header metadata and the emofuse metadata inside it (None when it has none)."""
     try:
         header = _header_metadata(blob)
-        if META_KEY not in header or TENSORS_HASH_KEY not in header:
-            return None
-        tensors = load(blob)
-    except (SafetensorError, OSError, ValueError):
-        return None
-    if tensors_sha256(tensors) != header[TENSORS_HASH_KEY]:
-        return None
-    meta = json.loads(header[META_KEY])
-    meta.update(sha256=sha, tensor_file=tpath.name)
-    return tensors, meta
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{tpath}: not a readable safetensors file ({exc})", hint=REMEDY) from None
+    if META_KEY not in header:
+        return header, None
+    try:
+        meta = json.loads(header[META_KEY])
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{tpath}: the metadata in its header is not a JSON object", hint=REMEDY)
+    return header, meta
+
+
+def _load_tensors(blob: bytes, tpath: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load(blob)
+    except (SafetensorError, OSError, ValueError, TypeError, OverflowError) as exc:
+        raise CheckpointError(f"{tpath}: not a readable safetensors file ({exc})",
+                              hint="use another checkpoint, or retrain") from None
 
 
 def _header_metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (8-byte little-endian length, then JSON)."""
+    """The ``__metadata__`` of a safetensors header (8-byte little-endian length, then a JSON object)."""
     if len(blob) < 8:
         raise ValueError("file shorter than a safetensors header")
     size = int.from_bytes(blob[:8], "little")
     if size > len(blob) - 8:
         raise ValueError("header longer than the file")
-    return dict(json.loads(blob[8:8 + size]).get("__metadata__") or {})
+    try:
+        header = json.loads(blob[8:8 + size])
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"header is not UTF-8 ({exc.reason})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("header __metadata__ is not a map of strings")
+    return dict(metadata)
 
 
 def load_checkpoint(path: Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load ``(tensors, meta)``; `path` may name the .safetensors, the .json or the stem.
 
-    The tensor file's checksum is compared with the sidecar's, so truncation or bit flips are
-    refused before any tensor is used. When they differ but the tensor file is whole by its own
-    header's hash, the sidecar is the stale half of an interrupted save and the file's own
-    metadata is used.
+    A sealed tensor file (see the module docstring) is checked against its own seal and is the
+    authority on its metadata: a sidecar that belongs to it (same checksum, or none) must agree with
+    it; one with another checksum is the stale half of an interrupted save and is ignored. A file
+    from before the seal loads only beside a sidecar whose checksum matches it and whose content
+    agrees with the metadata embedded in it. ``verify=False`` skips the checks (reading damaged files).
     """
     path = Path(path)
     _refuse_pickle(path)
     if path.is_dir():
         path = path / "model"
-    tpath = tensor_path(path)
+    tpath, spath = tensor_path(path), sidecar_path(path)
     if not tpath.is_file():
         raise CheckpointError(f"{tpath}: no such checkpoint", hint="pass the .safetensors file a run wrote (runs/<name>/model.safetensors)")
     blob = tpath.read_bytes()
     sha = hashlib.sha256(blob).hexdigest()
-    meta = read_sidecar(path) if sidecar_path(path).is_file() else None
-    if meta is None or (verify and meta.get("sha256") not in (None, sha)):
-        whole = _self_contained(blob, tpath, sha)
-        if whole is not None:
-            return whole
-        if meta is None:
-            read_sidecar(path)  # raises the clear "sidecar missing" error
-        raise CheckpointError(
-            f"{tpath}: checksum mismatch with {sidecar_path(path).name} (file truncated or corrupted)",
-            hint="use another checkpoint of the run, or retrain",
-        )
+    sidecar = read_sidecar(path) if spath.is_file() else None
+    if not verify:
+        tensors = _load_tensors(blob, tpath)
+        return tensors, dict(sidecar if sidecar is not None else _embedded(blob, tpath)[1] or {})
+    own_sidecar = sidecar is not None and sidecar.get("sha256") in (None, sha)
     try:
-        tensors = load(blob)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{tpath}: not a readable safetensors file ({exc})", hint="use another checkpoint, or retrain") from None
-    return tensors, meta
+        header, embedded = _embedded(blob, tpath)
+    except CheckpointError:
+        if sidecar is not None and not own_sidecar:
+            raise _mismatch(tpath) from None
+        raise
+    if SEAL_KEY in header:
+        tensors = _load_tensors(blob, tpath)
+        if (embedded is None or header.get(TENSORS_HASH_KEY) != tensors_sha256(tensors)
+                or header[SEAL_KEY] != _seal(header[TENSORS_HASH_KEY], header[META_KEY])):
+            if sidecar is not None and not own_sidecar:
+                raise _mismatch(tpath)
+            raise CheckpointError(f"{tpath}: its tensors or the metadata in its header do not match its seal "
+                                  "(the file was edited or corrupted)", hint=REMEDY)
+        if own_sidecar:
+            _check_sidecar_agrees(sidecar, embedded, spath, tpath)
+        return tensors, {**embedded, "sha256": sha, "tensor_file": tpath.name}
+    if sidecar is None:
+        read_sidecar(path)  # raises the clear "sidecar missing" error
+    if not own_sidecar:
+        raise _mismatch(tpath)
+    tensors = _load_tensors(blob, tpath)
+    if embedded is None:
+        raise CheckpointError(f"{tpath}: carries no metadata of its own (written by an emofuse before the "
+                              "metadata was embedded, or not by emofuse), so its class names cannot be verified",
+                              hint="retrain it with this version")
+    _check_sidecar_agrees(sidecar, embedded, spath, tpath)
+    return tensors, sidecar
+
+
+def _mismatch(tpath: Path) -> CheckpointError:
+    return CheckpointError(f"{tpath}: checksum mismatch with {sidecar_path(tpath).name} (file truncated or corrupted)",
+                           hint="use another checkpoint of the run, or retrain")
 
 
 def checkpoint_sha256(path: Path) -> str:

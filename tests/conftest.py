@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Face crops are cached under the user's cache folder by default; tests keep theirs apart.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("EMOFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="emofuse-test-cache-"))
 
 from pathlib import Path  # noqa: E402
 
@@ -40,3 +44,22 @@ def shared_data() -> Path:
 @pytest.fixture
 def batch_factory():
     return make_batch
+
+
+@pytest.fixture(scope="session")
+def speech_fusion_checkpoint(tmp_path_factory, shared_data) -> Path:
+    """A really trained (1 epoch, 48 RAVDESS clips, a few seconds) two-branch model that reads uploads:
+    `speech` = mm-lstm over log-mel audio + MiniLM text, `words` = mm-lstm over text alone, weighted-late
+    fusion. Small, so tests stay fast; trained, so its sidecar carries real metrics."""
+    from emofuse.core.config import validate
+    from emofuse.core.engine.training import train_run
+
+    small = {"name": "mm-lstm", "model_dim": 32, "lstm_hidden": 32, "attention_heads": 4}
+    config = validate({
+        "name": "speech-fusion", "output_dir": str(tmp_path_factory.mktemp("speech-fusion")),
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 48},
+        "branches": {"speech": small, "words": {**small, "audio_backbone": "none"}},
+        "fusion": {"name": "weighted-late"},
+        "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
+    })
+    return train_run(config, progress=False, resume=False).checkpoint

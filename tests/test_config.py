@@ -1,6 +1,8 @@
 """Run configs: layering, validation with key paths, --set parsing, TOML round trip, presets."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from emofuse.core.engine.compose import build_model
@@ -95,3 +97,35 @@ def test_bad_toml_file_names_the_file(tmp_path):
     f.write_text("[train\nlr=")
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
         load_toml(f)
+
+
+@pytest.mark.parametrize("path", ["train.lr", "fusion_loss.gamma", "data.val_fraction", "branches.v.dropout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_numbers_are_refused_as_such_naming_their_key(path, value):
+    raw: dict = {"branches": {"v": {"name": "features"}}, "fusion_loss": {"name": "focal"}}
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=re.escape(path) + ".*finite"):
+        validate(raw)
+
+
+def test_dry_run_with_nan_and_bad_set_keys_are_one_line_errors():
+    from typer.testing import CliRunner
+
+    from emofuse.cli.app import app
+
+    runner = CliRunner()
+    for args, message in ((["--set", "fusion_loss.gamma=nan"], "finite"), (["--set", "train..lr=1"], "empty"),
+                          (["--limit", "0"], "limit"), (["--set", "train.lr=nan"], "finite")):
+        result = runner.invoke(app, ["train", "--preset", "enhanced-late-fusion", "--dry-run", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+def test_a_none_option_that_toml_cannot_hold_is_a_config_error():
+    config = validate({"data": {"options": {"feature_table": None}}})
+    with pytest.raises(ConfigError, match=r"data\.options\.feature_table"):
+        to_toml(config)

@@ -194,3 +194,47 @@ def test_bad_options_fail_clearly():
                       7, where="branches.text")
     with pytest.raises(ConfigError, match="sequence_model"):
         build_encoder(ComponentRef(name="dialogue-context", sequence_model="gru"), 7, where="branches.text")
+
+
+def test_evaluate_predict_and_compare_score_whole_dialogues_as_the_trainer_does(meld, dialogue_slice, tmp_path):
+    """Every scorer batches a context model by whole dialogues (the trainer's `DialogueBatchSampler`),
+    so each utterance is scored with its whole dialogue around it, whatever the batch size."""
+    from emofuse.core.apps.compare import TrainedModel, score_models
+    from emofuse.core.apps.evaluation import evaluate_samples
+    from emofuse.core.apps.predict import Predictor
+    from emofuse.core.config import validate
+    from emofuse.core.data.pipeline import make_batch
+    from emofuse.core.engine.compose import build_model
+    from emofuse.core.engine.model_io import load_model, save_model
+
+    config = validate({"name": "ctx", "branches": {"text": {
+        "name": "dialogue-context", "direction": "bidirectional", "hidden_dim": 16,
+        "inner": {"name": "mm-lstm", "audio_backbone": "none", "model_dim": 16, "lstm_hidden": 8,
+                  "attention_heads": 2}}}})
+    torch.manual_seed(0)
+    labels = meld.label_names
+    save_model(tmp_path / "model", build_model(config, len(labels)), config, labels)
+    loaded = load_model(tmp_path / "model.safetensors")
+    samples = sorted(dialogue_slice, key=lambda s: s.id)  # split order: ids, not turns
+    reference: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for idx in DialogueBatchSampler(samples, 1, shuffle=False):  # one dialogue per batch
+            batch = make_batch([samples[i] for i in idx], loaded.model.modalities, None)
+            reference.update(zip(batch.ids, loaded.model(batch)[0].float()))
+
+    def assert_whole(ids, logits):
+        expected = torch.stack([reference[i] for i in ids])
+        torch.testing.assert_close(logits.float(), expected, atol=1e-5, rtol=1e-4)
+
+    evaluated = evaluate_samples(loaded, samples, batch_size=16, bootstrap=0, device="cpu").outputs
+    assert sorted(evaluated.ids) == sorted(reference)
+    assert_whole(evaluated.ids, evaluated.logits)
+    records = Predictor(loaded, device="cpu", batch_size=8).predict_samples(samples)
+    assert [r["id"] for r in records] == [s.id for s in samples]  # input order kept
+    probabilities = torch.tensor([[r["probabilities"][c] for c in labels] for r in records])
+    torch.testing.assert_close(probabilities, torch.stack([reference[s.id].softmax(0) for s in samples]),
+                               atol=2e-6, rtol=0)
+    row = TrainedModel(key="ctx", title="ctx", kind="branch", component="dialogue-context",
+                       checkpoint=tmp_path / "model.safetensors", loaded=loaded)
+    _, compared = score_models([row], {"test": samples}, batch_size=32, device="cpu")["ctx"]["test"]
+    assert_whole(compared.ids, compared.logits)

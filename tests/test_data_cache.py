@@ -185,3 +185,22 @@ def test_temp_shards_of_killed_writers_are_removed_on_the_next_open(tmp_path):
     assert torch.equal(reopened.get_many("ns", ["a"])[0]["x"], torch.ones(2))
     assert not dead.exists() and not ancient.exists()
     assert live.exists()  # its writer (this process) may still rename it
+
+
+def test_a_full_disk_while_caching_is_a_one_line_error_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import os
+
+    from emofuse.core.errors import EmofuseError
+
+    cache = FeatureCache(tmp_path)
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(EmofuseError, match="No space left on device.*cache") as info:
+        cache.put_many("enc-abc", ["k1"], [{"x": torch.ones(3)}])
+    assert isinstance(info.value, OSError) and "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert cache.get_many("enc-abc", ["k1"]) == [None]

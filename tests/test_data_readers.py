@@ -198,3 +198,31 @@ def test_feature_table_joins_a_table_to_another_corpus(tmp_path):
     np.testing.assert_allclose(by_id["1001_DFA_ANG_XX"].features["f"], [1, 2])
     assert by_id["1001_DFA_SAD_XX"].features == {}  # its row was bad (NaN) and is listed as skipped
     assert reader.skipped and reader.skipped[0][0].endswith("t.csv:3") and "non-finite" in reader.skipped[0][1]
+
+
+def _hundred_row_manifest(tmp_path, broken_row: str | None) -> Path:
+    ogg = sorted((DATA / "ravdess-speech" / "Actor_01").glob("*.ogg"))[0]
+    rows = ["id,label,text,audio"] + [f'c{i},happy,"line {i}, said once",{ogg}' for i in range(100)]
+    if broken_row is not None:
+        rows[6] = broken_row
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("broken", [f'c5,happy,"an unterminated quote,x.ogg', 'c5,happy,"one" two,x.ogg'])
+def test_a_csv_quote_error_fails_naming_the_row_instead_of_swallowing_the_rows_after_it(tmp_path, broken):
+    _hundred_row_manifest(tmp_path, None)
+    assert len(read("manifest", data_dir=tmp_path, path="m.csv", labels=["happy"])[1]) == 100
+    _hundred_row_manifest(tmp_path, broken)
+    for skip in (False, True):  # a file that cannot be parsed is an error whatever the bad-sample policy
+        with pytest.raises(DataError, match=r"m.csv:7: .*quot"):
+            read("manifest", data_dir=tmp_path, path="m.csv", labels=["happy"], skip=skip)
+
+
+def test_a_csv_row_with_too_few_fields_is_bad_input(tmp_path):
+    path = tmp_path / "m.csv"
+    ogg = sorted((DATA / "ravdess-speech" / "Actor_01").glob("*.ogg"))[0]
+    path.write_text(f"id,label,text,audio\na,happy,hi,{ogg}\nb,happy\n")
+    with pytest.raises(DataError, match=r"m.csv:3: row has 2 fields, the header has 4"):
+        read("manifest", data_dir=tmp_path, path="m.csv", labels=["happy"])

@@ -113,3 +113,11 @@ def test_a_fused_checkpoint_scores_like_the_trainer_whatever_its_branch_order(tm
     for split in ("val", "test"):
         scored = evaluate_checkpoint(result.checkpoint, split=split, bootstrap=0)
         assert scored.report.metrics["accuracy"] == pytest.approx(result.metrics[split]["accuracy"], abs=1e-6)
+
+
+def test_evaluate_explain_draws_the_first_clips_of_the_split(checkpoint, tmp_path):
+    evaluate_cli(checkpoint, split="test", out_dir=tmp_path, bootstrap=0, explain=2)
+    pngs = sorted((tmp_path / "explain").glob("*.png"))
+    split = json.loads((checkpoint.parent / "split.json").read_text())
+    assert len(pngs) == 2 and {p.stem for p in pngs} <= set(split["splits"]["test"])
+    assert imread(pngs[0]).shape[1] >= 300

@@ -43,13 +43,16 @@ def test_wheel_holds_only_emofuse_and_imports(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top == {"emofuse", f"emofuse-{emofuse.__version__}.dist-info"}, top
     assert "emofuse/registry.toml" in names and "emofuse/core/registry.py" in names
+    assert "emofuse/core/apps/static/index.html" in names  # the page `emofuse serve` shows
     assert not any(n.startswith("emofuse/tests/") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(f"emofuse-{emofuse.__version__}.dist-info/entry_points.txt").decode()
     assert "[emofuse]" in entry_points and "emofuse.plugins.losses.focal" in entry_points
     # import straight from the wheel, ahead of the editable install
     code = ("import emofuse, emofuse.core.presets as p; print(emofuse.__file__); "
-            "print(sorted(p.load_presets()))")
+            "print(sorted(p.load_presets())); from emofuse.core.apps.serve import page_html; "
+            "print('predict-form' in page_html())")
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, check=True, cwd=tmp_path, timeout=120).stdout
     assert str(wheel) in out.splitlines()[0]
     assert "enhanced-late-fusion" in out
+    assert out.splitlines()[-1] == "True"  # the page is read from the wheel's package data

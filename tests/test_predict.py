@@ -120,3 +120,37 @@ def test_top_level_emofuse_load(checkpoint, clips):
     assert isinstance(predictor, Predictor) and predictor.label_names == LABELS
     (record,) = predictor.predict(clips[0], text=STATEMENT)
     assert record["id"] == clips[0].stem and record["label"] in LABELS
+
+
+def test_long_audio_is_capped_with_a_warning(checkpoint, clips):
+    from emofuse.core.apps.predict import DEFAULT_MAX_AUDIO_SECONDS
+
+    assert DEFAULT_MAX_AUDIO_SECONDS is not None and DEFAULT_MAX_AUDIO_SECONDS <= 120  # bounded by default
+    capped = load(checkpoint, device="cpu", max_audio_seconds=1.0)
+    seen = []
+    original = capped.model.forward
+
+    def spy(batch, *args, **kwargs):
+        seen.append(batch.audio.shape[1])
+        return original(batch, *args, **kwargs)
+
+    capped.model.forward = spy
+    (record,) = capped.predict([clips[0]], text=STATEMENT)
+    assert seen == [16_000]  # the model saw one second of a ~3.5 s clip
+    assert "first 1 s" in record["warning"] and list(record["probabilities"]) == LABELS
+    (whole,) = load(checkpoint, device="cpu", max_audio_seconds=None).predict([clips[0]], text=STATEMENT)
+    assert "warning" not in whole
+
+
+def test_a_manifest_for_prediction_needs_no_labels_and_names_each_row(tmp_path, checkpoint, clips):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"id,label,text,audio\na,joyful,{STATEMENT},{clips[0]}\nb,,{STATEMENT},{clips[1]}\n"
+                        f"c,angry,{STATEMENT},{tmp_path / 'gone.ogg'}\nd,not-a-label,{STATEMENT},{tmp_path / 'gone2.ogg'}\n")
+    out = tmp_path / "pred.jsonl"
+    assert predict_cli(checkpoint, manifest=manifest, out=out) == 2
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_id = {r["id"]: r for r in records}
+    assert set(by_id) == {"a", "b", "c", "d"}  # each row under its own id, in the manifest's order
+    assert [r["id"] for r in records] == ["a", "b", "c", "d"]
+    assert "probabilities" in by_id["a"] and "probabilities" in by_id["b"]
+    assert "gone.ogg does not exist" in by_id["c"]["error"] and "gone2.ogg does not exist" in by_id["d"]["error"]

@@ -543,6 +543,8 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = next(t for t in study.get_trials() if t.state.name == "RUNNING")
+    # as if its worker ran on another machine: only the silent heartbeat can tell it died
+    study._storage.set_trial_user_attr(killed._trial_id, "worker", "another-host:1")
     done_before = len(finished(study))
     time.sleep(2.5)  # the grace period passes without a heartbeat
     result = run_search(base_config(tmp_path), options(tmp_path, n_trials=6, heartbeat_interval=1, grace_period=2,
@@ -585,3 +587,42 @@ def test_search_with_train_run_trains_the_branches_once_and_reproduces(tmp_path,
     trained = compose_config(config_file=result.best_config_path)
     rerun = train_run(trained, progress=False)
     assert rerun.metrics["val"]["accuracy"] == pytest.approx(result.best_value, abs=1e-6)
+
+
+def test_a_trial_killed_on_this_machine_is_rerun_by_an_immediate_resume(tmp_path, registry, features):
+    """No waiting for the heartbeat grace: a RUNNING trial whose worker process on this host is gone
+    is failed and re-queued by the next run, which trains it before new ones."""
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    (proc,) = start_workers(tmp_path, storage, seeds=[5], n_trials=4, delay=0.4)  # default heartbeat: 30 s
+    study = None
+    deadline = time.monotonic() + 90
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None
+        if (tmp_path / "studies.db").exists():
+            study = study or optuna.load_study(study_name="feat", storage=open_storage(storage))
+            if len(finished(study)) >= 1 and any(t.state.name == "RUNNING" and len(t.intermediate_values) >= 1
+                                                 for t in study.get_trials()):
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = next(t for t in study.get_trials() if t.state.name == "RUNNING")
+    run_search(base_config(tmp_path), options(tmp_path, n_trials=4, pruner="none"), registry=registry,
+               trainer=FeatureTrainer(registry), data=features)
+    study = optuna.load_study(study_name="feat", storage=open_storage(storage))
+    assert study.get_trials()[killed.number].state.name == "FAIL"
+    assert not [t for t in study.get_trials() if t.state.name in ("RUNNING", "WAITING")]
+    assert_no_trial_lost_or_repeated(study, 4)
+
+
+def test_a_requeued_trial_runs_even_when_the_study_has_its_trials(tmp_path, registry, features):
+    run_search(base_config(tmp_path), options(tmp_path, n_trials=2, pruner="none"), registry=registry,
+               trainer=FeatureTrainer(registry), data=features)
+    study = optuna.load_study(study_name="feat", storage=open_storage(f"sqlite:///{tmp_path / 'studies.db'}"))
+    params = {**study.trials[0].params}
+    params[next(iter(params))] = study.trials[0].distributions[next(iter(params))].low  # other params than both
+    study.enqueue_trial(params, user_attrs={"retry_of": 0})  # what a heartbeat retry leaves behind
+    run_search(base_config(tmp_path), options(tmp_path, n_trials=2, pruner="none"), registry=registry,
+               trainer=FeatureTrainer(registry), data=features)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3 and trials[2].params == params

@@ -55,11 +55,11 @@ def test_predict_transcribes_clips_given_without_text(tmp_path, clips, monkeypat
     save_model(path, build_model(config, len(LABELS)), config, LABELS)
     kids, _ = clips
     (record,) = load(path, device="cpu").predict(kids)
-    assert record["transcript"] == KIDS and record["modalities"] == ["audio", "text"]
+    assert record["transcript"] == KIDS and record["transcribed"] and record["modalities"] == ["audio", "text"]
     (given,) = load(path, device="cpu").predict(kids, text="Another text")
-    assert "transcript" not in given
+    assert given["transcript"] == "Another text" and "transcribed" not in given  # the text used, as given
     (textless,) = load(path, device="cpu", transcribe=False).predict(kids)
-    assert textless["modalities"] == ["audio"] and "transcript" not in textless
+    assert textless["modalities"] == ["audio"] and textless["transcript"] is None
     no_more_transcribing(monkeypatch)  # the default cache (the user's cache folder) already has it
     (again,) = load(path, device="cpu").predict(kids)
     assert again["probabilities"] == record["probabilities"]

@@ -46,6 +46,8 @@ from emofuse.core.apps.report import (
     write_text,
 )
 from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.data.dialogue import needs_whole_dialogues
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine import branch_stage, training
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -216,6 +218,7 @@ def score_models(
         groups.setdefault(_state_hash(m.loaded.normalizer_state), []).append(m)
     for group in groups.values():
         normalizer = normalizer_of(group[0].loaded)
+        spec = preprocess_spec(group[0].loaded.config.data)
         modalities = sorted({x for m in group for x in m.loaded.model.modalities})
         encoders: dict[tuple[str, str], torch.nn.Module] = {}
         identity: dict[str, dict[str, tuple[str, str]]] = {}
@@ -234,7 +237,9 @@ def score_models(
                 variants += [(f"test-without-{m}", (m,)) for m in ablations]
             metas: list[Batch] = []
             outputs: dict[str, list[dict[tuple[str, str], EncoderOutput]]] = {v: [] for v, _ in variants}
-            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size):
+            by_dialogue = any(needs_whole_dialogues(m.loaded.model) for m in group)
+            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size, by_dialogue=by_dialogue,
+                                    spec=spec):
                 metas.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
                 for variant, drop in variants:
                     seen = (drop_modalities(batch, drop) if drop else batch).to(device)

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from emofuse.core.data.dialogue import needs_whole_dialogues
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -69,19 +71,30 @@ def batches_of(
     *,
     batch_size: int = 16,
     on_bad_sample: str = "error",
+    by_dialogue: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
+    spec: Any = None,
 ) -> Iterator[Batch]:
-    """Decode and collate `samples` in order, `batch_size` at a time, with the given normaliser."""
+    """Decode and collate `samples` with the given normaliser (and preprocessing `spec`: the run's, from
+    `preprocess_spec(config.data)`), `batch_size` at a time in order, or by whole dialogues when
+    `by_dialogue` (a context model: see `emofuse.core.data.dialogue.batch_positions`).
+    In skip mode the clips left out are appended to `skipped` as ``(file, reason)``."""
+    from emofuse.core.data.dialogue import batch_positions
     from emofuse.core.data.pipeline import make_batch
 
     modalities = sorted(set(modalities))
-    for start in range(0, len(samples), batch_size):
-        chunk = list(samples[start:start + batch_size])
+    for positions in batch_positions(samples, batch_size, by_dialogue=by_dialogue):
+        chunk = [samples[i] for i in positions]
         try:
-            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample)
-        except DataError:
+            batch = make_batch(chunk, modalities, normalizer, on_bad_sample=on_bad_sample, spec=spec)
+        except DataError as exc:
             if on_bad_sample != "skip":
                 raise
-            continue  # every clip of this chunk was bad; make_batch logged each one
+            if skipped is not None:  # every clip of this chunk was bad
+                skipped += [(s.video_path or s.audio_path or s.source or s.id, exc.message) for s in chunk]
+            continue
+        if skipped is not None:
+            skipped += batch.extra.get("skipped", [])
         if len(batch):
             yield batch
 
@@ -168,6 +181,8 @@ class EvaluationResult:
     report: MetricReport
     outputs: SplitOutputs
     dropped: tuple[str, ...] = ()
+    #: (file, reason) of every clip left out as bad input (``on_bad_sample = "skip"``).
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint) if self.checkpoint else None, "split": self.split,
@@ -191,11 +206,14 @@ def evaluate_samples(
     labelled = [s for s in samples if s.label is not None and s.label >= 0]
     if not labelled:
         raise ConfigError(f"split {split!r} has no labelled clips to score")
+    skipped: list[tuple[str, str]] = []
     batches = batches_of(labelled, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
-                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample)
+                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample,
+                         by_dialogue=needs_whole_dialogues(loaded.model), skipped=skipped,
+                         spec=preprocess_spec(loaded.config.data))
     outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
     report = metric_report(outputs.labels, outputs.logits, loaded.label_names, bootstrap=bootstrap, seed=seed)
-    return EvaluationResult(checkpoint, split, report, outputs, tuple(drop))
+    return EvaluationResult(checkpoint, split, report, outputs, tuple(drop), skipped)
 
 
 def split_samples(
@@ -205,6 +223,7 @@ def split_samples(
     checkpoint: Path | None = None,
     data_dir: Path | None = None,
     registry: Registry | None = None,
+    on_bad_sample: str | None = None,
 ) -> list[Sample]:
     """The clips of `split` as the checkpoint's run defined it (its data config and split file)."""
     from emofuse.core.data.pipeline import load_data
@@ -214,6 +233,8 @@ def split_samples(
     data_config = loaded.config.data
     if data_dir is not None:
         data_config = data_config.model_copy(update={"data_dir": Path(data_dir)})
+    if on_bad_sample is not None:
+        data_config = data_config.model_copy(update={"on_bad_sample": on_bad_sample})
     split_dir = Path(checkpoint).resolve().parent if checkpoint is not None else None
     bundle = load_data(data_config, sorted(loaded.model.modalities), registry=registry, split_dir=split_dir)
     _check_labels(bundle.label_names, loaded.label_names, checkpoint)
@@ -239,12 +260,16 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str | torch.device = "auto",
     registry: Registry | None = None,
+    on_bad_sample: str | None = None,
 ) -> EvaluationResult:
-    """Load `checkpoint`, rebuild its split and score it (see `evaluate_samples`)."""
+    """Load `checkpoint`, rebuild its split and score it (see `evaluate_samples`); `on_bad_sample`
+    overrides the run's policy for unreadable clips ("skip" leaves them out and lists them)."""
     loaded = load_model(Path(checkpoint), registry=registry)
-    samples = split_samples(loaded, split, checkpoint=checkpoint, data_dir=data_dir, registry=registry)
+    samples = split_samples(loaded, split, checkpoint=checkpoint, data_dir=data_dir, registry=registry,
+                            on_bad_sample=on_bad_sample)
     return evaluate_samples(loaded, samples, split=split, bootstrap=bootstrap, seed=seed, drop=drop,
-                            batch_size=batch_size, device=device, checkpoint=Path(checkpoint))
+                            batch_size=batch_size, device=device, checkpoint=Path(checkpoint),
+                            on_bad_sample=on_bad_sample)
 
 
 def evaluate_cli(
@@ -256,12 +281,16 @@ def evaluate_cli(
     bootstrap: int = 1000,
     drop: Sequence[str] = (),
     console: Any = None,
+    on_bad_sample: str | None = None,
+    explain: int = 0,
 ) -> EvaluationResult:
     """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
-    (default: ``<run folder>/eval-<split>``)."""
+    (default: ``<run folder>/eval-<split>``); with `explain` N, explanation PNGs of the split's first
+    N clips go to ``<out_dir>/explain``."""
     from emofuse.core.apps.report import evaluation_tables, write_evaluation_report
 
-    result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop)
+    result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop,
+                                 on_bad_sample=on_bad_sample)
     title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
     if drop:
         title += f" without {', '.join(drop)}"
@@ -270,10 +299,24 @@ def evaluate_cli(
     from emofuse.core.apps.report import write_json
 
     write_json(paths["json"], result.to_dict())
+    if explain:
+        from emofuse.core.apps.explain import write_explanations
+        from emofuse.core.apps.predict import load
+
+        predictor = load(Path(checkpoint))
+        samples = split_samples(predictor.loaded, split, checkpoint=Path(checkpoint), data_dir=data_dir)[:explain]
+        written = write_explanations(predictor, samples, out_dir / "explain")
+        paths["explanations"] = out_dir / "explain"
+        if console is not None and len(written) < len(samples):
+            console.print(f"{len(samples) - len(written)} of {len(samples)} clips could not be explained (unreadable)")
     if console is not None:
         for table in evaluation_tables(result.report, title=title):
             console.print(table)
         console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+        if result.skipped:
+            from emofuse.core.data.pipeline import skipped_report
+
+            console.print(skipped_report(result.skipped), markup=False, highlight=False)
     return result
 
 

@@ -6,8 +6,10 @@
   ``fusion_train.*``) train the branches once per study and reuse them, so a trial trains only the
   fusion over cached branch outputs: seconds, not hours. Trials share the run's feature cache.
 - Unpromising trials are pruned from their per-epoch validation scores (median or Hyperband).
-- A trial killed outright (power, OOM killer) stops beating its heartbeat and is re-queued, and one
-  interrupted (Ctrl-C, SIGTERM) re-queues itself, so a resumed study loses no trial and repeats none.
+- A trial killed outright (power, OOM killer) is re-queued by the next run: at once when its worker
+  ran on the same machine, else when its heartbeat has been silent for the grace period; one
+  interrupted (Ctrl-C, SIGTERM) re-queues itself. Re-queued trials run even when the study already
+  holds `--trials` finished ones, so a resumed study loses no trial and repeats none.
 - The best trial is exported as a run config `emofuse train --config` accepts, with a summary (best
   value, parameters, importances) printed and written as JSON.
 """
@@ -36,6 +38,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 
 from emofuse.core.apps.search_space import SearchSpace, default_space, focal_loss_key
 from emofuse.core.config import RunConfig, to_toml, validate
+from emofuse.core.data.cache import process_alive
 from emofuse.core.engine import branch_stage, training
 from emofuse.core.errors import ConfigError, MissingDependencyError
 from emofuse.core.registry import Registry, get_registry
@@ -442,10 +445,24 @@ class Study:
         return {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
 
     def recover(self) -> None:
-        """Fail trials whose worker died (no heartbeat for the grace period) and re-queue them."""
+        """Fail trials whose worker died and re-queue them: at once when the worker ran on this machine
+        and its process is gone, else once its heartbeat has been silent for the grace period."""
+        self._requeue_dead_local_trials()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
+
+    def _requeue_dead_local_trials(self) -> None:
+        host = os.uname().nodename
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker_host, _, pid = str(trial.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
+            if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
+                continue
+            try:
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker of this machine failed it first and re-queues it
+            self.study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
 
     # -- trials -------------------------------------------------------------------------------
     def prepare_branches(self) -> dict[str, Path] | None:
@@ -502,12 +519,16 @@ class Study:
     def optimize(self, *, progress: bool = False) -> None:
         """Run trials until the study holds `n_trials` finished ones (this worker's share of them)."""
         self.recover()
-        remaining = self.options.n_trials - sum(self.counts()[s.name.lower()] for s in FINISHED)
+        counts = self.counts()
+        done = sum(counts[s.name.lower()] for s in FINISHED)
+        # Re-queued trials (killed or interrupted ones) run even once the study holds n_trials finished ones.
+        target = max(self.options.n_trials, done + counts["waiting"])
+        remaining = target - done
         if remaining <= 0:
             return
         self.prepare_branches()
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
-            optuna.study.MaxTrialsCallback(self.options.n_trials, states=FINISHED)
+            optuna.study.MaxTrialsCallback(target, states=FINISHED)
         ]
         if progress and self.console is not None:
             callbacks.append(self._print_trial)

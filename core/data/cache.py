@@ -33,16 +33,22 @@ from safetensors.torch import save as safetensors_save
 from emofuse.core.data.collate import select
 from emofuse.core.data.keys import combine_keys, sample_key
 from emofuse.core.interfaces import Encoder, collate_extracted
+from emofuse.core.errors import EmofuseError
 from emofuse.core.types import AUDIO, VIDEO, Batch
 
 log = logging.getLogger("emofuse.data")
 
-__all__ = ["FeatureCache", "CacheStats", "sample_key", "batch_keys", "encoder_namespace"]
+__all__ = ["FeatureCache", "CacheStats", "CacheWriteError", "sample_key", "batch_keys", "encoder_namespace"]
 
 _SUFFIX = ".safetensors"
 _EMPTY_MARK = "__empty__"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _fingerprints: "weakref.WeakKeyDictionary[Encoder, str]" = weakref.WeakKeyDictionary()
+
+
+class CacheWriteError(EmofuseError, OSError):
+    """A cache entry could not be written (disk full, read-only folder); nothing half-written is left.
+    Also an `OSError`, like `emofuse.core.checkpoint.CheckpointWriteError`."""
 
 
 def encoder_namespace(encoder: Encoder) -> str:
@@ -142,7 +148,12 @@ class FeatureCache:
         digest = hashlib.sha256("\n".join(new_keys).encode()).hexdigest()[:12]
         final = folder / f"{digest}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
         data = safetensors_save(tensors, metadata={"format": "emofuse-feature-cache-1", "namespace": namespace})
-        _atomic_write(final, data)
+        try:
+            _atomic_write(final, data)
+        except OSError as exc:
+            raise CacheWriteError(
+                f"{folder}: cannot write the feature cache ({exc.strerror or exc})",
+                hint="free disk space, or set cache_dir to a folder on another disk") from exc
         with self._lock:
             self._scanned.setdefault(namespace, set()).add(final.name)
             ns_index = self._index.setdefault(namespace, {})
@@ -309,12 +320,13 @@ def _remove_abandoned_temps(folder: Path) -> None:
             pid = int(tmp.name.rsplit(".", 2)[-2])
         except (OSError, ValueError):
             continue
-        if age > ABANDONED_AFTER_S or (age > DEAD_WRITER_GRACE_S and not _alive(pid)):
+        if age > ABANDONED_AFTER_S or (age > DEAD_WRITER_GRACE_S and not process_alive(pid)):
             tmp.unlink(missing_ok=True)
             log.info("removed %s, left by a cache writer that was killed mid-write", tmp)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

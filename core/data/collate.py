@@ -98,6 +98,9 @@ class Collator:
                 "keys": [combine_keys({m: mkeys[m][i] for m in MODALITIES}) for i in range(b)],
                 "modality_keys": mkeys,
                 "sample_extra": [x.tags for x in items],
+                "face_boxes": [x.face_boxes for x in items],
+                "face_detected": [x.face_detected for x in items],
+                "absent_reasons": [x.absent_reasons for x in items],
             },
         )
 

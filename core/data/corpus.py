@@ -7,6 +7,7 @@ label `label_map` maps to None are left out on purpose and counted in `excluded`
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -113,3 +114,18 @@ class CorpusReader(DatasetReader):
             if c.exists():
                 return c
         return candidates[0] if candidates else p
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, following symlinked folders (a corpus assembled from links to
+    actor folders elsewhere); each real folder is read once, so a link cycle ends."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / name for name in names]
+    return sorted(found)

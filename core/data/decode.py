@@ -52,8 +52,39 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             format=container.format.name,
             duration=_container_duration(container),
             has_audio=bool(container.streams.audio),
-            has_video=bool(container.streams.video),
+            has_video=bool(_moving_video(container)),
         )
+
+
+def media_duration(path: str | os.PathLike) -> float:
+    """Seconds from the first to the last audio/video packet of `path`, read by demuxing (no decoding).
+
+    A header's declared duration can understate what a file holds (or be absent), so a limit on
+    clip length must measure the packets themselves.
+    """
+    with _open(path) as container:
+        streams = list(container.streams.audio) + _moving_video(container)
+        if not streams:
+            raise DataError(path, "has no audio or video stream", hint=_BAD_HINT)
+        first, last = None, 0.0
+        try:
+            for packet in container.demux(streams):
+                if packet.pts is None or packet.time_base is None:
+                    continue
+                start = float(packet.pts * packet.time_base)
+                first = start if first is None else min(first, start)
+                last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+        except _DECODE_ERRORS as exc:
+            raise DataError(path, f"not a readable media file: {_reason(exc)}", hint=_BAD_HINT) from None
+    if first is None:
+        raise DataError(path, "holds no timed audio or video packets", hint=_BAD_HINT)
+    return max(0.0, last - first)
+
+
+def _moving_video(container) -> list:
+    """The video streams that are not a still picture attached to audio (an MP3's or M4A's cover art)."""
+    still = av.stream.Disposition.attached_pic
+    return [s for s in container.streams.video if not s.disposition & still]
 
 
 def decode_audio(
@@ -105,6 +136,34 @@ def decode_video(path: str | os.PathLike, *, num_frames: int = 8, size: int = 22
     Frame i is the one on screen at time ``(i + 0.5) * duration / T`` (the middle of the i-th of T
     equal segments), so short and long clips are covered end to end.
     """
+    sampled = sample_frames(path, num_frames=num_frames)
+    return np.stack([_to_rgb(f, size) for f in sampled.frames])
+
+
+@dataclass
+class SampledFrames:
+    """The decoded frames a clip's encoder uses, and what it cost to get them."""
+
+    frames: list  # av.VideoFrame, one per target time (a frame repeats where the clip is short)
+    times: list[float]
+    #: Frames the decoder produced (the cost); a whole-clip decode produces every frame.
+    decoded: int
+    seeks: int
+
+    def rgb(self, max_side: int | None = None) -> np.ndarray:
+        """uint8 ``[T, H, W, 3]`` at the native size, or scaled so the longer side is `max_side`."""
+        return np.stack([_to_rgb_keep_aspect(f, max_side) for f in self.frames])
+
+
+def sample_frames(path: str | os.PathLike, *, num_frames: int = 8, seek: bool = True) -> SampledFrames:
+    """The frames on screen at the `num_frames` evenly spaced target times, decoding as few as possible.
+
+    The packets are read once without decoding (keyframe times, and the end of the stream for the
+    truncation check); then, per target, the decoder jumps to the last keyframe before it when that
+    keyframe lies beyond what it already decoded, else decodes on. A clip with one keyframe (CREMA-D's
+    Flash videos) is thus decoded up to its last target only; a long clip with a keyframe every
+    second decodes about one second per target. ``seek=False`` decodes from the start throughout.
+    """
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
     with _open(path) as container:
@@ -121,53 +180,119 @@ def decode_video(path: str | os.PathLike, *, num_frames: int = 8, size: int = 22
         rate = float(stream.average_rate) if stream.average_rate else None
         try:
             if declared:
-                frames, end = _frames_at_times(container, stream, start, declared, num_frames, size, rate)
+                keyframes, end = _packet_index(container, stream)
+                targets = [start + (i + 0.5) * declared / num_frames for i in range(num_frames)]
+                sampled = _frames_at_times(container, stream, targets, keyframes if seek else [], rate, start)
             else:
-                frames, end = _frames_by_index(container, stream, num_frames, size, rate)
+                sampled, end = _frames_by_index(container, stream, num_frames, rate, path)
         except _DECODE_ERRORS as exc:
             raise DataError(path, f"video is corrupt: {_reason(exc)}", hint=_BAD_HINT) from None
-    if not frames:
+    if not sampled.frames:
         raise DataError(path, "video track holds no frames", hint=_BAD_HINT)
     if declared:
         _check_complete(path, "video", end - start, declared)
-    return np.stack(frames)
+    return sampled
 
 
-def _frames_at_times(container, stream, start, duration, num_frames, size, rate):
-    """Decode in order, keeping for each target time the last frame shown at or before it."""
-    targets = [start + (i + 0.5) * duration / num_frames for i in range(num_frames)]
-    picked: list[np.ndarray] = []
-    previous = None
-    end = start
-    stopped_early = False
-    for index, frame in enumerate(container.decode(stream)):
-        t = _frame_time(frame, index, rate, start)
-        end = t + (1.0 / rate if rate else 0.0)
-        while len(picked) < num_frames and t > targets[len(picked)]:
-            picked.append(_to_rgb(previous if previous is not None else frame, size))
-        if len(picked) == num_frames:
-            stopped_early = True
+def _packet_index(container, stream) -> tuple[list[int], float]:
+    """Keyframe pts (stream time base) and the stream's end time, from the packets alone (no decoding)."""
+    keyframes: list[int] = []
+    end = 0.0
+    for packet in container.demux(stream):
+        if packet.pts is None:
+            continue
+        if packet.is_keyframe:
+            keyframes.append(int(packet.pts))
+        end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+    keyframes.sort()
+    container.seek(keyframes[0] if keyframes else 0, stream=stream, backward=True)
+    return keyframes, end
+
+
+def _frames_at_times(container, stream, targets, keyframes, rate, start) -> SampledFrames:
+    """For each target time the last frame shown at or before it (the first frame, before the clip starts)."""
+    base = stream.time_base
+    key_times = [float(k * base) for k in keyframes]
+    picked: list = []
+    times: list[float] = []
+    frames = None
+    held = pending = None  # the last frame at or before the target; a frame already read beyond it
+    held_t = pending_t = None
+    decoded = seeks = index = 0
+    for target in targets:
+        position = pending_t if pending_t is not None else held_t
+        jump = max((k for k, t in zip(keyframes, key_times) if t <= target + 1e-6), default=None)
+        jump_t = float(jump * base) if jump is not None else None
+        if frames is None or (jump_t is not None and position is not None and jump_t > position + 1e-6):
+            if frames is not None:
+                container.seek(jump, stream=stream, backward=True)
+                seeks += 1
+                start, index = jump_t, 0  # frames without a timestamp count on from the keyframe
+            frames = container.decode(stream)
+            held = pending = held_t = pending_t = None
+        while True:
+            if pending is not None:
+                frame, t, pending, pending_t = pending, pending_t, None, None
+            else:
+                frame = next(frames, None)
+                if frame is None:
+                    break
+                decoded += 1
+                t = _frame_time(frame, index, rate, start)
+                index += 1
+            if t > target + 1e-6:
+                pending, pending_t = frame, t
+                break
+            held, held_t = frame, t
+        chosen, chosen_t = (held, held_t) if held is not None else (pending, pending_t)
+        if chosen is None:
             break
-        previous = frame
-    if stopped_early:
-        # All frames are picked before the clip ends: read the rest's packet times (no decoding), so
-        # a truncated tail is still noticed.
-        for packet in container.demux(stream):
-            if packet.pts is not None:
-                end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
-    elif previous is not None:
-        while len(picked) < num_frames:
-            picked.append(_to_rgb(previous, size))
-    return picked, end
+        picked.append(chosen)
+        times.append(chosen_t)
+    return SampledFrames(picked, times, decoded, seeks)
 
 
-def _frames_by_index(container, stream, num_frames, size, rate):
-    """No declared duration: keep every frame small, then take evenly spaced indices."""
-    small = [_to_rgb(f, size) for f in container.decode(stream)]
-    if not small:
-        return [], 0.0
-    idx = np.minimum((np.arange(num_frames) + 0.5) * len(small) / num_frames, len(small) - 1).astype(int)
-    return [small[i] for i in idx], (len(small) / rate if rate else 0.0)
+def _frames_by_index(container, stream, num_frames, rate, path):
+    """No declared duration: count the packets, then decode in a second pass keeping evenly spaced indices."""
+    count = sum(1 for packet in container.demux(stream) if packet.size)
+    if count == 0:
+        return SampledFrames([], [], 0, 0), 0.0
+    idx = np.minimum((np.arange(num_frames) + 0.5) * count / num_frames, count - 1).astype(int)
+    wanted = set(int(i) for i in idx)
+    kept: dict[int, object] = {}
+    decoded = 0
+    with _open(path) as again:
+        for decoded, frame in enumerate(again.decode(again.streams.video[0]), start=1):
+            if decoded - 1 in wanted:
+                kept[decoded - 1] = frame
+            if decoded > idx[-1]:
+                break
+    if not kept:
+        return SampledFrames([], [], decoded, 0), 0.0
+    last = max(kept)
+    frames = [kept.get(int(i), kept[last]) for i in idx]
+    times = [_frame_time(f, int(i), rate, 0.0) for f, i in zip(frames, idx)]
+    return SampledFrames(frames, times, decoded, 0), (count / rate if rate else 0.0)
+
+
+def decode_all_frames(path: str | os.PathLike) -> int:
+    """Decode every frame of the first video stream and return how many (the whole-clip baseline)."""
+    with _open(path) as container:
+        if not container.streams.video:
+            raise DataError(path, "has no video track", hint=_BAD_HINT)
+        try:
+            return sum(1 for _ in container.decode(container.streams.video[0]))
+        except _DECODE_ERRORS as exc:
+            raise DataError(path, f"video is corrupt: {_reason(exc)}", hint=_BAD_HINT) from None
+
+
+def _to_rgb_keep_aspect(frame, max_side: int | None) -> np.ndarray:
+    w, h = frame.width, frame.height
+    if max_side is None or max(w, h) <= max_side:
+        return frame.to_ndarray(format="rgb24")
+    scale = max_side / max(w, h)
+    return frame.reformat(width=max(1, round(w * scale)), height=max(1, round(h * scale)), format="rgb24",
+                          interpolation="AREA").to_ndarray()
 
 
 def _to_rgb(frame, size: int) -> np.ndarray:

@@ -159,6 +159,20 @@ def layout_from_lists(dialogue_ids: Sequence[str | None], utterance_indices: Seq
     return DialogueLayout(index.to(device), mask.to(device), speaker_index.to(device), change.to(device))
 
 
+def needs_whole_dialogues(model: object) -> bool:
+    """Whether any branch of a composed model reads dialogue context (``batches_by_dialogue``)."""
+    branches = getattr(model, "branches", {})
+    return any(bool(getattr(encoder, "batches_by_dialogue", False)) for encoder in branches.values())
+
+
+def batch_positions(samples: Sequence[Sample], batch_size: int, *, by_dialogue: bool) -> list[list[int]]:
+    """Positions of `samples` cut into batches for scoring: in order, `batch_size` at a time, or (for
+    context models) whole dialogues exactly as the trainer batches them (`DialogueBatchSampler`)."""
+    if by_dialogue:
+        return DialogueBatchSampler(samples, batch_size, shuffle=False).global_batches()
+    return [list(range(start, min(start + batch_size, len(samples)))) for start in range(0, len(samples), batch_size)]
+
+
 def dialogue_loader(bundle, split: str, *, max_utterances: int, shuffle: bool, seed: int, modalities: set[str],
                     epoch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1):
     """Batches of whole dialogues of `split` from a `DataBundle` (same dataset, collate and bad-clip

@@ -24,7 +24,7 @@ from emofuse.core.config import DataConfig
 from emofuse.core.data.collate import Collator
 from emofuse.core.data.keys import modality_keys
 from emofuse.core.data.normalize import Normalizer
-from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample
+from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample, preprocess_spec
 from emofuse.core.data.splits import SPLITS, check_speaker_independent, load_split, make_split, save_split
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.types import MODALITIES, Batch, Sample
@@ -146,13 +146,44 @@ class DataBundle:
             worker_init_fn=_seed_worker,
         )
 
+    def require_input(self, modalities: Sequence[str]) -> None:
+        """Clips with none of `modalities` (the branches' primary inputs: say, no feature row for a
+        features run) carry nothing to learn from or score: an error naming them, or skipped and listed."""
+        wanted = [m for m in dict.fromkeys(modalities) if m]
+        if not wanted:
+            return
+        lacking = {split: [s for s in samples if not any(s.has(m) for m in wanted)]
+                   for split, samples in self.splits.items()}
+        bad = [s for samples in lacking.values() for s in samples]
+        if not bad:
+            return
+        what = " or ".join(wanted)
+        if self.on_bad_sample != "skip":
+            raise DataError(bad[0].source or bad[0].id,
+                            f"{len(bad)} clip(s) have no {what}, the input this run reads "
+                            f"(e.g. {', '.join(s.source or s.id for s in bad[:3])})",
+                            hint=f"give them {what} (e.g. a feature-table row), remove them, "
+                                 "or pass --on-bad-sample skip to leave them out")
+        for split, samples in lacking.items():
+            if samples:
+                gone = {id(s) for s in samples}
+                self.splits[split] = [s for s in self.splits[split] if id(s) not in gone]
+        for s in bad:
+            self.skipped.append((str(s.source or s.id), f"no {what}"))
+        log.warning("left out %d clip(s) with no %s", len(bad), what)
+
     def skipped_report(self) -> str:
         """The clips left out in skip mode, one per line (empty when none)."""
-        if not self.skipped:
-            return ""
-        lines = [f"{len(self.skipped)} sample(s) skipped as bad input:"]
-        lines += [f"  {where}: {reason}" for where, reason in self.skipped]
-        return "\n".join(lines)
+        return skipped_report(self.skipped)
+
+
+def skipped_report(skipped: Sequence[tuple[str, str]]) -> str:
+    """``N sample(s) skipped as bad input:`` and one ``where: reason`` line each (empty when none)."""
+    if not skipped:
+        return ""
+    lines = [f"{len(skipped)} sample(s) skipped as bad input:"]
+    lines += [f"  {where}: {reason}" for where, reason in skipped]
+    return "\n".join(lines)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -182,7 +213,7 @@ def load_data(
     `modalities` are checked against the corpus (a warning when no clip has one); decoding waits
     for the loaders. The split file is `config.split_file`, else ``split_dir/split.json``.
     """
-    spec = spec or PreprocessSpec()
+    spec = spec or preprocess_spec(config)
     split_seed = config.split_seed if split_seed is None else split_seed
     reader = build_reader(config, registry)
     if hasattr(reader, "on_bad_sample"):
@@ -194,6 +225,10 @@ def load_data(
         log.info("left out on purpose by label_map: %s",
                  ", ".join(f"{n} {k}" for k, n in sorted(excluded.items())))
     samples = _check_samples(samples, config, skipped, reader.label_names)
+    if skipped:
+        where, reason = skipped[0]
+        log.warning("%d sample(s) of %s left out as bad input (first: %s: %s)", len(skipped), config.dataset,
+                    where, reason)
     if not samples:
         raise DataError(config.dataset, "no usable samples",
                         hint="check the corpus folder and the label set")

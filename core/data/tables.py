@@ -69,21 +69,34 @@ def read_table(path: Path) -> Table:
         with open_text(path) as handle:
             if fmt == "jsonl":
                 return _read_jsonl(path, handle)
-            reader = csv.DictReader(handle, delimiter="\t" if fmt == "tsv" else ",")
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            if not columns:
-                raise DataError(path, "table is empty (no header row)", hint="add a header row naming the columns")
-            reader.fieldnames = columns
-            rows = []
-            for row in reader:
-                line = reader.line_num
-                if None in row:
-                    raise DataError(f"{path}:{line}", f"row has {len(columns) + len(row[None])} fields, "
-                                    f"the header has {len(columns)}", hint="quote fields that contain commas")
-                rows.append((line, row))
-            return Table(path, columns, rows)
+            return _read_delimited(path, handle, "\t" if fmt == "tsv" else ",")
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error, OSError) as exc:
         raise DataError(path, f"cannot be read as {fmt}: {exc}", hint="check the file is complete and UTF-8") from None
+
+
+def _read_delimited(path: Path, handle: io.TextIOBase, delimiter: str) -> Table:
+    """Strict CSV: a quote left open or stray, or a row with a field count other than the header's, is an
+    error naming the line where that row starts (lenient parsing let one open quote swallow every later row)."""
+    reader = csv.reader(handle, delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        header = next(reader, None)
+        columns = [c.strip() for c in (header or [])]
+        if not columns:
+            raise DataError(path, "table is empty (no header row)", hint="add a header row naming the columns")
+        rows = []
+        start = reader.line_num + 1
+        for fields in reader:
+            if fields:  # blank lines are no rows
+                if len(fields) != len(columns):
+                    raise DataError(f"{path}:{start}", f"row has {len(fields)} fields, the header has {len(columns)}",
+                                    hint="quote fields that contain commas or quotes, and close every quote")
+                rows.append((start, dict(zip(columns, fields))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}:{start}", f"malformed CSV row ({exc}); a quote left open runs into the rows after it",
+                        hint="close the quote, or double a quote inside a quoted field (\"\")") from None
+    return Table(path, columns, rows)
 
 
 def _read_jsonl(path: Path, handle: io.TextIOBase) -> Table:

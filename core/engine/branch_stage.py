@@ -1,6 +1,7 @@
 """Stage 1: one branch (an encoder and its head) trained alone and saved as a complete model."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -77,9 +78,14 @@ class BranchTask:
                              training=training)
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
-        return self._batches("train", shuffle=True, epoch=epoch, training=True, batch_size=self.cfg.batch_size)
+        batches = self._batches("train", shuffle=True, epoch=epoch, training=True, batch_size=self.cfg.batch_size)
+        return itertools.islice(batches, self.cfg.steps_per_epoch) if self.cfg.steps_per_epoch else batches
 
     def num_train_batches(self) -> int:
+        whole = self._num_whole_epoch_batches()
+        return min(whole, self.cfg.steps_per_epoch) if self.cfg.steps_per_epoch else whole
+
+    def _num_whole_epoch_batches(self) -> int:
         if self._num_batches is None and self.by_dialogue:
             from emofuse.core.data.dialogue import DialogueBatchSampler
 

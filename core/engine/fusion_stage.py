@@ -35,6 +35,7 @@ from emofuse.core.engine.fit import EVAL_BATCH_FACTOR, FitSettings, fit, seed_ev
 from emofuse.core.engine.loaders import ensure_extracted, open_cache
 from emofuse.core.engine.model_io import load_model, save_model
 from emofuse.core.engine.precision import resolve_precision
+from emofuse.core.engine.run_guard import branch_dir_lock
 from emofuse.core.engine.run_files import (
     MODEL_FILE,
     SPLITS,
@@ -116,8 +117,9 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
     for name in config.branches:
         bcfg = branch_run_config(config, name)
         bdir = Path(bcfg.output_dir) / bcfg.name
-        branch_results[name] = train_branch(bcfg, bundle, bdir, registry=registry, ctx=ctx, resume=resume,
-                                            progress=progress)
+        with branch_dir_lock(bdir, ctx):  # shared by runs with the same branch: one trains it, the others reuse it
+            branch_results[name] = train_branch(bcfg, bundle, bdir, registry=registry, ctx=ctx, resume=resume,
+                                                progress=progress)
         branch_runs[name] = (str(bdir), branch_fingerprint(bcfg, bundle))
 
     shas = {b: checkpoint_sha(r.checkpoint) for b, r in branch_results.items()}

@@ -86,6 +86,24 @@ def ensure_extracted(encoder: Encoder, cache: Any, bundle: Any, *, splits: Seque
                     cache.extract(encoder, batch.to(ctx.device))
                     tick()
     ctx.barrier()
+    if bundle.on_bad_sample == "skip":
+        drop_uncached(encoder, cache, bundle, splits)
+
+
+def drop_uncached(encoder: Encoder, cache: Any, bundle: Any, splits: Sequence[str]) -> None:
+    """Skip mode: take the clips whose features could not be extracted (already listed in
+    ``bundle.skipped`` by the decoding pass) out of `splits`, so that later passes, which read the
+    cache instead of decoding, do not meet them again. Every rank does this on the same cache."""
+    from emofuse.core.data.cache import encoder_namespace
+    from emofuse.core.data.keys import sample_key
+
+    namespace = encoder_namespace(encoder)
+    for split in splits:
+        samples = bundle.splits.get(split) or []
+        keys = [sample_key(s, encoder.modalities, spec=bundle.spec, normalizer=bundle.normalizer) for s in samples]
+        missing = set(cache.missing(namespace, keys))
+        if missing:
+            bundle.splits[split] = [s for s, k in zip(samples, keys) if k not in missing]
 
 
 def open_cache(config: RunConfig) -> Any:

@@ -97,15 +97,36 @@ def _in_saved_branch_order(config: RunConfig, order: list[str] | None, path: Pat
     return config.model_copy(update={"branches": {name: config.branches[name] for name in order}})
 
 
+def _check_meta_types(meta: Mapping[str, Any], path: Path) -> None:
+    """The metadata a rebuild reads has the types it needs, else one `CheckpointError` naming the key."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: metadata {key!r} {what}", hint="this is not an intact emofuse checkpoint")
+
+    for key in ("config", "label_names"):
+        if key not in meta:
+            raise bad(key, "is missing")
+    if not isinstance(meta["config"], dict):
+        raise bad("config", f"is a {type(meta['config']).__name__}, not a table")
+    labels = meta["label_names"]
+    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels)
+            or len(set(labels)) != len(labels)):
+        raise bad("label_names", "is not a list of distinct class names")
+    components = meta.get("components", [])
+    if not isinstance(components, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("kind"), str) for c in components):
+        raise bad("components", "is not a list of {kind, name} entries")
+    order = meta.get("branch_order")
+    if order is not None and (not isinstance(order, list) or not all(isinstance(b, str) for b in order)):
+        raise bad("branch_order", "is not a list of branch names")
+
+
 def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
     """Rebuild the composed model a checkpoint describes and load its weights."""
     registry = registry or get_registry()
     tensors, meta = load_checkpoint(path)
-    try:
-        config = validate(meta["config"], source=f"{path} (sidecar config)")
-        label_names = list(meta["label_names"])
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: sidecar lacks {exc.args[0]!r}", hint="this is not an emofuse checkpoint") from None
+    _check_meta_types(meta, path)
+    config = validate(meta["config"], source=f"{path} (sidecar config)")
+    label_names = list(meta["label_names"])
     for comp in meta.get("components", []):
         if comp["name"] not in registry.components.get(comp["kind"], {}):
             made_with = f"{comp.get('distribution')} {comp.get('version')}"
@@ -130,7 +151,13 @@ def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})",
             hint="the plugin versions may differ from the ones that made it; see the sidecar's components",
         )
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor's shape differs, e.g. another number of classes
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "shapes differ")
+        raise CheckpointError(f"{path}: weights do not fit the model its metadata describes "
+                              f"({len(label_names)} classes; {first})",
+                              hint="the metadata does not belong to these weights; retrain") from None
     model.eval()
     normalizer = {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)}
     return LoadedModel(model, config, label_names, normalizer, meta)

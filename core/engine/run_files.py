@@ -2,7 +2,8 @@
 
 A run folder (``<output_dir>/<name>``) holds ``model.safetensors`` + ``model.json`` (the best model),
 ``last.safetensors`` + ``last.json`` (the state a killed run resumes from), ``metrics.jsonl`` (one row
-per epoch), ``result.json`` (written last: the run finished) and ``config.toml``. A fingerprint covers
+per epoch), ``result.json`` (written last: the run finished), ``config.toml``, ``run.json`` (the
+config it was trained with, compared on a rerun) and ``.lock`` (held while a training writes it). A fingerprint covers
 everything that shapes a result, so a rerun, a second fusion or a search trial over the same branches
 reuses them instead of training again.
 """
@@ -29,6 +30,12 @@ RESULT_FILE = "result.json"
 
 BRANCHES_DIR = "branches"
 
+#: Held while a training writes the folder (see `emofuse.core.engine.run_guard`).
+LOCK_FILE = ".lock"
+
+#: The config a run folder was trained with, minus machine-local settings (see `run_guard`).
+IDENTITY_FILE = "run.json"
+
 
 @dataclass
 class RunResult:
@@ -40,6 +47,8 @@ class RunResult:
     history: list[dict]
     fusion_report: dict | None = None
     branch_results: dict[str, "RunResult"] = field(default_factory=dict)
+    #: (file or row, reason) of every sample left out as bad input (skip mode), reader and decoder alike.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {

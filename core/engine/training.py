@@ -27,6 +27,7 @@ from emofuse.core.engine.distributed import (
 )
 from emofuse.core.engine.fusion_stage import train_fused
 from emofuse.core.engine.run_files import RunResult
+from emofuse.core.engine.run_guard import guarded_run_dir
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.registry import Registry, get_registry
 
@@ -39,8 +40,12 @@ def load_bundle(config: RunConfig, registry: Registry, run_dir: Path) -> Any:
 
 def check_branch_inputs(config: RunConfig, bundle: Any, registry: Registry) -> None:
     """Refuse to train a branch whose primary modality (its first) no training clip has: it would
-    learn from its side inputs alone and pretend to be, say, a video model."""
+    learn from its side inputs alone and pretend to be, say, a video model. Clips with no branch's
+    primary input are refused (or skipped) one by one too."""
     train = bundle.splits.get("train", [])
+    primaries = [modalities[0] for modalities in branch_modalities(config, registry).values() if modalities]
+    if hasattr(bundle, "require_input"):
+        bundle.require_input(primaries)
     for branch, modalities in branch_modalities(config, registry).items():
         primary = modalities[0] if modalities else None
         if primary is not None and not any(s.has(primary) for s in train):
@@ -60,12 +65,15 @@ def train_run(
     progress: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
     data: Any = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train what `config` describes, staged when it fuses branches; see the module docstring.
 
     `on_epoch(epoch, val_metrics)` is called after each epoch of the last stage (the fusion, or the
     single branch); it may raise (e.g. ``optuna.TrialPruned``) to stop the run. `data` is a loaded
     `DataBundle` to reuse across calls. Under torchrun every process calls this; rank 0 writes.
+    The run folder is locked while it trains; a folder holding a run of another config is refused
+    unless `overwrite` (see `emofuse.core.engine.run_guard`).
     """
     registry = registry or get_registry()
     if not config.branches:
@@ -83,14 +91,16 @@ def train_run(
     ctx = setup_distributed(config.train.device)
     stack = contextlib.ExitStack()
     try:
+        if ctx.is_main:
+            stack.enter_context(guarded_run_dir(run_dir, config, overwrite=overwrite))
         stack.enter_context(threads_beside_workers(config.train.num_workers, ctx.device))
         bundle = data if data is not None else load_bundle(config, registry, run_dir)
         check_branch_inputs(config, bundle, registry)
-        if config.fusion is None:
-            return train_branch(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume,
-                                progress=progress, on_epoch=on_epoch)
-        return train_fused(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume, progress=progress,
-                           on_epoch=on_epoch)
+        stage = train_branch if config.fusion is None else train_fused
+        result = stage(config, bundle, run_dir, registry=registry, ctx=ctx, resume=resume, progress=progress,
+                       on_epoch=on_epoch)
+        result.skipped = list(getattr(bundle, "skipped", []))
+        return result
     finally:
         stack.close()
         teardown_distributed(ctx)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import ClassVar, Iterator
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig
+from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig, files_under
 from emofuse.core.data.tables import is_blank, read_table
 from emofuse.core.errors import DataError
 from emofuse.core.hookspecs import hookimpl
@@ -58,7 +58,7 @@ class CremaDReader(CorpusReader):
         root = self.require_root()
         demographics = self._demographics(root)
         clips: dict[str, dict[str, Path]] = {}
-        for path in sorted(root.rglob("*")):
+        for path in files_under(root):
             ext = path.suffix.lower()
             if not path.is_file() or ext not in AUDIO_PREFERENCE + VIDEO_PREFERENCE:
                 continue

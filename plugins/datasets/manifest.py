@@ -34,6 +34,8 @@ class ManifestConfig(CorpusReaderConfig):
     feature_sets: dict[str, str] = {}
     #: Folder that relative media paths start from; default: the manifest's folder.
     media_root: Path | None = None
+    #: False: leave the label column unread, every row unlabelled (prediction needs no labels).
+    labelled: bool = True
     #: A clip without text (an empty cell in the text column, or no such column): "error" (bad input; only
     #: for an empty cell), "absent" (the clip has no text), or "transcribe" (its speech, transcribed offline).
     empty_text: Literal["error", "absent", "transcribe"] = "error"
@@ -70,6 +72,7 @@ class ManifestReader(CorpusReader):
         col = {f: cfg.columns.get(f, f) for f in FIELDS}
         table.require(col["id"])
         has = {f: col[f] in table.columns for f in FIELDS}
+        has["label"] = has["label"] and cfg.labelled
         if has["label"] and not self.label_names:
             raise ConfigError("data.options.labels: a manifest needs its label set given explicitly",
                               hint="e.g. --labels neutral,happy,sad,angry (the order is the class index)")

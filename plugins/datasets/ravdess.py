@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig
+from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig, files_under
 from emofuse.core.data.tables import load_feature_table
 from emofuse.core.errors import DataError
 from emofuse.core.hookspecs import hookimpl
@@ -58,7 +58,7 @@ class RavdessReader(CorpusReader):
         root = self.require_root()
         clips: dict[str, dict[int, Path]] = {}
         codes_of: dict[str, tuple[int, ...]] = {}
-        for path in sorted(root.rglob("*")):
+        for path in files_under(root):
             ext = path.suffix.lower()
             if not path.is_file() or ext not in AUDIO_EXTENSIONS | VIDEO_EXTENSIONS:
                 continue

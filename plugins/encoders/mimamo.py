@@ -6,6 +6,12 @@ in order, the transcript's sentence embedding modulates the result (FiLM: a per-
 shift predicted from the text), the speaker's age and gender join, and a batch-normalised head
 with dropout classifies. The attention maps are returned in ``EncoderOutput.extras["attention"]``
 and kept on `last_attention` for inspection.
+
+With ``prior_labels`` (the corpus's labels in class order) and the FER mini-Xception backbone, the
+head starts from that network's own expression classifier: the clip's FER probabilities, averaged
+over frames and mapped onto the labels by name (`fer_prior`), are added as log-probabilities with a
+learnable weight, and the learned classifier starts at zero, so before training the branch *is* the
+zero-shot FER classifier and training learns corrections to it.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from emofuse.core.component import ComponentConfig
 from emofuse.core.hookspecs import hookimpl
 from emofuse.core.interfaces import Encoder
 from emofuse.core.types import METADATA, TEXT, VIDEO, Batch, EncoderOutput
-from emofuse.plugins.encoders.frame_backbone import DEFAULT_FRAME_BACKBONE, make_frame_backbone
+from emofuse.core.errors import ConfigError
+from emofuse.plugins.encoders.fer_prior import PRIOR_FLOOR, fer_label_map, map_fer_probabilities
+from emofuse.plugins.encoders.frame_backbone import DEFAULT_FRAME_BACKBONE, FerFrameBackbone, make_frame_backbone
 from emofuse.plugins.encoders.layers import (
     MetadataEmbedding,
     classifier_head,
@@ -37,7 +45,8 @@ class MimamoConfig(ComponentConfig):
     frame_pretrained: bool = True
     #: For timm names: a local .safetensors file with the model's weights.
     frame_weights: str | None = None
-    #: Fixed face region (left, top, right, bottom as fractions of the frame) cropped before the CNN.
+    #: Fixed face region (left, top, right, bottom as fractions of the frame) cropped before the CNN;
+    #: for whole frames (data.video.faces = "none") of a corpus filmed with one framing.
     face_box: tuple[float, float, float, float] | None = None
     #: BERT-family text encoder for the text-fusion layer; None leaves text out.
     text_backbone: str | None = DEFAULT_TEXT_BACKBONE
@@ -49,6 +58,9 @@ class MimamoConfig(ComponentConfig):
     temporal_layers: int = Field(1, ge=1, le=4)
     metadata_dim: int = Field(16, ge=1, le=512)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    #: The corpus's labels in class order: start the head from the FER-2013 classifier's expressions
+    #: mapped onto them by name (needs frame_backbone = "fer-mini-xception"); None: a plain head.
+    prior_labels: list[str] | None = None
 
     @field_validator("hidden_dim")
     @classmethod
@@ -81,9 +93,15 @@ class MimamoEncoder(Encoder):
     Config: ClassVar[type[ComponentConfig]] = MimamoConfig
     pretrained_modules: ClassVar[tuple[str, ...]] = ("frame_backbone", "text_backbone")
 
+    @classmethod
+    def modalities_for(cls, config: MimamoConfig) -> tuple[str, ...]:
+        """Without a text backbone the transcript is not read (and so never needs transcribing)."""
+        return cls.modalities if config.text_backbone else tuple(m for m in cls.modalities if m != TEXT)
+
     def __init__(self, config: MimamoConfig, num_classes: int):
         super().__init__(config, num_classes)
         c = config
+        self.modalities = self.modalities_for(c)
         self.frame_backbone = make_frame_backbone(
             c.frame_backbone, pretrained=c.frame_pretrained, weights=c.frame_weights, face_box=c.face_box
         )
@@ -104,9 +122,29 @@ class MimamoEncoder(Encoder):
         self.metadata = MetadataEmbedding(c.metadata_dim)
         self.head, self.classifier = classifier_head(c.hidden_dim + c.metadata_dim, c.hidden_dim, num_classes, c.dropout)
         self.embedding_dim = c.hidden_dim
+        self.prior_map: list[int | None] | None = None
+        if c.prior_labels is not None:
+            self._start_from_fer_prior(c.prior_labels, num_classes)
         #: Attention maps ``[B, T, h, w]`` of the latest forward pass, detached.
         self.last_attention: torch.Tensor | None = None
         self._map_shape: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def _start_from_fer_prior(self, labels: list[str], num_classes: int) -> None:
+        if not isinstance(self.frame_backbone, FerFrameBackbone):
+            raise ConfigError("prior_labels needs frame_backbone = \"fer-mini-xception\" (the prior is its classifier)")
+        if len(labels) != num_classes:
+            raise ConfigError(f"prior_labels names {len(labels)} labels, the data set has {num_classes} classes",
+                              hint="give the data set's labels in class order")
+        self.prior_map = fer_label_map(labels)
+        self.prior_weight = nn.Parameter(torch.ones(()))
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def fer_frame_probabilities(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]``: each frame's FER-2013 probabilities mapped onto the corpus labels."""
+        b, t = maps.shape[:2]
+        fer = self.frame_backbone.net.logits_from_map(maps.flatten(0, 1).float()).softmax(dim=-1)
+        return map_fer_probabilities(fer, self.prior_map).view(b, t, -1)
 
     @property
     def backbone_trainable(self) -> bool:
@@ -170,11 +208,19 @@ class MimamoEncoder(Encoder):
         embedding = self.head(torch.cat([h, self.metadata(batch)], dim=-1))
         attention = attention.view(b, t, *attention.shape[-2:])
         self.last_attention = attention.detach()
+        logits = self.classifier(embedding)
+        extras = {"attention": attention}
+        if self.prior_map is not None:
+            frame_probs = self.fer_frame_probabilities(maps)
+            prior = frame_probs.mean(dim=1).clamp_min(PRIOR_FLOOR).log().to(logits.dtype)
+            has_video = presence(batch, VIDEO).to(logits.dtype)[:, None]
+            logits = logits + self.prior_weight.to(logits.dtype) * prior * has_video
+            extras["prior_frame_probabilities"] = frame_probs.detach()
         return EncoderOutput(
-            logits=self.classifier(embedding),
+            logits=logits,
             embedding=embedding,
             present=presence(batch, VIDEO),
-            extras={"attention": attention},
+            extras=extras,
         )
 
 

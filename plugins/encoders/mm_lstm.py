@@ -81,6 +81,9 @@ class MMLSTMConfig(ComponentConfig):
     lstm_hidden: int = Field(128, ge=4, le=4096)
     lstm_layers: int = Field(1, ge=1, le=4)
     transformer_layers: int = Field(2, ge=1, le=12)
+    #: Read the speaker metadata (sex, age). False for corpora that have none (MELD): the branch then
+    #: does not ask for the modality, so no "no clip has the metadata modality" warning either.
+    metadata: bool = True
     metadata_dim: int = Field(16, ge=1, le=512)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
 
@@ -193,8 +196,10 @@ class MultimodalLSTMEncoder(Encoder):
 
     @classmethod
     def modalities_for(cls, config: MMLSTMConfig) -> tuple[str, ...]:  # type: ignore[override]
-        """Audio first; text first when the branch has no audio side (``audio_backbone = "none"``)."""
-        return cls.modalities if config.has_audio else (TEXT, METADATA)
+        """Audio first; text first when the branch has no audio side (``audio_backbone = "none"``); metadata
+        only when the branch reads it."""
+        mods = (AUDIO, TEXT) if config.has_audio else (TEXT,)
+        return mods + (METADATA,) if config.metadata else mods
 
     def __init__(self, config: MMLSTMConfig, num_classes: int):
         super().__init__(config, num_classes)
@@ -218,9 +223,9 @@ class MultimodalLSTMEncoder(Encoder):
         self.sequence = SequenceEncoder(c.sequence_model, d, lstm_hidden=c.lstm_hidden, lstm_layers=c.lstm_layers,
                                         transformer_layers=c.transformer_layers, heads=c.attention_heads,
                                         dropout=c.dropout)
-        self.metadata = MetadataEmbedding(c.metadata_dim)
+        self.metadata = MetadataEmbedding(c.metadata_dim) if c.metadata else None
         audio_stats = 2 * self.audio_backbone.dim if self.audio_backbone is not None else 0
-        fused = audio_stats + 2 * self.sequence.out_dim + d + c.metadata_dim
+        fused = audio_stats + 2 * self.sequence.out_dim + d + (c.metadata_dim if c.metadata else 0)
         self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.embedding_dim = d
         #: Audio-to-text attention weights ``[B, F', 1 + T]`` of the latest forward (slot 0 = no text).
@@ -310,9 +315,16 @@ class MultimodalLSTMEncoder(Encoder):
         a = self.attention_norm(a + attended)
 
         audio_summary = torch.cat([audio_stats, self._pooled_sequence(a, a_len)], dim=-1) * has_audio[:, None].to(dtype)
-        embedding = self.head(torch.cat([audio_summary, text_summary, self.metadata(batch)], dim=-1))
+        parts = [audio_summary, text_summary, self._metadata_embedding(batch, text_summary)]
+        embedding = self.head(torch.cat(parts, dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_audio,
                              extras={"audio_text_attention": weights})
+
+    def _metadata_embedding(self, batch: Batch, like: torch.Tensor) -> torch.Tensor:
+        """The metadata embedding ``[B, metadata_dim]``, or ``[B, 0]`` when the branch reads no metadata."""
+        if self.metadata is None:
+            return like.new_zeros(like.shape[0], 0)
+        return self.metadata(batch)
 
     def _pooled_sequence(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The sequence model over ``[B, L, d]``, then mean and max over the real positions: ``[B, 2 * out_dim]``."""
@@ -325,7 +337,8 @@ class MultimodalLSTMEncoder(Encoder):
                    has_text: torch.Tensor) -> EncoderOutput:
         """No audio side: the sequence model reads the transcript's projected token vectors."""
         sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
-        embedding = self.head(torch.cat([sequence_summary, text_summary, self.metadata(batch)], dim=-1))
+        parts = [sequence_summary, text_summary, self._metadata_embedding(batch, text_summary)]
+        embedding = self.head(torch.cat(parts, dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_text)
 
 

@@ -69,7 +69,8 @@ class WeightedLateFusion(Fusion):
                               f"({', '.join(b.name for b in self.branches)})")
         self.weights = nn.Parameter(torch.tensor(init, dtype=torch.float32))
 
-    def combine(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
+    def weighted_terms(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
+        """``[B, N, C]``: each branch's weighted logits, present branches' weights rescaled to the full total."""
         logits, present = stack_branches(self.ordered(outputs))
         w = self.weights.to(logits.dtype)
         masked = present.to(logits.dtype) * w  # [B, N]
@@ -78,7 +79,14 @@ class WeightedLateFusion(Fusion):
         safe = present_total.abs() > _EPS
         scale = torch.where(safe, w.sum() / torch.where(safe, present_total, torch.ones_like(present_total)),
                             torch.zeros_like(present_total))
-        return (masked.unsqueeze(-1) * logits).sum(dim=1) * scale
+        return masked.unsqueeze(-1) * logits * scale.unsqueeze(-1)
+
+    def combine(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
+        return self.weighted_terms(outputs).sum(dim=1)
+
+    def contributions(self, outputs: Mapping[str, EncoderOutput]) -> dict[str, torch.Tensor]:
+        terms = self.weighted_terms(outputs)
+        return {b.name: terms[:, i] for i, b in enumerate(self.branches)}
 
     def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         return self.combine(outputs)
@@ -109,6 +117,12 @@ class EnhancedLateFusion(WeightedLateFusion):
     def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         out = self.combine(outputs)
         return out + self.class_bias.to(out.dtype)
+
+    def contributions(self, outputs: Mapping[str, EncoderOutput]) -> dict[str, torch.Tensor]:
+        parts = super().contributions(outputs)
+        first = next(iter(parts.values()))
+        parts["class bias"] = self.class_bias.to(first.dtype).expand_as(first)
+        return parts
 
     def report(self) -> dict[str, Any]:
         rep = super().report()

@@ -1,0 +1,86 @@
+"""The MELD presets: one `emofuse train --preset` per README row (a nested inner encoder), MELD's whole
+train partition to fit (no test split carved out), no speaker-metadata modality asked of a corpus
+without one, and the per-epoch step cap that fine-tuning within a CPU budget uses."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emofuse.cli.app import app
+from emofuse.core.config import ComponentRef
+from emofuse.core.data.cache import FeatureCache
+from emofuse.core.data.pipeline import load_data, make_batch
+from emofuse.core.engine.branch_stage import BranchTask
+from emofuse.core.engine.compose import ComposedModel, build_encoder, required_modalities
+from emofuse.core.engine.distributed import DistContext
+from emofuse.core.presets import compose_config
+from emofuse.core.types import METADATA, TEXT
+
+runner = CliRunner()
+MELD_PRESETS = ["meld-text", "meld-context", "meld-finetune", "meld-finetune-context"]
+
+
+def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
+    result = runner.invoke(app, ["train", "--preset", "meld-finetune-context", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert '[branches.text]\nname = "dialogue-context"\ndirection = "bidirectional"' in out
+    assert '[branches.text.inner]\nname = "mm-lstm"\naudio_backbone = "none"\nmetadata = false' in out
+    assert "freeze_backbone = false" in out and "max_text_tokens = 32" in out
+    assert 'class_weights = "balanced"' in out and "test_fraction = 0.0" in out
+
+
+@pytest.mark.parametrize("preset", MELD_PRESETS)
+def test_meld_presets_read_text_only(preset):
+    assert required_modalities(compose_config(preset=preset)) == {TEXT}
+
+
+def test_meld_loads_whole_train_partition_without_a_metadata_warning(shared_data, caplog):
+    config = compose_config(preset="meld-text", sets=[f'data.data_dir="{shared_data}"'])
+    with caplog.at_level(logging.WARNING):
+        bundle = load_data(config.data, required_modalities(config))
+    assert not [r for r in caplog.records if "modality" in r.getMessage()]
+    assert bundle.splits["test"] == []
+    assert {s.extra["partition"] for s in bundle.splits["train"]} == {"train"}
+    assert {s.extra["partition"] for s in bundle.splits["val"]} == {"dev"}
+    # the warning is still there for a branch that does read metadata
+    with caplog.at_level(logging.WARNING):
+        load_data(config.data, {TEXT, METADATA})
+    assert any("metadata modality" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def meld_small(shared_data):
+    config = compose_config(preset="meld-context", sets=[f'data.data_dir="{shared_data}"', "data.limit=120",
+                                                         "train.steps_per_epoch=2", "train.batch_size=8"])
+    return config, load_data(config.data, required_modalities(config))
+
+
+def test_text_branch_without_metadata_trains_on_meld(meld_small):
+    config, bundle = meld_small
+    torch.manual_seed(0)
+    encoder = build_encoder(config.branches["text"], bundle.num_classes, where="branches.text")
+    assert tuple(encoder.modalities) == (TEXT,) and encoder.inner.metadata is None
+    with_metadata = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none"), bundle.num_classes,
+                                  where="branches.text")
+    assert METADATA in with_metadata.modalities
+    batch = make_batch(bundle.splits["train"][:6], {TEXT}, bundle.normalizer)
+    out = encoder.train()(batch)
+    assert out.logits.shape == (6, bundle.num_classes)
+    torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
+    assert encoder.inner.head[0].weight.grad is not None
+
+
+def test_steps_per_epoch_caps_a_branch_epoch(meld_small, tmp_path):
+    config, bundle = meld_small
+    encoder = build_encoder(config.branches["text"], bundle.num_classes, where="branches.text")
+    task = BranchTask(ComposedModel({"text": encoder}), bundle, FeatureCache(tmp_path), config.train, DistContext())
+    whole = task._num_whole_epoch_batches()
+    assert whole > 2 and task.num_train_batches() == 2
+    assert len(list(task.train_batches(0))) == 2
+    uncapped = config.train.model_copy(update={"steps_per_epoch": None})
+    free = BranchTask(ComposedModel({"text": encoder}), bundle, FeatureCache(tmp_path), uncapped, DistContext())
+    assert free.num_train_batches() == whole == len(list(free.train_batches(0)))
