@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from emofuse.cli.options import describe_options
 from emofuse.cli.progress import RichReporter
 from emofuse.core.engine.progress import reporting
 from emofuse.core.errors import EmofuseError
@@ -191,7 +192,7 @@ def plugins_cmd(
     for r in rows:
         cells = [r.kind, r.name, f"{r.provider.distribution} {r.provider.version}", r.cls.summary()]
         if options:
-            cells.append("\n".join(_option_line(o) for o in r.cls.options()))
+            cells.append("\n".join(_option_line(o) for o in describe_options(r.cls)))
         table.add_row(*(Text(c) for c in cells))  # plain text: a summary or help may hold [brackets]
     console.print(table)
     if options and (kind in (None, "dataset")):
@@ -208,7 +209,7 @@ def _option_line(option: dict[str, str]) -> str:
 
 
 def _options_of(cls: type) -> dict[str, dict[str, str]]:
-    return {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in cls.options()}
+    return {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in describe_options(cls)}
 
 
 @app.command("new-plugin")

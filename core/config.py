@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emofuse.core.component import format_validation_error
@@ -258,7 +259,7 @@ def to_toml(config: RunConfig) -> str:
     if where:
         raise ConfigError(f"{where}: is None, which a TOML run config cannot hold",
                           hint="leave the key out to get its default, or give a value")
-    return _toml_table(data)
+    return tomli_w.dumps(data)
 
 
 def _none_inside(node: Any, path: str = "") -> str | None:
@@ -275,31 +276,3 @@ def _none_inside(node: Any, path: str = "") -> str | None:
             if found:
                 return found
     return None
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _toml_table(d: Mapping[str, Any], prefix: str = "") -> str:
-    scalars = [f"{json.dumps(k) if not k.replace('_', '').replace('-', '').isalnum() else k} = {_toml_value(v)}"
-               for k, v in d.items() if not isinstance(v, dict)]
-    lines = [f"[{prefix}]"] if prefix and scalars else []
-    lines += scalars
-    out = "\n".join(lines)
-    for k, v in d.items():
-        if isinstance(v, dict):
-            sub = _toml_table(v, f"{prefix}.{k}" if prefix else k)
-            if sub:
-                out += ("\n\n" if out else "") + sub
-    return out

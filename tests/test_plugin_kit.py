@@ -96,3 +96,9 @@ def test_new_plugin_writes_a_package_that_passes_the_kit_and_trains(installed, t
 def test_new_plugin_refuses_a_bad_name(tmp_path):
     result = _run(str(EMOFUSE), "new-plugin", "../Bad Name", "--into", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "plugin name" in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_kernel_a_plugin_author_reads_stays_small():
+    kernel = [p for p in (REPO / "core").glob("*.py")]
+    lines = sum(len(p.read_text().splitlines()) for p in kernel)
+    assert lines < 1500, f"core/*.py (the kernel) has {lines} lines: move what plugins do not need to a layer"
