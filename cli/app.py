@@ -319,8 +319,10 @@ def compare_cmd(
     limit: Optional[int] = LimitOpt,
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Also score with one modality removed at test time."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/.csv/.json/.png (default: under the run folder)."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Cross-validate over K speaker folds (each speaker tested once): mean ± std and paired differences per fold."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the logistic-regression and majority-class baselines on the same clips and inputs."),
 ):
-    """Compare every registered fusion (and each branch alone) over the same frozen branches, in one table."""
+    """Compare every registered fusion (and each branch alone) over the same frozen branches and beside simple baselines, in one table."""
     values = _compose_args(locals())
     values["fusion"] = None
     values["seed"] = None
@@ -329,7 +331,8 @@ def compare_cmd(
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
     from emofuse.core.apps import compare
-    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, robustness=robustness, console=console, out_dir=out)
+    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,
+                        robustness=robustness, console=console, out_dir=out)
 
 
 @app.command("search")

@@ -73,6 +73,12 @@ class TrainConfig(_Strict):
     device: str = "auto"
     num_workers: int = Field(0, ge=0, le=64)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    #: After early stopping has chosen the epochs on the validation speakers, train again on train +
+    #: validation for that many epochs (branches and fusion; see `emofuse.core.engine.refit`).
+    refit: bool = False
+    #: Which weights a run keeps: those of its best validation epoch, or the last epoch's (a refit,
+    #: whose validation clips are training clips).
+    keep: Literal["best", "last"] = "best"
 
 
 class RunConfig(_Strict):

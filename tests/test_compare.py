@@ -12,6 +12,7 @@ import torch
 from matplotlib.image import imread
 from torch import nn
 
+from emofuse.core.apps.baselines import C_GRID
 from emofuse.core.apps.compare import _branch_identity, aggregate, compare, fusions_to_compare
 from emofuse.core.component import ComponentConfig
 from emofuse.core.config import validate
@@ -97,28 +98,54 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
                      registry=registry, bootstrap=100, out_dir=tmp_path / "cmp")
 
     keys = {r["key"] for r in result.rows}
-    assert keys == {"branch:faces", "branch:voice", "fusion:weighted-late", "fusion:test-mean-probability"}
+    models = {"branch:faces", "branch:voice", "fusion:weighted-late", "fusion:test-mean-probability"}
+    baselines = {"baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:majority"}
+    assert keys == models | baselines
     assert [f["fusion"] for f in result.failures] == ["test-broken", "test-broken"]
     assert "needs exactly three branches" in result.failures[0]["error"]
 
     # ranked by mean test accuracy; mean and std over the two seeds
     accs = [r["accuracy"] for r in result.rows]
     assert accs == sorted(accs, reverse=True)
-    assert [r["rank"] for r in result.rows] == [1, 2, 3, 4]
-    for row in result.rows:
+    assert [r["rank"] for r in result.rows] == list(range(1, 9))
+    by_key = {r["key"]: r for r in result.rows}
+    for key in models:
+        row = by_key[key]
         assert row["seeds"] == 2 and row["accuracy_std"] is not None
         per = [r["accuracy"] for r in result.per_seed if r["key"] == row["key"]]
         assert row["accuracy"] == pytest.approx(sum(per) / 2)
         assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
         for mod in ("features", "metadata"):
             assert 0 <= row[f"accuracy_without_{mod}"] <= 1
-    by_key = {r["key"]: r for r in result.rows}
+        # the aggregated row keeps an accuracy interval (over the test clips, seeds averaged)
+        lo, hi = row["accuracy_ci"]
+        assert lo <= row["accuracy"] <= hi
     assert by_key["fusion:weighted-late"]["trainable_parameters"] == 2
     assert by_key["fusion:test-mean-probability"]["trainable_parameters"] == 1
     assert by_key["branch:faces"]["trainable_parameters"] > 1000
     assert by_key["branch:faces"]["checkpoint_bytes"] > 0
     # without the feature vectors both branches see nothing but metadata: near chance (8 classes)
     assert by_key["branch:faces"]["accuracy_without_features"] < by_key["branch:faces"]["accuracy"]
+    # the aggregated fusion report is the mean of the seeds' reports
+    temps = [r["fusion_report"]["temperature"] for r in result.per_seed if r["key"] == "fusion:test-mean-probability"]
+    assert by_key["fusion:test-mean-probability"]["fusion_report"]["temperature"] == pytest.approx(sum(temps) / 2)
+
+    # baselines: marked as such, C chosen on validation, fit on the training clips; AUs beat chance
+    assert {r["kind"] for r in result.rows if r["key"] in baselines} == {"baseline"}
+    assert by_key["baseline:faces"]["accuracy"] > 0.3 and by_key["baseline:majority"]["accuracy"] < 0.3
+    assert all(C in C_GRID for C in by_key["baseline:faces"]["C"])  # chosen on validation, per split
+    assert by_key["baseline:concatenated"]["inputs"] == by_key["baseline:faces"]["inputs"] + by_key["baseline:voice"]["inputs"]
+    best = by_key[result.baseline_key]
+    assert best["kind"] == "baseline" and best["accuracy"] == max(by_key[k]["accuracy"] for k in baselines)
+    for key in models:  # every model paired with the strongest baseline over the same clips
+        diff, (lo, hi) = by_key[key]["vs_baseline"], by_key[key]["vs_baseline_ci"]
+        assert lo <= diff <= hi and diff == pytest.approx(by_key[key]["accuracy"] - best["accuracy"], abs=1e-6)
+
+    # costs: each branch its own training time, the stage times recorded per seed
+    for stage in result.stage_seconds:
+        for branch, seconds in stage["branches"].items():
+            row = next(r for r in result.per_seed if r["key"] == f"branch:{branch}" and r["seed"] == stage["seed"])
+            assert row["train_seconds"] == pytest.approx(seconds, abs=0.01)
 
     # every fusion of a seed fuses the very same frozen branches
     for seed in (0, 1):
@@ -134,15 +161,18 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
     assert "fusion: test-mean-probability" in md and "Acc w/o features %" in md and "test-broken" in md
     with (result.out_dir / "comparison.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 4 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
+    assert len(rows) == 8 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
     data = json.loads((result.out_dir / "comparison.json").read_text())
-    assert len(data["per_seed"]) == 8 and data["ablations"] == ["text", "metadata", "features"]
+    assert len(data["per_seed"]) == 12 and data["ablations"] == ["text", "metadata", "features"]
+    assert all(r.get("accuracy_ci") for r in data["rows"])
+    assert "Δ acc vs best baseline" in md and "baseline: majority class" in md
     assert imread(result.out_dir / "comparison.png").std() > 0.01
     for key in keys:
         png = result.out_dir / "confusion" / f"{key.replace(':', '_')}.png"
         assert imread(png).ndim == 3
         cm = torch.tensor(data["confusion_matrices"][key])
-        assert int(cm.sum()) == 2 * result.rows[0]["test_clips"]  # summed over both seeds
+        runs = 2 if key in models else 1  # baselines are deterministic: one fit per split
+        assert int(cm.sum()) == runs * result.rows[0]["test_clips"]  # summed over both seeds
 
 
 def test_aggregate_single_seed_has_no_std():
