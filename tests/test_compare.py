@@ -13,7 +13,7 @@ from matplotlib.image import imread
 from torch import nn
 
 from emofuse.core.apps.baselines import C_GRID
-from emofuse.core.apps.compare import _branch_identity, aggregate, compare, fusions_to_compare
+from emofuse.core.apps.compare import TrainRunTrainer, _branch_identity, aggregate, compare, fusions_to_compare
 from emofuse.core.component import ComponentConfig
 from emofuse.core.config import validate
 from emofuse.core.errors import ConfigError
@@ -189,3 +189,48 @@ def test_compare_needs_two_branches(tmp_path):
     config = validate({"branches": {"only": {"name": "features"}}, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="at least two branches"):
         compare(config, data=SimpleNamespace(), trainer=SimpleNamespace())
+
+
+class SpyTrainer(TrainRunTrainer):
+    """The real trainer, recording which out-of-fold copy runs exist when each fusion starts."""
+
+    def __init__(self, registry, branches_dir):
+        super().__init__(registry)
+        self.branches_dir = branches_dir
+        self.copies_before_fusion: list[int] = []
+
+    def train(self, config, *, data, branch_checkpoints):
+        self.copies_before_fusion.append(len(list(self.branches_dir.glob("*fold*of*/result.json"))))
+        return super().train(config, data=data, branch_checkpoints=branch_checkpoints)
+
+
+def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_path, shared_data, registry):
+    config = tiny_config(tmp_path / "runs", shared_data).model_copy(update={
+        "name": "compare-x", "fusion_inputs": "out-of-fold", "fusion_folds": 2})
+    spy = SpyTrainer(registry, tmp_path / "runs" / "branches")
+    result = compare(config, fusions=["weighted-late"], seeds=[0], folds=3, robustness=False, registry=registry,
+                     bootstrap=50, trainer=spy)
+
+    assert result.out_dir == tmp_path / "runs" / "compare-x"  # the name's prefix is not doubled
+    # every fold's out-of-fold copies were trained before its fusion, and charged to the shared stage
+    assert spy.copies_before_fusion == [4, 8, 12]
+    assert all(stage["fusion_inputs"] > 0 for stage in result.stage_seconds) and len(result.stage_seconds) == 3
+    by_key = {r["key"]: r for r in result.rows}
+    assert result.folds == 3 and all(r["folds"] == 3 for r in result.rows)
+    # each clip is a test clip exactly once over the folds (and in one of train/val/test in every fold)
+    assert result.split_sizes["test"] * 3 == sum(result.split_sizes.values())
+    assert int(torch.tensor(result.confusion["branch:faces"]).sum()) == result.split_sizes["test"]
+    fusion = by_key["fusion:weighted-late"]
+    per_fold = [r["accuracy"] for r in result.per_seed if r["key"] == "fusion:weighted-late"]
+    assert fusion["accuracy"] == pytest.approx(sum(per_fold) / 3)
+    assert len(fusion["vs_baseline_per_fold"]) == 3 and fusion["folds_above"].endswith("/3")
+    assert "Folds above it" in (result.out_dir / "comparison.md").read_text()
+
+    # a second comparison under another name trains no branch again: same folds, same fingerprints
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "branches").glob("*/model.safetensors")}
+    again = compare(config.model_copy(update={"name": "other"}), fusions=["weighted-late"], seeds=[0], folds=3,
+                    robustness=False, registry=registry, bootstrap=0)
+    assert again.out_dir.name == "compare-other"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "branches").glob("*/model.safetensors")} == stamps
+    assert {r["key"]: r["accuracy"] for r in again.rows if r["kind"] == "branch"} == \
+        {k: r["accuracy"] for k, r in by_key.items() if r["kind"] == "branch"}
