@@ -234,3 +234,17 @@ def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "branches").glob("*/model.safetensors")} == stamps
     assert {r["key"]: r["accuracy"] for r in again.rows if r["kind"] == "branch"} == \
         {k: r["accuracy"] for k, r in by_key.items() if r["kind"] == "branch"}
+
+    # `evaluate --baseline` on one fold's fusion: the same baselines, paired with that model's test clips
+    from emofuse.core.apps.evaluation import evaluate_cli
+
+    row = next(r for r in result.per_seed if r["key"] == "fusion:weighted-late" and r["fold"] == 0)
+    evaluated = evaluate_cli(row["checkpoint"], out_dir=tmp_path / "eval", bootstrap=50, baseline=True)
+    rows = json.loads((tmp_path / "eval" / "baselines.json").read_text())["baselines"]
+    assert [r["key"] for r in rows] == ["baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:majority"]
+    fold_baselines = {r["key"]: r["accuracy"] for r in result.per_seed if r["fold"] == 0 and r["kind"] == "baseline"}
+    for r in rows:  # the very fits compare made on that fold
+        assert r["accuracy"] == pytest.approx(fold_baselines[r["key"]], abs=1e-6)
+        assert r["model_minus_baseline"] == pytest.approx(evaluated.report.metrics["accuracy"] - r["accuracy"], abs=1e-6)
+    with pytest.raises(ConfigError, match="--baseline"):
+        evaluate_cli(row["checkpoint"], split="val", baseline=True)

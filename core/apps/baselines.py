@@ -188,6 +188,24 @@ def fit_baselines(
     return fits
 
 
+def baselines_over_branches(encoders: Mapping[str, Encoder], bundle: Any, cache: Any, *,
+                            fit_on: Sequence[str] = ("train",)) -> list[BaselineFit]:
+    """The baselines over the frozen inputs of `encoders` (branch -> encoder, e.g. a trained model's
+    branches) on `bundle`'s split."""
+    from emofuse.core.types import MODALITIES
+
+    splits = ("train", "val", "test")
+    inputs = {b: pooled_inputs(enc, bundle, cache, splits) for b, enc in encoders.items()}
+    modalities = {b: "+".join(m for m in MODALITIES if m in enc.modalities) for b, enc in encoders.items()}
+    return fit_baselines(inputs, modalities, bundle.splits, len(bundle.label_names), fit_on=fit_on)
+
+
+def fit_splits(refit: bool) -> tuple[str, ...]:
+    """The clips a baseline learns from: those the models learn from (train, or train + validation
+    when the models are refit there)."""
+    return ("train", "val") if refit else ("train",)
+
+
 # --- paired differences -----------------------------------------------------------------------------------
 def paired_difference(model_correct: np.ndarray, baseline_correct: np.ndarray, *, resamples: int = 1000,
                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
@@ -205,6 +223,29 @@ def paired_difference(model_correct: np.ndarray, baseline_correct: np.ndarray, *
     return float(diff.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
+def beside_model(loaded: Any, bundle: Any, ids: Sequence[str], correct: np.ndarray, *, resamples: int = 1000,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """`emofuse evaluate --baseline`: the baselines over a trained model's branches, fit on its run's
+    split, scored on its test clips, each with the model's paired accuracy difference (`correct`:
+    the model's per-clip correctness on `ids`)."""
+    from emofuse.core.engine.loaders import open_cache
+
+    fits = baselines_over_branches(loaded.model.branches, bundle, open_cache(loaded.config),
+                                   fit_on=fit_splits(loaded.config.train.refit))
+    mine = dict(zip(ids, np.asarray(correct, dtype=np.float64)))
+    labels = {s.id: s.label for s in bundle.splits["test"]}
+    rows = []
+    for f in fits:
+        right = dict(zip(f.ids, (f.probabilities.argmax(axis=1) == np.array([labels[i] for i in f.ids])).astype(float)))
+        common = [i for i in f.ids if i in mine]
+        diff, lo, hi = paired_difference(np.array([mine[i] for i in common]), np.array([right[i] for i in common]),
+                                         resamples=resamples, seed=seed)
+        rows.append({"key": f.key, "model": f.title, "accuracy": float(np.mean([right[i] for i in common])),
+                     "model_minus_baseline": diff, "interval": [lo, hi], "C": f.C, "inputs": f.inputs,
+                     "text": f"{100 * diff:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"})
+    return rows
+
+
 def accuracy_interval(correct: np.ndarray, *, resamples: int = 1000, confidence: float = 0.95,
                       seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-clip correctness."""
@@ -216,6 +257,9 @@ def accuracy_interval(correct: np.ndarray, *, resamples: int = 1000, confidence:
 __all__ = [
     "BASELINE",
     "BaselineFit",
+    "baselines_over_branches",
+    "beside_model",
+    "fit_splits",
     "C_GRID",
     "accuracy_interval",
     "fit_baselines",

@@ -486,16 +486,11 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
     from emofuse.core.apps import baselines as bl
     from emofuse.core.engine.loaders import open_cache
 
-    cache = open_cache(config if config.cache_dir is not None
-                       else config.model_copy(update={"cache_dir": Path(config.output_dir) / ".cache"}))
+    cache = open_cache(config)
     start = time.perf_counter()
-    inputs, modalities = {}, {}
-    for m in branch_models.values():
-        (branch, encoder), = m.loaded.model.branches.items()
-        inputs[branch] = bl.pooled_inputs(encoder, data, cache, SPLITS)
-        modalities[branch] = "+".join(m.modalities)
-    fit_on = ("train", "val") if config.train.refit else ("train",)
-    fits = bl.fit_baselines(inputs, modalities, data.splits, len(label_names), fit_on=fit_on)
+    encoders = {b: enc for m in branch_models.values() for b, enc in m.loaded.model.branches.items()}
+    fit_on = bl.fit_splits(config.train.refit)
+    fits = bl.baselines_over_branches(encoders, data, cache, fit_on=fit_on)
     seconds = (time.perf_counter() - start) / max(1, len(fits))
     labels_by_id = {s.id: s.label for s in data.splits["test"]}
     for f in fits:
