@@ -534,7 +534,8 @@ def _seed_row(m: TrainedModel, scores: Mapping[str, tuple[MetricReport, SplitOut
         "checkpoint": str(m.checkpoint),
         "test_clips": test.num_samples,
     }
-    for split in ("train", "val"):
+    refit = m.loaded.config.train.refit or m.loaded.config.train.keep == "last"
+    for split in ("train",) if refit else ("train", "val"):  # a refit model trained on its validation clips
         if split in scores:
             row[f"{split}_accuracy"] = scores[split][0].metrics["accuracy"]
         elif recorded_accuracy(m.loaded, split) is not None:
