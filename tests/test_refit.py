@@ -48,6 +48,17 @@ def test_refit_trains_branches_and_fusion_again_on_train_and_validation(tmp_path
     assert sum(n.endswith("-refit") for n in names) == 4 and sum(n.endswith(("fold1of2", "fold2of2")) for n in names) == 4
     assert 0 < result.metrics["test"]["accuracy"] <= 1
 
+    # the copies a comparison trains before its fusions are exactly those the fusion used
+    from emofuse.core.data.pipeline import load_data
+    from emofuse.core.engine.fusion_stage import shared_branch_runs
+
+    bundle = load_data(config.data, ["features", "metadata", "text"], split_dir=result.run_dir)
+    from emofuse.core.engine.run_files import branch_fingerprint, finished_result
+
+    planned = shared_branch_runs(config, bundle, result.branch_results)
+    assert {cfg.name for cfg, _ in planned} == {n for n in names if "fold" in n}
+    assert all(finished_result(cfg.output_dir / cfg.name, branch_fingerprint(cfg, data)) for cfg, data in planned)
+
     # a rerun reuses everything, refit branches included
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model.safetensors")}
     again = train_run(config, progress=False)

@@ -101,7 +101,9 @@ class TrainRunTrainer:
         return Path(self._run(branch_stage.branch_run_config(config, branch), data).checkpoint)
 
     def train_fusion_inputs(self, config: RunConfig, *, data: Any) -> None:
-        for copy_config, copy_data in fusion_stage.shared_branch_runs(config, data):
+        branches = ({b: self._run(branch_stage.branch_run_config(config, b), data) for b in config.branches}
+                    if config.train.refit else None)  # finished runs: reused, for their epoch counts
+        for copy_config, copy_data in fusion_stage.shared_branch_runs(config, data, branches):
             self._run(copy_config, copy_data)
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:

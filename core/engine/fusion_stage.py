@@ -111,15 +111,21 @@ def copy_config(copy: RunConfig, plan: refit.FusionRefit | None) -> RunConfig:
     return plan.copy_config(copy) if plan is not None else copy
 
 
-def shared_branch_runs(config: RunConfig, bundle: Any) -> list[tuple[RunConfig, Any]]:
+def shared_branch_runs(config: RunConfig, bundle: Any,
+                       branch_results: Mapping[str, RunResult] | None = None) -> list[tuple[RunConfig, Any]]:
     """The branch runs that every fusion over `config`'s branches needs besides the branches
     themselves: the out-of-fold copies (run config, bundle), so a comparison can train them once,
-    before any fusion. With refit, the copies on train + validation need the branches' chosen epochs,
-    known only once the branches are trained; those train with the first fusion."""
+    before any fusion. With refit, also the copies refit on folds of train + validation, given the
+    refit branches' `branch_results` (their epoch counts)."""
     if config.fusion_inputs != "out-of-fold":
         return []
-    plain = refit.selection_config(config)
-    return [(bcfg, fold.bundle) for fold in fold_copies(plain, bundle) for bcfg in fold.configs.values()]
+    runs = [(bcfg, fold.bundle) for fold in fold_copies(refit.selection_config(config), bundle)
+            for bcfg in fold.configs.values()]
+    if refit.wanted(config) and branch_results is not None:
+        epochs = refit.branch_epochs(branch_results)
+        runs += [(refit.refit_copy(bcfg, epochs), fold.bundle)
+                 for fold in fold_copies(config, refit.train_and_validation(bundle)) for bcfg in fold.configs.values()]
+    return runs
 
 
 def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Registry, ctx: DistContext, resume: bool,

@@ -83,10 +83,19 @@ class FusionRefit:
     branch_epochs: dict[str, int]
 
     def copy_config(self, copy: RunConfig) -> RunConfig:
-        """An out-of-fold branch copy, refit: its branch's chosen epochs on its fold of train + validation."""
-        (branch,) = copy.branches
-        return copy.model_copy(update={"name": f"{copy.name}-{REFIT_DIR}",
-                                       "train": fixed_epochs(copy.train, self.branch_epochs[branch])})
+        return refit_copy(copy, self.branch_epochs)
+
+
+def refit_copy(copy: RunConfig, branch_epochs: Mapping[str, int]) -> RunConfig:
+    """An out-of-fold branch copy, refit: its branch's chosen epochs on its fold of train + validation."""
+    (branch,) = copy.branches
+    return copy.model_copy(update={"name": f"{copy.name}-{REFIT_DIR}",
+                                   "train": fixed_epochs(copy.train, branch_epochs[branch])})
+
+
+def branch_epochs(branch_results: Mapping[str, RunResult]) -> dict[str, int]:
+    """Each refit branch's number of epochs (the count its selection run chose)."""
+    return {b: max(1, len(r.history)) for b, r in branch_results.items()}
 
 
 def plan_fusion(config: RunConfig, bundle: Any, branch_results: Mapping[str, RunResult],
@@ -97,8 +106,8 @@ def plan_fusion(config: RunConfig, bundle: Any, branch_results: Mapping[str, Run
     selection = train_selection(selection_config(config))
     fusion_train = config.fusion_train or config.train
     return FusionRefit(fixed_epochs(fusion_train, chosen_epochs(selection)), train_and_validation(bundle),
-                       {b: max(1, len(r.history)) for b, r in branch_results.items()})
+                       branch_epochs(branch_results))
 
 
-__all__ = ["FusionRefit", "REFIT_DIR", "SELECTION_DIR", "chosen_epochs", "fixed_epochs", "plan_fusion",
-           "refit_branch", "selection_config", "train_and_validation", "wanted"]
+__all__ = ["FusionRefit", "REFIT_DIR", "SELECTION_DIR", "branch_epochs", "chosen_epochs", "fixed_epochs",
+           "plan_fusion", "refit_branch", "refit_copy", "selection_config", "train_and_validation", "wanted"]
