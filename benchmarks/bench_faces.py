@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline": {}, "decode": {}}
     with tempfile.TemporaryDirectory() as tmp:
         long_clip = make_long_clip(Path(tmp), clips)
-        sets = {f"CREMA-D .flv (6 real clips, 2 s, 1 keyframe)": clips,
+        sets = {"CREMA-D .flv (6 real clips, 2 s, 1 keyframe)": clips,
                 "long .mp4 from their frames (25 s, keyframe every 1 s)": [long_clip]}
         for name, paths in sets.items():
             reps = args.repeats if len(paths) > 1 else 2 * args.repeats

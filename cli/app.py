@@ -34,6 +34,9 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 DEFAULT_MAIN_PRESET = "ravdess-reference"
+#: The main job (`emofuse compare` with no arguments) cross-validates by speaker: RAVDESS test splits
+#: of 2-3 actors would let a clip or two decide the ranking.
+DEFAULT_MAIN_FOLDS = 4
 
 
 @app.callback()
@@ -321,6 +324,7 @@ def evaluate_cmd(
     without: Optional[List[str]] = typer.Option(None, "--without", help="Remove this modality at test time (repeatable)."),
     on_bad_sample: Optional[str] = typer.Option(None, "--on-bad-sample", help="error or skip (default: the run's setting): skip leaves unreadable clips out of the score and lists them."),
     explain: int = typer.Option(0, "--explain", min=0, help="Also draw explanation PNGs for the split's first N clips (into <out>/explain)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also fit logistic-regression and majority baselines on the run's split and show the model's paired difference to each."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
@@ -330,7 +334,7 @@ def evaluate_cmd(
         raise ConfigError(f"--on-bad-sample {on_bad_sample!r}: expected error or skip")
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
                             drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample,
-                            explain=explain)
+                            explain=explain, baseline=baseline)
 
 
 @app.command("compare")
@@ -354,17 +358,22 @@ def compare_cmd(
     limit: Optional[int] = LimitOpt,
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Also score with one modality removed at test time."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/.csv/.json/.png (default: under the run folder)."),
+    folds: Optional[int] = typer.Option(None, "--folds", help=f"Cross-validate over K speaker folds (each speaker tested once): mean ± std and paired differences per fold (default: {DEFAULT_MAIN_FOLDS} for the main job, the {DEFAULT_MAIN_PRESET} preset chosen by default; else one split)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the logistic-regression and majority-class baselines on the same clips and inputs."),
 ):
-    """Compare every registered fusion (and each branch alone) over the same frozen branches, in one table."""
+    """Compare every registered fusion (and each branch alone) over the same frozen branches and beside simple baselines, in one table."""
     values = _compose_args(locals())
     values["fusion"] = None
     values["seed"] = None
     values["preset"] = preset or (None if config or encoder else DEFAULT_MAIN_PRESET)
+    if folds is None and values["preset"] == DEFAULT_MAIN_PRESET and not preset:
+        folds = DEFAULT_MAIN_FOLDS
     cfg = compose_run_config(**values)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
     from emofuse.core.apps import compare
-    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, robustness=robustness, console=console, out_dir=out)
+    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,
+                        robustness=robustness, console=console, out_dir=out)
 
 
 @app.command("search")

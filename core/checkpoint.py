@@ -13,6 +13,7 @@ Loading never unpickles: a ``.pt``/``.pth``/``.pkl`` file is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,10 +57,8 @@ def _write_temp(path: Path, data: bytes) -> str:
 
 
 def _unlink_quietly(tmp: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-    except FileNotFoundError:
-        pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -10,7 +10,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load as load_tensors, save as save_tensors
 

@@ -12,7 +12,8 @@ import torch
 from matplotlib.image import imread
 from torch import nn
 
-from emofuse.core.apps.compare import _branch_identity, aggregate, compare, fusions_to_compare
+from emofuse.core.apps.baselines import C_GRID
+from emofuse.core.apps.compare import TrainRunTrainer, _branch_identity, aggregate, compare, fusions_to_compare
 from emofuse.core.component import ComponentConfig
 from emofuse.core.config import validate
 from emofuse.core.errors import ConfigError
@@ -97,28 +98,54 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
                      registry=registry, bootstrap=100, out_dir=tmp_path / "cmp")
 
     keys = {r["key"] for r in result.rows}
-    assert keys == {"branch:faces", "branch:voice", "fusion:weighted-late", "fusion:test-mean-probability"}
+    models = {"branch:faces", "branch:voice", "fusion:weighted-late", "fusion:test-mean-probability"}
+    baselines = {"baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:majority"}
+    assert keys == models | baselines
     assert [f["fusion"] for f in result.failures] == ["test-broken", "test-broken"]
     assert "needs exactly three branches" in result.failures[0]["error"]
 
     # ranked by mean test accuracy; mean and std over the two seeds
     accs = [r["accuracy"] for r in result.rows]
     assert accs == sorted(accs, reverse=True)
-    assert [r["rank"] for r in result.rows] == [1, 2, 3, 4]
-    for row in result.rows:
+    assert [r["rank"] for r in result.rows] == list(range(1, 9))
+    by_key = {r["key"]: r for r in result.rows}
+    for key in models:
+        row = by_key[key]
         assert row["seeds"] == 2 and row["accuracy_std"] is not None
         per = [r["accuracy"] for r in result.per_seed if r["key"] == row["key"]]
         assert row["accuracy"] == pytest.approx(sum(per) / 2)
         assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
         for mod in ("features", "metadata"):
             assert 0 <= row[f"accuracy_without_{mod}"] <= 1
-    by_key = {r["key"]: r for r in result.rows}
+        # the aggregated row keeps an accuracy interval (over the test clips, seeds averaged)
+        lo, hi = row["accuracy_ci"]
+        assert lo <= row["accuracy"] <= hi
     assert by_key["fusion:weighted-late"]["trainable_parameters"] == 2
     assert by_key["fusion:test-mean-probability"]["trainable_parameters"] == 1
     assert by_key["branch:faces"]["trainable_parameters"] > 1000
     assert by_key["branch:faces"]["checkpoint_bytes"] > 0
     # without the feature vectors both branches see nothing but metadata: near chance (8 classes)
     assert by_key["branch:faces"]["accuracy_without_features"] < by_key["branch:faces"]["accuracy"]
+    # the aggregated fusion report is the mean of the seeds' reports
+    temps = [r["fusion_report"]["temperature"] for r in result.per_seed if r["key"] == "fusion:test-mean-probability"]
+    assert by_key["fusion:test-mean-probability"]["fusion_report"]["temperature"] == pytest.approx(sum(temps) / 2)
+
+    # baselines: marked as such, C chosen on validation, fit on the training clips; AUs beat chance
+    assert {r["kind"] for r in result.rows if r["key"] in baselines} == {"baseline"}
+    assert by_key["baseline:faces"]["accuracy"] > 0.3 and by_key["baseline:majority"]["accuracy"] < 0.3
+    assert all(C in C_GRID for C in by_key["baseline:faces"]["C"])  # chosen on validation, per split
+    assert by_key["baseline:concatenated"]["inputs"] == by_key["baseline:faces"]["inputs"] + by_key["baseline:voice"]["inputs"]
+    best = by_key[result.baseline_key]
+    assert best["kind"] == "baseline" and best["accuracy"] == max(by_key[k]["accuracy"] for k in baselines)
+    for key in models:  # every model paired with the strongest baseline over the same clips
+        diff, (lo, hi) = by_key[key]["vs_baseline"], by_key[key]["vs_baseline_ci"]
+        assert lo <= diff <= hi and diff == pytest.approx(by_key[key]["accuracy"] - best["accuracy"], abs=1e-6)
+
+    # costs: each branch its own training time, the stage times recorded per seed
+    for stage in result.stage_seconds:
+        for branch, seconds in stage["branches"].items():
+            row = next(r for r in result.per_seed if r["key"] == f"branch:{branch}" and r["seed"] == stage["seed"])
+            assert row["train_seconds"] == pytest.approx(seconds, abs=0.01)
 
     # every fusion of a seed fuses the very same frozen branches
     for seed in (0, 1):
@@ -134,15 +161,18 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
     assert "fusion: test-mean-probability" in md and "Acc w/o features %" in md and "test-broken" in md
     with (result.out_dir / "comparison.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 4 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
+    assert len(rows) == 8 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
     data = json.loads((result.out_dir / "comparison.json").read_text())
-    assert len(data["per_seed"]) == 8 and data["ablations"] == ["text", "metadata", "features"]
+    assert len(data["per_seed"]) == 12 and data["ablations"] == ["text", "metadata", "features"]
+    assert all(r.get("accuracy_ci") for r in data["rows"])
+    assert "Δ acc vs best baseline" in md and "baseline: majority class" in md
     assert imread(result.out_dir / "comparison.png").std() > 0.01
     for key in keys:
         png = result.out_dir / "confusion" / f"{key.replace(':', '_')}.png"
         assert imread(png).ndim == 3
         cm = torch.tensor(data["confusion_matrices"][key])
-        assert int(cm.sum()) == 2 * result.rows[0]["test_clips"]  # summed over both seeds
+        runs = 2 if key in models else 1  # baselines are deterministic: one fit per split
+        assert int(cm.sum()) == runs * result.rows[0]["test_clips"]  # summed over both seeds
 
 
 def test_aggregate_single_seed_has_no_std():
@@ -159,3 +189,62 @@ def test_compare_needs_two_branches(tmp_path):
     config = validate({"branches": {"only": {"name": "features"}}, "output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="at least two branches"):
         compare(config, data=SimpleNamespace(), trainer=SimpleNamespace())
+
+
+class SpyTrainer(TrainRunTrainer):
+    """The real trainer, recording which out-of-fold copy runs exist when each fusion starts."""
+
+    def __init__(self, registry, branches_dir):
+        super().__init__(registry)
+        self.branches_dir = branches_dir
+        self.copies_before_fusion: list[int] = []
+
+    def train(self, config, *, data, branch_checkpoints):
+        self.copies_before_fusion.append(len(list(self.branches_dir.glob("*fold*of*/result.json"))))
+        return super().train(config, data=data, branch_checkpoints=branch_checkpoints)
+
+
+def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_path, shared_data, registry):
+    config = tiny_config(tmp_path / "runs", shared_data).model_copy(update={
+        "name": "compare-x", "fusion_inputs": "out-of-fold", "fusion_folds": 2})
+    spy = SpyTrainer(registry, tmp_path / "runs" / "branches")
+    result = compare(config, fusions=["weighted-late"], seeds=[0], folds=3, robustness=False, registry=registry,
+                     bootstrap=50, trainer=spy)
+
+    assert result.out_dir == tmp_path / "runs" / "compare-x"  # the name's prefix is not doubled
+    # every fold's out-of-fold copies were trained before its fusion, and charged to the shared stage
+    assert spy.copies_before_fusion == [4, 8, 12]
+    assert all(stage["fusion_inputs"] > 0 for stage in result.stage_seconds) and len(result.stage_seconds) == 3
+    by_key = {r["key"]: r for r in result.rows}
+    assert result.folds == 3 and all(r["folds"] == 3 for r in result.rows)
+    # each clip is a test clip exactly once over the folds (and in one of train/val/test in every fold)
+    assert result.split_sizes["test"] * 3 == sum(result.split_sizes.values())
+    assert int(torch.tensor(result.confusion["branch:faces"]).sum()) == result.split_sizes["test"]
+    fusion = by_key["fusion:weighted-late"]
+    per_fold = [r["accuracy"] for r in result.per_seed if r["key"] == "fusion:weighted-late"]
+    assert fusion["accuracy"] == pytest.approx(sum(per_fold) / 3)
+    assert len(fusion["vs_baseline_per_fold"]) == 3 and fusion["folds_above"].endswith("/3")
+    assert "Folds above it" in (result.out_dir / "comparison.md").read_text()
+
+    # a second comparison under another name trains no branch again: same folds, same fingerprints
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "branches").glob("*/model.safetensors")}
+    again = compare(config.model_copy(update={"name": "other"}), fusions=["weighted-late"], seeds=[0], folds=3,
+                    robustness=False, registry=registry, bootstrap=0)
+    assert again.out_dir.name == "compare-other"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "branches").glob("*/model.safetensors")} == stamps
+    assert {r["key"]: r["accuracy"] for r in again.rows if r["kind"] == "branch"} == \
+        {k: r["accuracy"] for k, r in by_key.items() if r["kind"] == "branch"}
+
+    # `evaluate --baseline` on one fold's fusion: the same baselines, paired with that model's test clips
+    from emofuse.core.apps.evaluation import evaluate_cli
+
+    row = next(r for r in result.per_seed if r["key"] == "fusion:weighted-late" and r["fold"] == 0)
+    evaluated = evaluate_cli(row["checkpoint"], out_dir=tmp_path / "eval", bootstrap=50, baseline=True)
+    rows = json.loads((tmp_path / "eval" / "baselines.json").read_text())["baselines"]
+    assert [r["key"] for r in rows] == ["baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:majority"]
+    fold_baselines = {r["key"]: r["accuracy"] for r in result.per_seed if r["fold"] == 0 and r["kind"] == "baseline"}
+    for r in rows:  # the very fits compare made on that fold
+        assert r["accuracy"] == pytest.approx(fold_baselines[r["key"]], abs=1e-6)
+        assert r["model_minus_baseline"] == pytest.approx(evaluated.report.metrics["accuracy"] - r["accuracy"], abs=1e-6)
+    with pytest.raises(ConfigError, match="--baseline"):
+        evaluate_cli(row["checkpoint"], split="val", baseline=True)

@@ -210,7 +210,7 @@ def _hundred_row_manifest(tmp_path, broken_row: str | None) -> Path:
     return path
 
 
-@pytest.mark.parametrize("broken", [f'c5,happy,"an unterminated quote,x.ogg', 'c5,happy,"one" two,x.ogg'])
+@pytest.mark.parametrize("broken", ['c5,happy,"an unterminated quote,x.ogg', 'c5,happy,"one" two,x.ogg'])
 def test_a_csv_quote_error_fails_naming_the_row_instead_of_swallowing_the_rows_after_it(tmp_path, broken):
     _hundred_row_manifest(tmp_path, None)
     assert len(read("manifest", data_dir=tmp_path, path="m.csv", labels=["happy"])[1]) == 100

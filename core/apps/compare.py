@@ -48,7 +48,7 @@ from emofuse.core.apps.report import (
 from emofuse.core.config import ComponentRef, RunConfig
 from emofuse.core.data.dialogue import needs_whole_dialogues
 from emofuse.core.data.preprocess import preprocess_spec
-from emofuse.core.engine import branch_stage, training
+from emofuse.core.engine import branch_stage, fusion_stage, training
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, EmofuseError
@@ -65,8 +65,13 @@ FUSION = "fusion"
 class Trainer(Protocol):
     """How the comparison trains (`TrainRunTrainer` over `emofuse.core.engine.training` by default)."""
 
-    def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
-        """Train each of `config`'s branches alone (stage 1); return branch -> checkpoint."""
+    def train_branch(self, config: RunConfig, branch: str, *, data: Any) -> Path:
+        """Train `branch` of `config` alone (stage 1); return its checkpoint."""
+        ...
+
+    def train_fusion_inputs(self, config: RunConfig, *, data: Any) -> None:
+        """Train what every fusion of `config` shares beyond the branches (out-of-fold branch copies),
+        so that no single fusion is charged for it."""
         ...
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
@@ -79,9 +84,10 @@ class TrainRunTrainer:
     """The real trainer, `emofuse.core.engine.training.train_run`.
 
     Branches train as the single-branch runs that the staged pipeline itself would make
-    (`branch_stage.branch_run_config`); a fused run over the same config finds those finished runs by
-    their fingerprint and reuses them, so every fusion of a seed fuses the very same frozen
-    branches (checked after each fusion).
+    (`branch_stage.branch_run_config`, under ``<output_dir>/branches``, shared with `emofuse train`
+    and earlier comparisons); a fused run over the same config finds those finished runs by their
+    fingerprint and reuses them, so every fusion of a seed fuses the very same frozen branches
+    (checked after each fusion).
     """
 
     def __init__(self, registry: Registry, *, resume: bool = True, progress: bool = False):
@@ -89,20 +95,22 @@ class TrainRunTrainer:
         self.resume = resume
         self.progress = progress
 
-    def train_branches(self, config: RunConfig, *, out_dir: Path, data: Any) -> dict[str, Path]:
+    def _run(self, config: RunConfig, data: Any) -> Any:
+        return training.train_run(config, registry=self.registry, resume=self.resume, progress=self.progress,
+                                  data=data)
 
-        checkpoints = {}
-        for branch in config.branches:
-            single = branch_stage.branch_run_config(config, branch)
-            result = training.train_run(single, registry=self.registry, resume=self.resume, progress=self.progress,
-                                        data=data)
-            checkpoints[branch] = Path(result.checkpoint)
-        return checkpoints
+    def train_branch(self, config: RunConfig, branch: str, *, data: Any) -> Path:
+        return Path(self._run(branch_stage.branch_run_config(config, branch), data).checkpoint)
+
+    def train_fusion_inputs(self, config: RunConfig, *, data: Any) -> None:
+        branches = ({b: self._run(branch_stage.branch_run_config(config, b), data) for b in config.branches}
+                    if config.train.refit else None)  # finished runs: reused, for their epoch counts
+        for copy_config, copy_data in fusion_stage.shared_branch_runs(config, data, branches):
+            self._run(copy_config, copy_data)
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
 
-        result = training.train_run(config, registry=self.registry, resume=self.resume, progress=self.progress,
-                                    data=data)
+        result = self._run(config, data)
         used = {b: Path(r.checkpoint).resolve() for b, r in (getattr(result, "branch_results", None) or {}).items()}
         wanted = {b: Path(p).resolve() for b, p in branch_checkpoints.items()}
         if used and used != wanted:
@@ -156,10 +164,17 @@ class TrainedModel:
         return sum(p.stat().st_size for p in (tensor_path(self.checkpoint), sidecar_path(self.checkpoint)) if p.is_file())
 
 
-def seeded(config: RunConfig, seed: int, output_dir: Path) -> RunConfig:
-    update: dict[str, Any] = {"train": config.train.model_copy(update={"seed": seed}), "output_dir": output_dir}
+def comparison_folder(name: str) -> str:
+    """The comparison's folder name: ``compare-<name>``, not doubled when the name already says so."""
+    return name if name.startswith("compare-") else f"compare-{name}"
+
+
+def seeded(config: RunConfig, seed: int, runs: str) -> RunConfig:
+    """`config` for one seed; its fusion runs go to ``<output_dir>/<runs>/fusion-*``, its branches to the
+    shared ``<output_dir>/branches`` (reused by fingerprint by any run that trains the same branch)."""
+    update: dict[str, Any] = {"train": config.train.model_copy(update={"seed": seed}), "name": runs}
     if config.cache_dir is None:  # frozen backbones' outputs do not depend on the seed: one cache for all
-        update["cache_dir"] = Path(output_dir).parent / ".cache"
+        update["cache_dir"] = Path(config.output_dir) / ".cache"
     if config.fusion_train is not None:
         update["fusion_train"] = config.fusion_train.model_copy(update={"seed": seed})
     return config.model_copy(update=update)
@@ -168,7 +183,7 @@ def seeded(config: RunConfig, seed: int, output_dir: Path) -> RunConfig:
 def fusion_config(config: RunConfig, fusion: str) -> RunConfig:
     """`config` with `fusion` (keeping the configured options when it is the configured fusion)."""
     ref = config.fusion if config.fusion is not None and config.fusion.name == fusion else ComponentRef(name=fusion)
-    return config.model_copy(update={"fusion": ref, "name": f"fusion-{fusion}"})
+    return config.model_copy(update={"fusion": ref, "name": f"{config.name}/fusion-{fusion}"})
 
 
 def branch_title(branch: str, encoder: str) -> str:
@@ -266,8 +281,14 @@ class ComparisonResult:
     label_names: list[str]
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
-    #: Clips per split (after ``data.limit``).
+    #: Clips per split (after ``data.limit``; summed over folds with ``folds``).
     split_sizes: dict[str, int] = field(default_factory=dict)
+    #: Speaker folds (None: one split).
+    folds: int | None = None
+    #: The baseline row every model is paired with (the strongest on test: the hardest bar).
+    baseline_key: str | None = None
+    #: Wall-clock seconds per stage, per fold and seed: each branch, the shared fusion inputs.
+    stage_seconds: list[dict[str, Any]] = field(default_factory=list)
 
 
 def fusions_to_compare(fusions: Sequence[str] | None, registry: Registry) -> list[str]:
@@ -290,11 +311,59 @@ def ablations_for(config: RunConfig, registry: Registry) -> list[str]:
     return [m for m in MODALITIES if m in used]
 
 
+def fold_parts(config: RunConfig, data: Any, folds: int, *, registry: Registry) -> list[tuple[RunConfig, Any]]:
+    """Per speaker fold: the config reading that fold's split file and its data (normaliser fit on the
+    fold's own training clips). Split files live in ``<output_dir>/splits``, named by their content, so
+    every comparison over the same clips reuses the same branch runs."""
+    from emofuse.core.data.splits import save_split, speaker_folds
+
+    samples = sorted((s for part in data.splits.values() for s in part), key=lambda s: s.id)
+    speakers = len({s.speaker for s in samples})
+    cfg = config.data
+    splits = speaker_folds(samples, folds, val_speakers=max(1, round(speakers * cfg.val_fraction)))
+    digest = hashlib.sha256("\0".join(s.id for s in samples).encode()).hexdigest()[:10]
+    parts = []
+    for k, split in enumerate(splits):
+        path = Path(config.output_dir) / "splits" / f"{cfg.dataset}-speaker-fold{k + 1}of{folds}-{digest}.json"
+        if not path.is_file():
+            save_split(path, split, method="speaker", seed=cfg.split_seed, dataset=cfg.dataset,
+                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+        fold_config = config.model_copy(update={"data": cfg.model_copy(update={"split_file": path})})
+        parts.append((fold_config, load_comparison_data(fold_config, registry=registry, split_dir=path.parent)))
+    return parts
+
+
+@dataclass
+class _Collected:
+    """What the folds and seeds of one comparison gather before aggregation."""
+
+    per_run: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)
+    #: model key -> fold -> seed -> clip id -> 1.0 (right) / 0.0 (wrong) on the test clips.
+    correct: dict[str, dict[Any, dict[Any, dict[str, float]]]] = field(default_factory=dict)
+    reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    stage_seconds: list[dict[str, Any]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any], title: str, report: MetricReport, ids: Sequence[str], preds: np.ndarray,
+            labels: np.ndarray) -> None:
+        key = row["key"]
+        self.per_run.append(row)
+        self.titles[key] = title
+        self.confusion[key] = self.confusion.get(key, 0) + np.asarray(report.confusion)
+        right = (np.asarray(preds) == np.asarray(labels)).astype(np.float64)
+        self.correct.setdefault(key, {}).setdefault(row.get("fold"), {})[row.get("seed")] = dict(zip(ids, right))
+
+
 def compare(
     config: RunConfig,
     *,
     fusions: Sequence[str] | None = None,
     seeds: Sequence[int] = (0,),
+    folds: int | None = None,
+    baselines: bool = True,
     robustness: bool = True,
     registry: Registry | None = None,
     data: Any = None,
@@ -305,10 +374,11 @@ def compare(
     batch_size: int = 32,
     on_progress: Callable[[str], None] | None = None,
 ) -> ComparisonResult:
-    """Train and score each branch alone and every fusion over them, per seed; write the report files.
+    """Train and score each branch alone and every fusion over them, per seed (and per speaker fold
+    with `folds`), beside the baselines of `emofuse.core.apps.baselines`; write the report files.
 
     Files in `out_dir` (default ``<output_dir>/compare-<name>``): ``comparison.md``, ``.csv``,
-    ``.json``, ``comparison.png`` (bar chart) and ``confusion/<model>.png`` (summed over seeds).
+    ``.json``, ``comparison.png`` (bar chart) and ``confusion/<model>.png`` (summed over runs).
     """
     registry = registry or get_registry()
     if len(config.branches) < 2:
@@ -316,79 +386,133 @@ def compare(
                           hint="use a preset with two branches (e.g. --preset ravdess-reference) or --encoder twice")
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
+    if folds is not None and folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds", hint="omit --folds for one split")
     fusion_names = fusions_to_compare(fusions, registry)
     if not fusion_names:
         raise ConfigError("no fusion is registered", hint="install a plugin that provides one")
     say = on_progress or (lambda msg: log.info(msg))
-    out_dir = Path(out_dir) if out_dir else Path(config.output_dir) / f"compare-{config.name}"
+    folder = comparison_folder(config.name)
+    out_dir = Path(out_dir) if out_dir else Path(config.output_dir) / folder
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = trainer or TrainRunTrainer(registry)
     if data is None:
         say("loading data")
         data = load_comparison_data(config, registry=registry, split_dir=out_dir)
     ablations = ablations_for(config, registry) if robustness else []
-    splits = {s: list(data.splits[s]) for s in SPLITS if s in data.splits}
-    if not splits.get("test"):
-        raise ConfigError("the split has no test clips to compare on", hint="raise data.test_fraction")
-
-    per_seed: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    confusion: dict[str, np.ndarray] = {}
-    titles: dict[str, str] = {}
+    parts = fold_parts(config, data, folds, registry=registry) if folds else [(config, data)]
+    collected = _Collected()
     label_names: list[str] = list(data.label_names)
-    for seed in seeds:
-        seed_dir = out_dir / f"seed-{seed}"
-        cfg = seeded(config, seed, seed_dir)
-        say(f"seed {seed}: training {len(cfg.branches)} branches")
-        start = time.perf_counter()
-        branch_ckpts = trainer.train_branches(cfg, out_dir=seed_dir / "branches", data=data)
-        missing = [b for b in cfg.branches if b not in branch_ckpts]
-        if missing:
-            raise ConfigError(f"the trainer returned no checkpoint for branch(es) {', '.join(missing)}")
-        branch_seconds = time.perf_counter() - start
-        models: list[TrainedModel] = []
-        for branch, ref in cfg.branches.items():
-            ckpt = Path(branch_ckpts[branch])
-            models.append(TrainedModel(f"{BRANCH}:{branch}", branch_title(branch, ref.name), BRANCH, ref.name, ckpt,
-                                       load_model(ckpt, registry=registry), branch_seconds / len(cfg.branches)))
-        for fusion in fusion_names:
-            say(f"seed {seed}: training fusion {fusion}")
-            start = time.perf_counter()
-            try:
-                result = trainer.train(fusion_config(cfg, fusion), data=data, branch_checkpoints=branch_ckpts)
-                ckpt = Path(result.checkpoint)
-                loaded = load_model(ckpt, registry=registry)
-            except (EmofuseError, RuntimeError, ValueError, TypeError) as exc:
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                failures.append({"seed": seed, "fusion": fusion, "error": reason,
-                                 "provider": str(registry.get("fusion", fusion).provider)})
-                say(f"seed {seed}: fusion {fusion} failed: {reason}")
-                continue
-            models.append(TrainedModel(f"{FUSION}:{fusion}", fusion_title(fusion), FUSION, fusion, ckpt, loaded,
-                                       time.perf_counter() - start))
-        # train/val accuracy as the trainer recorded it in each checkpoint; scored here only when missing
-        to_score = {"test": splits["test"]}
-        for split in ("train", "val"):
-            if split in splits and any(recorded_accuracy(m.loaded, split) is None for m in models):
-                to_score[split] = splits[split]
-        say(f"seed {seed}: scoring {len(models)} models on {', '.join(to_score)}"
-            + (f" (and without {', '.join(ablations)})" if ablations else ""))
-        scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
-                              bootstrap=bootstrap, seed=seed)
-        for m in models:
-            titles[m.key] = m.title
-            row = _seed_row(m, scores[m.key], ablations, seed)
-            per_seed.append(row)
-            cm = np.asarray(scores[m.key]["test"][0].confusion)
-            confusion[m.key] = confusion.get(m.key, 0) + cm
-            label_names = list(m.loaded.label_names)
+    for k, (part_config, part_data) in enumerate(parts):
+        fold = k if folds else None
+        where = f"fold {k + 1}/{folds}, " if folds else ""
+        splits = {s: list(part_data.splits[s]) for s in SPLITS if s in part_data.splits}
+        if not splits.get("test"):
+            raise ConfigError("the split has no test clips to compare on", hint="raise data.test_fraction")
+        for split, samples in splits.items():
+            collected.sizes[split] = collected.sizes.get(split, 0) + len(samples)
+        branch_models: dict[str, TrainedModel] = {}
+        for seed in seeds:
+            runs = f"{folder}/seed-{seed}" + (f"/fold-{k + 1}of{folds}" if folds else "")
+            cfg = seeded(part_config, seed, runs)
+            models = _train_models(cfg, fusion_names, trainer, part_data, registry, collected, say,
+                                   where=f"{where}seed {seed}", fold=fold, seed=seed)
+            branch_models = branch_models or {m.key: m for m in models if m.kind == BRANCH}
+            to_score = {"test": splits["test"]}
+            for split in ("train", "val"):
+                if split in splits and any(recorded_accuracy(m.loaded, split) is None for m in models):
+                    to_score[split] = splits[split]
+            say(f"{where}seed {seed}: scoring {len(models)} models on {', '.join(to_score)}"
+                + (f" (and without {', '.join(ablations)})" if ablations else ""))
+            scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
+                                  bootstrap=bootstrap, seed=seed)
+            for m in models:
+                row = _seed_row(m, scores[m.key], ablations, seed)
+                row["fold"] = fold
+                report, out = scores[m.key]["test"]
+                collected.add(row, m.title, report, out.ids, out.logits.argmax(dim=1).numpy(), out.labels.numpy())
+                if row.get("fusion_report") is not None:
+                    collected.reports.setdefault(m.key, []).append(row["fusion_report"])
+                label_names = list(m.loaded.label_names)
+        if baselines:
+            say(f"{where}fitting the baselines")
+            _add_baselines(part_config, part_data, branch_models, collected, label_names, fold=fold,
+                           bootstrap=bootstrap, seed=seeds[0])
 
-    rows = aggregate(per_seed, ablations)
-    result = ComparisonResult(out_dir, rows, per_seed, failures, ablations, list(seeds), label_names,
-                              {k: v.tolist() for k, v in confusion.items()},
-                              split_sizes={k: len(v) for k, v in splits.items()})
-    result.files = write_comparison(result, titles, config=config)
+    rows = aggregate(collected.per_run, ablations)
+    baseline_key = _summarise(rows, collected, bootstrap=bootstrap, seed=seeds[0])
+    result = ComparisonResult(out_dir, rows, collected.per_run, collected.failures, ablations, list(seeds),
+                              label_names, {k: v.tolist() for k, v in collected.confusion.items()},
+                              split_sizes=collected.sizes, folds=folds, baseline_key=baseline_key,
+                              stage_seconds=collected.stage_seconds)
+    result.files = write_comparison(result, collected.titles, config=config)
     return result
+
+
+def _train_models(cfg: RunConfig, fusion_names: Sequence[str], trainer: Trainer, data: Any, registry: Registry,
+                  collected: _Collected, say: Callable[[str], None], *, where: str, fold: int | None,
+                  seed: int) -> list[TrainedModel]:
+    """Each branch alone (timed one by one), the fusions' shared inputs (timed apart), then each fusion."""
+    models: list[TrainedModel] = []
+    stages: dict[str, Any] = {"fold": fold, "seed": seed, "branches": {}}
+    for branch, ref in cfg.branches.items():
+        say(f"{where}: training branch {branch}")
+        start = time.perf_counter()
+        ckpt = Path(trainer.train_branch(cfg, branch, data=data))
+        seconds = time.perf_counter() - start
+        stages["branches"][branch] = round(seconds, 2)
+        models.append(TrainedModel(f"{BRANCH}:{branch}", branch_title(branch, ref.name), BRANCH, ref.name, ckpt,
+                                   load_model(ckpt, registry=registry), seconds))
+    branch_ckpts = {m.key.split(":", 1)[1]: m.checkpoint for m in models}
+    start = time.perf_counter()
+    trainer.train_fusion_inputs(cfg, data=data)
+    stages["fusion_inputs"] = round(time.perf_counter() - start, 2)
+    collected.stage_seconds.append(stages)
+    for fusion in fusion_names:
+        say(f"{where}: training fusion {fusion}")
+        start = time.perf_counter()
+        try:
+            result = trainer.train(fusion_config(cfg, fusion), data=data, branch_checkpoints=branch_ckpts)
+            ckpt = Path(result.checkpoint)
+            loaded = load_model(ckpt, registry=registry)
+        except (EmofuseError, RuntimeError, ValueError, TypeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            collected.failures.append({"seed": seed, "fold": fold, "fusion": fusion, "error": reason,
+                                       "provider": str(registry.get("fusion", fusion).provider)})
+            say(f"{where}: fusion {fusion} failed: {reason}")
+            continue
+        models.append(TrainedModel(f"{FUSION}:{fusion}", fusion_title(fusion), FUSION, fusion, ckpt, loaded,
+                                   time.perf_counter() - start))
+    return models
+
+
+def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, TrainedModel], collected: _Collected,
+                   label_names: Sequence[str], *, fold: int | None, bootstrap: int, seed: int) -> None:
+    """The baselines of one split, over the frozen inputs of the branches the models were built on,
+    fit on the clips the models learn from (train, or train + validation with ``train.refit``)."""
+    from emofuse.core.apps import baselines as bl
+    from emofuse.core.engine.loaders import open_cache
+
+    cache = open_cache(config)
+    start = time.perf_counter()
+    encoders = {b: enc for m in branch_models.values() for b, enc in m.loaded.model.branches.items()}
+    fit_on = bl.fit_splits(config.train.refit)
+    fits = bl.baselines_over_branches(encoders, data, cache, fit_on=fit_on)
+    seconds = (time.perf_counter() - start) / max(1, len(fits))
+    labels_by_id = {s.id: s.label for s in data.splits["test"]}
+    for f in fits:
+        labels = torch.tensor([labels_by_id[i] for i in f.ids])
+        probs = torch.from_numpy(f.probabilities)
+        report = metric_report(labels, probs, label_names, bootstrap=bootstrap, seed=seed)
+        row: dict[str, Any] = {
+            "key": f.key, "model": f.title, "kind": bl.BASELINE, "component": "logistic-regression" if f.C else "majority",
+            "seed": None, "fold": fold, "modalities": f.modalities,
+            **{k: report.metrics[k] for k in HEADLINE_METRICS},
+            "accuracy_ci": list(report.intervals.get("accuracy", ())) or None,
+            "train_seconds": round(seconds, 2), "test_clips": report.num_samples, "inputs": f.inputs,
+            "C": f.C, "val_accuracy": f.val_accuracy, "fit_on": "+".join(fit_on),
+        }
+        collected.add(row, f.title, report, f.ids, probs.argmax(dim=1).numpy(), labels.numpy())
 
 
 def recorded_accuracy(loaded: LoadedModel, split: str) -> float | None:
@@ -417,7 +541,8 @@ def _seed_row(m: TrainedModel, scores: Mapping[str, tuple[MetricReport, SplitOut
         "checkpoint": str(m.checkpoint),
         "test_clips": test.num_samples,
     }
-    for split in ("train", "val"):
+    refit = m.loaded.config.train.refit or m.loaded.config.train.keep == "last"
+    for split in ("train",) if refit else ("train", "val"):  # a refit model trained on its validation clips
         if split in scores:
             row[f"{split}_accuracy"] = scores[split][0].metrics["accuracy"]
         elif recorded_accuracy(m.loaded, split) is not None:
@@ -432,20 +557,28 @@ def _seed_row(m: TrainedModel, scores: Mapping[str, tuple[MetricReport, SplitOut
     return row
 
 
+#: Per-run values that are not averaged (identifiers, settings).
+_NOT_AVERAGED = {"seed", "fold", "C"}
+#: Per-run values averaged but given no std (sizes).
+_NO_STD = ("trainable_parameters", "total_parameters", "checkpoint_bytes", "test_clips", "inputs")
+
+
 def _numeric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The per-seed values to average over seeds (each gets a ``_std`` companion)."""
-    skip = {"seed"}
+    """The per-run values to average (each gets a ``_std`` companion)."""
     keys: list[str] = []
     for r in rows:
         for k, v in r.items():
-            if k not in skip and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k not in _NOT_AVERAGED and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.append(k)
     return keys
 
 
 def aggregate(per_seed: Sequence[Mapping[str, Any]], ablations: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One row per model: mean over seeds and sample std (``<metric>_std``, None for one seed),
-    ranked by test accuracy, then macro F1."""
+    """One row per model, ranked by test accuracy, then macro F1.
+
+    On one split: mean over seeds and sample std (``<metric>_std``, None for one seed). Over speaker
+    folds (rows with several ``fold`` values): each fold's seed mean first, then mean and std over folds.
+    """
     by_key: dict[str, list[Mapping[str, Any]]] = {}
     for r in per_seed:
         by_key.setdefault(r["key"], []).append(r)
@@ -454,17 +587,30 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]], ablations: Sequence[str] = 
     for key, runs in by_key.items():
         first = runs[0]
         row: dict[str, Any] = {k: first[k] for k in ("key", "model", "kind", "component", "modalities")}
-        row["seeds"] = len(runs)
+        by_fold: dict[Any, list[Mapping[str, Any]]] = {}
+        for r in runs:
+            by_fold.setdefault(r.get("fold"), []).append(r)
+        row["seeds"] = max(len(v) for v in by_fold.values())
+        if len(by_fold) > 1:
+            row["folds"] = len(by_fold)
         for k in numeric:
-            values = [float(r[k]) for r in runs if r.get(k) is not None]
+            if len(by_fold) > 1:
+                values = [float(np.mean(vs)) for vs in ([float(r[k]) for r in f if r.get(k) is not None]
+                                                        for f in by_fold.values()) if vs]
+            else:
+                values = [float(r[k]) for r in runs if r.get(k) is not None]
             if not values:
                 continue
             row[k] = float(np.mean(values))
-            if k not in ("trainable_parameters", "total_parameters", "checkpoint_bytes", "test_clips"):
+            if k not in _NO_STD:
                 row[f"{k}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
-        for k in ("trainable_parameters", "total_parameters", "checkpoint_bytes", "test_clips"):
+        for k in _NO_STD:
             if k in row:
                 row[k] = int(round(row[k]))
+        if "accuracy_ci" in first and len(runs) == 1:
+            row["accuracy_ci"] = first["accuracy_ci"]
+        if "C" in first:  # a baseline's regularisation, as chosen on each split's validation speakers
+            row["C"] = [r.get("C") for r in runs]
         rows.append(row)
     rows.sort(key=lambda r: (-r.get("accuracy", -1.0), -r.get("macro_f1", -1.0), r["model"]))
     for rank, row in enumerate(rows, 1):
@@ -472,13 +618,85 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]], ablations: Sequence[str] = 
     return rows
 
 
+def _clip_correctness(by_fold: Mapping[Any, Mapping[Any, Mapping[str, float]]]) -> dict[str, float]:
+    """clip id -> correctness averaged over seeds, pooled over folds (each clip is in one fold's test)."""
+    out: dict[str, float] = {}
+    for per_seed in by_fold.values():
+        ids = set.intersection(*(set(v) for v in per_seed.values()))
+        out.update({i: float(np.mean([v[i] for v in per_seed.values()])) for i in ids})
+    return out
+
+
+def mean_report(reports: Sequence[Any]) -> Any:
+    """The element-wise mean of several fusion reports (numbers, and dicts/lists of numbers, averaged;
+    anything else taken from the first)."""
+    first = reports[0]
+    if isinstance(first, bool):
+        return first
+    if isinstance(first, (int, float)) and all(isinstance(r, (int, float)) for r in reports):
+        return float(np.mean(reports))
+    if isinstance(first, Mapping) and all(isinstance(r, Mapping) and r.keys() == first.keys() for r in reports):
+        return {k: mean_report([r[k] for r in reports]) for k in first}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in reports):
+        return [mean_report([r[i] for r in reports]) for i in range(len(first))]
+    return first
+
+
+def _summarise(rows: list[dict[str, Any]], collected: _Collected, *, bootstrap: int, seed: int) -> str | None:
+    """Add to each aggregated row its accuracy interval over the pooled test clips, its fusion report
+    (averaged over runs), and its paired difference to the strongest baseline; return that baseline's key."""
+    from emofuse.core.apps.baselines import BASELINE, accuracy_interval, paired_difference
+
+    correct = {key: _clip_correctness(by_fold) for key, by_fold in collected.correct.items()}
+    for row in rows:
+        reports = collected.reports.get(row["key"])
+        if reports:
+            row["fusion_report"] = mean_report(reports)
+            if len(reports) > 1:
+                row["fusion_report_runs"] = len(reports)
+        if bootstrap > 0 and (row.get("folds") or row.get("seeds", 1) > 1):
+            values = np.array(list(correct[row["key"]].values()))
+            row["accuracy_ci"] = list(accuracy_interval(values, resamples=bootstrap, seed=seed))
+    base_rows = [r for r in rows if r["kind"] == BASELINE]
+    if not base_rows:
+        return None
+    best = max(base_rows, key=lambda r: (r["accuracy"], r.get("macro_f1", 0.0)))
+    base = correct[best["key"]]
+    base_by_fold = collected.correct[best["key"]]
+    for row in rows:
+        if row is best:
+            continue
+        mine = correct[row["key"]]
+        common = sorted(set(mine) & set(base))
+        if not common:
+            continue
+        diff, lo, hi = paired_difference(np.array([mine[i] for i in common]), np.array([base[i] for i in common]),
+                                         resamples=max(bootstrap, 1), seed=seed)
+        row["vs_baseline"], row["vs_baseline_ci"] = diff, [lo, hi]
+        row["vs_baseline_text"] = f"{100 * diff:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+        if row.get("folds"):
+            per_fold = []
+            for fold, per_seed in collected.correct[row["key"]].items():
+                if fold in base_by_fold:
+                    fold_mine = _clip_correctness({fold: per_seed})
+                    fold_base = _clip_correctness({fold: base_by_fold[fold]})
+                    shared = set(fold_mine) & set(fold_base)
+                    per_fold.append(float(np.mean([fold_mine[i] - fold_base[i] for i in shared])))
+            row["vs_baseline_per_fold"] = per_fold
+            row["folds_above"] = f"{sum(d > 0 for d in per_fold)}/{len(per_fold)}"
+    best["vs_baseline_text"] = "(the bar)"
+    return best["key"]
+
+
 # --- report --------------------------------------------------------------------------------------------
-def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False) -> list[Column]:
+def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False, folds: bool = False) -> list[Column]:
     pct = dict(fmt=".1f", pct=True)
     cols = [
         Column("rank", "#", "d"),
         Column("model", "Model", justify="left"),
         Column("accuracy", "Acc %", std_key="accuracy_std", **pct),
+        Column("vs_baseline_text", "Δ acc vs best baseline, points (95% CI)"),
+        *([Column("folds_above", "Folds above it")] if folds else []),
         Column("macro_f1", "Macro F1 %", std_key="macro_f1_std", **pct),
         Column("weighted_f1", "Weighted F1 %", std_key="weighted_f1_std", **pct),
         Column("uar", "UA %", std_key="uar_std", **pct),
@@ -487,6 +705,7 @@ def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False)
         Column("checkpoint_bytes", "Checkpoint", human_bytes),
         Column("train_accuracy", "Train acc %", std_key="train_accuracy_std", **pct),
         Column("val_accuracy", "Val acc %", std_key="val_accuracy_std", **pct),
+        Column("train_seconds", "Train s", ".0f"),
     ]
     for mod in ablations:
         cols.append(Column(f"accuracy_without_{mod}", f"Acc w/o {mod} %", std_key=f"accuracy_without_{mod}_std", **pct))
@@ -495,29 +714,61 @@ def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False)
     return cols
 
 
-CSV_SKIP = ("fusion_report", "accuracy_ci")
+CSV_SKIP = ("fusion_report", "accuracy_ci", "vs_baseline_ci", "vs_baseline_per_fold", "C")
 
 
 def comparison_markdown(result: ComparisonResult, *, config: RunConfig | None = None) -> str:
     seeds = ", ".join(str(s) for s in result.seeds)
-    test_clips = result.rows[0].get("test_clips") if result.rows else 0
+    sizes = result.split_sizes
     lines = []
     if config is not None:
-        lines.append(f"Data set `{config.data.dataset}`, `{config.data.split}` split ({test_clips} test clips); "
-                     f"branches {', '.join(f'`{b}` = `{r.name}`' for b, r in config.branches.items())}; "
-                     f"seeds {seeds} (mean ± sample std over seeds where there are several).\n")
-    lines.append(markdown_table(result.rows, comparison_columns(result.ablations)))
+        protocol = (f"cross-validation over {result.folds} speaker folds ({sizes.get('test', 0)} test clips in all, "
+                    f"each tested once); mean ± std over folds of each fold's mean over seeds {seeds}"
+                    if result.folds else
+                    f"`{config.data.split}` split ({sizes.get('test', 0)} test clips); seeds {seeds} "
+                    "(mean ± sample std over seeds where there are several)")
+        lines.append(f"Data set `{config.data.dataset}`, {protocol}; branches "
+                     f"{', '.join(f'`{b}` = `{r.name}`' for b, r in config.branches.items())}"
+                     + ("; `train.refit`: models and baselines fit on train + validation" if config.train.refit else "")
+                     + ".\n")
+    lines.append(markdown_table(result.rows, comparison_columns(result.ablations, folds=bool(result.folds))))
+    if result.baseline_key:
+        best = next(r for r in result.rows if r["key"] == result.baseline_key)
+        lines.append(f"\nBaselines: scikit-learn logistic regression (standardised inputs, C chosen on the validation "
+                     f"speakers) over each branch's frozen inputs pooled per clip (cached backbone features: mean "
+                     f"and std over time; feature vectors as they are), over all of them concatenated, and the "
+                     f"majority class. Δ: each row's accuracy minus that of the strongest baseline "
+                     f"({best['model'].removeprefix('baseline: ')}), paired clip by clip over the same test clips "
+                     "(95% bootstrap interval)" + (", and the folds where the row is above it." if result.folds else ".")
+                     + "\n")
     if result.ablations:
         lines.append("\n`Acc w/o X`: the same trained model scored with modality X removed from every test clip.\n")
+    if result.stage_seconds:
+        branches: dict[str, float] = {}
+        for stage in result.stage_seconds:
+            for b, sec in stage["branches"].items():
+                branches[b] = branches.get(b, 0.0) + sec
+        shared = sum(stage.get("fusion_inputs", 0.0) for stage in result.stage_seconds)
+        lines.append("\nTraining time, all runs together: "
+                     + ", ".join(f"branch {b} {sec:.0f} s" for b, sec in branches.items())
+                     + (f", out-of-fold branch copies shared by the fusions {shared:.0f} s" if shared >= 0.5 else "")
+                     + " (a reused finished run costs about nothing). `Train s`: each row's own training, "
+                       "mean per run.\n")
     if result.failures:
         lines.append("\nFusions that could not be compared:\n")
-        lines += [f"- `{f['fusion']}` (seed {f['seed']}, {f['provider']}): {f['error']}" for f in result.failures]
+        lines += [f"- `{f['fusion']}` (seed {f['seed']}" + (f", fold {f['fold'] + 1}" if f.get("fold") is not None else "")
+                  + f", {f['provider']}): {f['error']}" for f in result.failures]
         lines.append("")
     return "\n".join(lines)
 
 
 def _safe_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+
+
+def runs_text(result: ComparisonResult) -> str:
+    seeds = f"{len(result.seeds)} seed(s)"
+    return f"{result.folds} speaker folds x {seeds}" if result.folds else seeds
 
 
 def write_comparison(result: ComparisonResult, titles: Mapping[str, str], *,
@@ -529,6 +780,9 @@ def write_comparison(result: ComparisonResult, titles: Mapping[str, str], *,
                          [{k: v for k, v in r.items() if k not in CSV_SKIP} for r in result.rows]),
         "json": write_json(out / "comparison.json", {
             "seeds": result.seeds,
+            "folds": result.folds,
+            "baseline_key": result.baseline_key,
+            "stage_seconds": result.stage_seconds,
             "split_sizes": result.split_sizes,
             "ablations": result.ablations,
             "label_names": result.label_names,
@@ -541,11 +795,11 @@ def write_comparison(result: ComparisonResult, titles: Mapping[str, str], *,
     }
     if result.rows:
         files["bar_chart"] = plot_comparison_bars(result.rows, out / "comparison.png",
-                                                  title=f"Test scores over {len(result.seeds)} seed(s)")
+                                                  title=f"Test scores over {runs_text(result)}")
     for key, cm in result.confusion.items():
         files[f"confusion:{key}"] = plot_confusion_matrix(
             cm, result.label_names, out / "confusion" / f"{_safe_name(key)}.png",
-            title=f"{titles.get(key, key)} (test, summed over {len(result.seeds)} seed(s))")
+            title=f"{titles.get(key, key)} (test, summed over {runs_text(result)})")
     return files
 
 
@@ -554,6 +808,8 @@ def compare_cli(
     *,
     fusions: Sequence[str] | None = None,
     seeds: Sequence[int] = (0,),
+    folds: int | None = None,
+    baselines: bool = True,
     robustness: bool = True,
     console: Any = None,
     out_dir: Path | None = None,
@@ -563,13 +819,16 @@ def compare_cli(
         if console is not None:
             console.print(f"[dim]{msg}[/]")
 
-    result = compare(config, fusions=fusions, seeds=seeds, robustness=robustness, out_dir=out_dir, on_progress=say)
+    started = time.perf_counter()
+    result = compare(config, fusions=fusions, seeds=seeds, folds=folds, baselines=baselines, robustness=robustness,
+                     out_dir=out_dir, on_progress=say)
     if console is not None:
-        console.print(rich_table(result.rows, comparison_columns(result.ablations),
-                                 title=f"{config.data.dataset}: test split, seeds {', '.join(map(str, result.seeds))}"))
+        console.print(rich_table(result.rows, comparison_columns(result.ablations, folds=bool(folds)),
+                                 title=f"{config.data.dataset}: test clips, {runs_text(result)}"))
         for f in result.failures:
             console.print(f"[yellow]fusion {f['fusion']} (seed {f['seed']}) failed:[/] {f['error']}", highlight=False)
-        console.print(f"written to {result.out_dir}: comparison.md, comparison.csv, comparison.json, comparison.png, confusion/")
+        console.print(f"{time.perf_counter() - started:.0f} s; written to {result.out_dir}: comparison.md, "
+                      "comparison.csv, comparison.json, comparison.png, confusion/")
     return result
 
 
@@ -582,6 +841,7 @@ __all__ = [
     "compare",
     "compare_cli",
     "comparison_columns",
+    "comparison_folder",
     "comparison_markdown",
     "fusions_to_compare",
     "score_models",

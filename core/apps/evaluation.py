@@ -226,10 +226,18 @@ def split_samples(
     on_bad_sample: str | None = None,
 ) -> list[Sample]:
     """The clips of `split` as the checkpoint's run defined it (its data config and split file)."""
-    from emofuse.core.data.pipeline import load_data
-
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return list(checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=data_dir, registry=registry,
+                                  on_bad_sample=on_bad_sample).splits[split])
+
+
+def checkpoint_bundle(loaded: LoadedModel, *, checkpoint: Path | None = None, data_dir: Path | None = None,
+                      registry: Registry | None = None, on_bad_sample: str | None = None) -> Any:
+    """The data bundle of the checkpoint's run: its data config (`on_bad_sample` overriding its policy
+    for unreadable clips), its split file beside the checkpoint."""
+    from emofuse.core.data.pipeline import load_data
+
     data_config = loaded.config.data
     if data_dir is not None:
         data_config = data_config.model_copy(update={"data_dir": Path(data_dir)})
@@ -238,7 +246,7 @@ def split_samples(
     split_dir = Path(checkpoint).resolve().parent if checkpoint is not None else None
     bundle = load_data(data_config, sorted(loaded.model.modalities), registry=registry, split_dir=split_dir)
     _check_labels(bundle.label_names, loaded.label_names, checkpoint)
-    return list(bundle.splits[split])
+    return bundle
 
 
 def _check_labels(data_labels: Sequence[str], model_labels: Sequence[str], checkpoint: Path | None) -> None:
@@ -283,12 +291,17 @@ def evaluate_cli(
     console: Any = None,
     on_bad_sample: str | None = None,
     explain: int = 0,
+    baseline: bool = False,
 ) -> EvaluationResult:
     """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
     (default: ``<run folder>/eval-<split>``); with `explain` N, explanation PNGs of the split's first
-    N clips go to ``<out_dir>/explain``."""
+    N clips go to ``<out_dir>/explain``; with `baseline`, also the baselines of
+    `emofuse.core.apps.baselines` on the same clips (``baselines.json``)."""
     from emofuse.core.apps.report import evaluation_tables, write_evaluation_report
 
+    if baseline and (split != "test" or drop):
+        raise ConfigError("--baseline compares on the test split with every modality",
+                          hint="drop --split/--without, or --baseline")
     result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop,
                                  on_bad_sample=on_bad_sample)
     title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
@@ -309,6 +322,9 @@ def evaluate_cli(
         paths["explanations"] = out_dir / "explain"
         if console is not None and len(written) < len(samples):
             console.print(f"{len(samples) - len(written)} of {len(samples)} clips could not be explained (unreadable)")
+    if baseline:
+        paths["baselines"] = _write_baselines(Path(checkpoint), result, out_dir, data_dir=data_dir,
+                                              bootstrap=bootstrap, console=console)
     if console is not None:
         for table in evaluation_tables(result.report, title=title):
             console.print(table)
@@ -318,6 +334,23 @@ def evaluate_cli(
 
             console.print(skipped_report(result.skipped), markup=False, highlight=False)
     return result
+
+
+def _write_baselines(checkpoint: Path, result: EvaluationResult, out_dir: Path, *, data_dir: Path | None,
+                     bootstrap: int, console: Any) -> Path:
+    from emofuse.core.apps.baselines import beside_model
+    from emofuse.core.apps.report import Column, rich_table, write_json
+
+    loaded = load_model(checkpoint)
+    bundle = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=data_dir)
+    correct = (result.outputs.logits.argmax(dim=1) == result.outputs.labels).numpy()
+    rows = beside_model(loaded, bundle, result.outputs.ids, correct, resamples=max(bootstrap, 1))
+    if console is not None:
+        console.print(rich_table(rows, [Column("model", "Baseline (same clips)", justify="left"),
+                                        Column("accuracy", "Acc %", ".1f", pct=True),
+                                        Column("text", "Model minus baseline, points (95% CI)")],
+                                 title=f"model: {100 * result.report.metrics['accuracy']:.1f}% accuracy"))
+    return write_json(out_dir / "baselines.json", {"checkpoint": str(checkpoint), "baselines": rows})
 
 
 __all__ = [

@@ -178,6 +178,32 @@ def _assign_groups(
 
 
 # -- the split file ------------------------------------------------------------------------
+def speaker_folds(samples: Sequence[Sample], folds: int, *, val_speakers: int = 2) -> list[dict[str, list[str]]]:
+    """Cross-validation by speaker: the sorted speakers cut into `folds` contiguous groups, each the test
+    speakers once; the next `val_speakers` speakers after the group validate, the rest train. Every
+    clip is a test clip exactly once, and no speaker is in two parts of a fold (RAVDESS: odd actors are
+    male, even female, so contiguous groups mix both)."""
+    speakers = sorted({s.speaker for s in samples if s.speaker})
+    if any(not s.speaker for s in samples):
+        raise DataError("data", "cross-validation by speaker needs a speaker for every clip",
+                        hint="use a corpus with speaker ids, or compare without --folds")
+    if not 2 <= folds <= len(speakers) or len(speakers) - -(-len(speakers) // folds) - val_speakers < 1:
+        raise ConfigError(f"--folds {folds}: must be between 2 and {len(speakers)} for {len(speakers)} speakers, "
+                          f"leaving {val_speakers} validation speaker(s) and at least one training speaker per fold",
+                          hint="choose fewer folds")
+    groups = [list(g) for g in np.array_split(np.array(speakers, dtype=object), folds)]
+    out = []
+    for test in groups:
+        start = speakers.index(test[-1]) + 1
+        rest = [a for a in speakers[start:] + speakers[:start] if a not in test]
+        role = {a: "test" for a in test} | {a: "val" for a in rest[:val_speakers]}
+        split: dict[str, list[str]] = {k: [] for k in SPLITS}
+        for s in samples:
+            split[role.get(s.speaker, "train")].append(s.id)
+        out.append(split)
+    return out
+
+
 def save_split(path: Path, splits: Mapping[str, list[str]], *, method: str, seed: int, dataset: str,
                val_fraction: float, test_fraction: float) -> None:
     """Write the split as JSON (atomically: a crash never leaves half a split file)."""

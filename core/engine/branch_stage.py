@@ -10,6 +10,7 @@ from torch import nn
 
 from emofuse.core.checkpoint import atomic_write_bytes
 from emofuse.core.config import RunConfig, TrainConfig, to_toml
+from emofuse.core.engine import refit
 from emofuse.core.engine.compose import (
     ComposedModel,
     build_loss,
@@ -168,7 +169,14 @@ def final_metrics(task: FitTask, loss_fn: Loss, num_classes: int, ctx: DistConte
 
 def train_branch(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Registry, ctx: DistContext, resume: bool,
                  progress: bool, on_epoch: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Stage 1: train `config`'s single branch and save it as a complete model."""
+    """Stage 1: train `config`'s single branch and save it as a complete model (with ``train.refit``,
+    then again on train + validation: `emofuse.core.engine.refit`)."""
+    if refit.wanted(config):
+        def stage_one(cfg: RunConfig, data: Any, where: Path) -> RunResult:
+            return train_branch(cfg, data, where, registry=registry, ctx=ctx, resume=resume, progress=progress,
+                                on_epoch=on_epoch if where == run_dir else None)
+
+        return refit.refit_branch(config, bundle, run_dir, stage_one)
     fingerprint = branch_fingerprint(config, bundle)
     if resume:
         done = finished_result(run_dir, fingerprint)

@@ -36,6 +36,33 @@ def speaker_folds(samples: Sequence[Sample], folds: int) -> list[list[int]]:
     return [held.tolist() for _, held in GroupKFold(n_splits=folds).split(groups, groups=groups)]
 
 
+@dataclasses.dataclass
+class FoldCopies:
+    """One fold of the cross-fitting: the training clips it holds out, the bundle its branch copies
+    train on (the other training clips), and each branch's copy run config."""
+
+    held: list[int]
+    bundle: Any
+    configs: dict[str, RunConfig]
+
+
+def fold_copies(config: RunConfig, bundle: Any) -> list[FoldCopies]:
+    """The branch copies that `fusion_inputs = "out-of-fold"` trains, fold by fold."""
+    train = list(bundle.splits["train"])
+    out = []
+    for k, held in enumerate(speaker_folds(train, config.fusion_folds)):
+        held_set = set(held)
+        fit_on = [s for i, s in enumerate(train) if i not in held_set]
+        fold_bundle = dataclasses.replace(bundle, splits={"train": fit_on, "val": list(bundle.splits.get("val", [])),
+                                                          "test": []})
+        configs = {}
+        for branch in config.branches:
+            bcfg = branch_run_config(config, branch)
+            configs[branch] = bcfg.model_copy(update={"name": f"{bcfg.name}-fold{k + 1}of{config.fusion_folds}"})
+        out.append(FoldCopies(held, fold_bundle, configs))
+    return out
+
+
 def out_of_fold_outputs(
     config: RunConfig,
     bundle: Any,
@@ -53,17 +80,9 @@ def out_of_fold_outputs(
 
     train = list(bundle.splits["train"])
     parts = []
-    for k, held in enumerate(speaker_folds(train, config.fusion_folds)):
-        held_set = set(held)
-        fit_on = [s for i, s in enumerate(train) if i not in held_set]
-        fold_bundle = dataclasses.replace(bundle, splits={"train": fit_on, "val": list(bundle.splits.get("val", [])),
-                                                          "test": []})
-        checkpoints = {}
-        for branch in config.branches:
-            bcfg = branch_run_config(config, branch)
-            bcfg = bcfg.model_copy(update={"name": f"{bcfg.name}-fold{k + 1}of{config.fusion_folds}"})
-            checkpoints[branch] = train_branch_copy(bcfg, fold_bundle)
-        scored = dataclasses.replace(bundle, splits={"train": [train[i] for i in held]})
+    for fold in fold_copies(config, bundle):
+        checkpoints = {branch: train_branch_copy(bcfg, fold.bundle) for branch, bcfg in fold.configs.items()}
+        scored = dataclasses.replace(bundle, splits={"train": [train[i] for i in fold.held]})
         parts.append(outputs_of(checkpoints, scored))
     merged = BranchOutputs(
         ids=[i for p in parts for i in p.ids],

@@ -406,7 +406,7 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch, val)
 
-    if best_state is not None:
+    if best_state is not None and cfg.keep == "best":
         task.load_module_state(best_state)
     best_row = next((r for r in history if r["epoch"] == stopper.best_epoch), {})
     best_val = {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}

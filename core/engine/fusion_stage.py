@@ -26,7 +26,8 @@ from emofuse.core.engine.compose import (
     build_fusion,
     build_loss,
 )
-from emofuse.core.engine.cross_fitting import out_of_fold_outputs
+from emofuse.core.engine import refit
+from emofuse.core.engine.cross_fitting import fold_copies, out_of_fold_outputs
 from emofuse.core.engine.distributed import (
     DistContext,
     ShardedBatchSampler,
@@ -40,8 +41,8 @@ from emofuse.core.engine.run_files import (
     MODEL_FILE,
     SPLITS,
     RunResult,
-    branch_fingerprint,
     finished_result,
+    recorded_fingerprint,
     fusion_fingerprint,
     write_result,
 )
@@ -107,6 +108,28 @@ def checkpoint_sha(checkpoint: Path) -> str:
     return checkpoint_sha256(checkpoint)
 
 
+def copy_config(copy: RunConfig, plan: refit.FusionRefit | None) -> RunConfig:
+    """An out-of-fold branch copy's run config (refit per `plan` when the run refits)."""
+    return plan.copy_config(copy) if plan is not None else copy
+
+
+def shared_branch_runs(config: RunConfig, bundle: Any,
+                       branch_results: Mapping[str, RunResult] | None = None) -> list[tuple[RunConfig, Any]]:
+    """The branch runs that every fusion over `config`'s branches needs besides the branches
+    themselves: the out-of-fold copies (run config, bundle), so a comparison can train them once,
+    before any fusion. With refit, also the copies refit on folds of train + validation, given the
+    refit branches' `branch_results` (their epoch counts)."""
+    if config.fusion_inputs != "out-of-fold":
+        return []
+    runs = [(bcfg, fold.bundle) for fold in fold_copies(refit.selection_config(config), bundle)
+            for bcfg in fold.configs.values()]
+    if refit.wanted(config) and branch_results is not None:
+        epochs = refit.branch_epochs(branch_results)
+        runs += [(refit.refit_copy(bcfg, epochs), fold.bundle)
+                 for fold in fold_copies(config, refit.train_and_validation(bundle)) for bcfg in fold.configs.values()]
+    return runs
+
+
 def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Registry, ctx: DistContext, resume: bool,
                 progress: bool, on_epoch: Callable[[int, dict], None] | None = None) -> RunResult:
     """Stage 1 for every branch, then stage 2: the fusion over their frozen, cached outputs."""
@@ -120,15 +143,19 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
         with branch_dir_lock(bdir, ctx):  # shared by runs with the same branch: one trains it, the others reuse it
             branch_results[name] = train_branch(bcfg, bundle, bdir, registry=registry, ctx=ctx, resume=resume,
                                                 progress=progress)
-        branch_runs[name] = (str(bdir), branch_fingerprint(bcfg, bundle))
+        branch_runs[name] = (str(branch_results[name].run_dir), recorded_fingerprint(branch_results[name].run_dir))
 
     shas = {b: checkpoint_sha(r.checkpoint) for b, r in branch_results.items()}
-    fingerprint = fusion_fingerprint(config, shas, bundle)
+    plan = refit.plan_fusion(config, bundle, branch_results, train_selection=lambda cfg: train_fused(
+        cfg, bundle, run_dir / refit.SELECTION_DIR, registry=registry, ctx=ctx, resume=resume, progress=progress,
+        on_epoch=on_epoch)) if refit.wanted(config) else None
+    fit_bundle = plan.bundle if plan is not None else bundle
+    fusion_cfg = plan.fusion_train if plan is not None else (config.fusion_train or config.train)
+    fingerprint = fusion_fingerprint(config.model_copy(update={"fusion_train": fusion_cfg}), shas, fit_bundle)
     if resume:
         done = finished_result(run_dir, fingerprint)
         if done is not None:
             return done
-    fusion_cfg = config.fusion_train or config.train
     cache = open_cache(config)
 
     def outputs_of(checkpoints: Mapping[str, Path], data: Any, splits: Sequence[str]) -> tuple[dict, dict]:
@@ -157,20 +184,23 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
                 ctx.barrier()
         return encoders, outputs
 
-    encoders, outputs = outputs_of({b: r.checkpoint for b, r in branch_results.items()}, bundle, SPLITS)
+    checkpoints = {b: r.checkpoint for b, r in branch_results.items()}
+    encoders, outputs = outputs_of(checkpoints, bundle, SPLITS)
+    if plan is not None and config.fusion_inputs == "in-sample":
+        outputs["train"] = outputs_of(checkpoints, fit_bundle, ["train"])[1]["train"]
     if config.fusion_inputs == "out-of-fold" and outputs.get("train") is not None:
         outputs["train"] = out_of_fold_outputs(
-            config, bundle,
+            config, fit_bundle,
             train_branch_copy=lambda bcfg, data: train_branch(
-                bcfg, data, Path(bcfg.output_dir) / bcfg.name, registry=registry, ctx=ctx, resume=resume,
-                progress=progress).checkpoint,
+                copy_config(bcfg, plan), data, Path(bcfg.output_dir) / copy_config(bcfg, plan).name,
+                registry=registry, ctx=ctx, resume=resume, progress=progress).checkpoint,
             outputs_of=lambda checkpoints, data: outputs_of(checkpoints, data, ["train"])[1]["train"],
         )
 
     seed_everything(fusion_cfg.seed)
     infos = [branch_info(name, enc) for name, enc in encoders.items()]
     fusion = build_fusion(config.fusion, num_classes, infos, registry=registry)  # type: ignore[arg-type]
-    loss_fn = build_loss(config.fusion_loss or config.loss, num_classes, class_counts(bundle), registry=registry,
+    loss_fn = build_loss(config.fusion_loss or config.loss, num_classes, class_counts(fit_bundle), registry=registry,
                          where="fusion_loss" if config.fusion_loss is not None else "loss")
     task = FusionTask(fusion, outputs, list(encoders), fusion_cfg, ctx)
     if ctx.is_main:

@@ -65,8 +65,11 @@ def config_hash(payload: Any) -> str:
 
 
 def train_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The training settings that shape the result (device and loader workers do not)."""
-    return cfg.model_dump(mode="json", exclude={"device", "num_workers"})
+    """The training settings that shape the result (device and loader workers do not; nor does
+    ``refit``: a refit run's selection run is the very run trained without it, in the same folder).
+    ``keep`` counts only when it is not the default, so runs made before it existed are still reused."""
+    exclude = {"device", "num_workers", "refit"} | ({"keep"} if cfg.keep == "best" else set())
+    return cfg.model_dump(mode="json", exclude=exclude)
 
 
 def split_digest(bundle: Any) -> str:
@@ -125,6 +128,14 @@ def finished_result(run_dir: Path, fingerprint: str) -> RunResult | None:
         return None
     return RunResult(run_dir, run_dir / f"{MODEL_FILE}.safetensors", data["metrics"], history,
                      data.get("fusion_report"), branches)  # type: ignore[arg-type]
+
+
+def recorded_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint a finished run recorded in its result file (None when there is none)."""
+    try:
+        return json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
 
 
 def write_result(run_dir: Path, result: RunResult, fingerprint: str, branch_runs: Mapping[str, tuple[str, str]] | None = None) -> None:
