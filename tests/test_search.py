@@ -536,13 +536,14 @@ def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features)
         if (tmp_path / "studies.db").exists():
             study = study or optuna.load_study(study_name="feat", storage=open_storage(storage))
             trials = study.get_trials()
-            if len(finished(study)) >= 2 and any(t.state.name == "RUNNING" and len(t.intermediate_values) >= 1
-                                                 for t in trials):
+            early = [t for t in trials if t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= 2]
+            if len(finished(study)) >= 2 and early:  # early in a trial: it cannot finish before the kill
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed = next(t for t in study.get_trials() if t.state.name == "RUNNING")
+    killed = study.get_trials()[early[0].number]
+    assert killed.state.name == "RUNNING" and killed.params
     # as if its worker ran on another machine: only the silent heartbeat can tell it died
     study._storage.set_trial_user_attr(killed._trial_id, "worker", "another-host:1")
     done_before = len(finished(study))
@@ -600,13 +601,14 @@ def test_a_trial_killed_on_this_machine_is_rerun_by_an_immediate_resume(tmp_path
         assert time.monotonic() < deadline and proc.poll() is None
         if (tmp_path / "studies.db").exists():
             study = study or optuna.load_study(study_name="feat", storage=open_storage(storage))
-            if len(finished(study)) >= 1 and any(t.state.name == "RUNNING" and len(t.intermediate_values) >= 1
-                                                 for t in study.get_trials()):
+            early = [t for t in study.get_trials() if t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= 2]
+            if len(finished(study)) >= 1 and early:  # early in a trial: it cannot finish before the kill
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed = next(t for t in study.get_trials() if t.state.name == "RUNNING")
+    killed = study.get_trials()[early[0].number]
+    assert killed.state.name == "RUNNING" and killed.params
     run_search(base_config(tmp_path), options(tmp_path, n_trials=4, pruner="none"), registry=registry,
                trainer=FeatureTrainer(registry), data=features)
     study = optuna.load_study(study_name="feat", storage=open_storage(storage))

@@ -162,8 +162,7 @@ class DataBundle:
             raise DataError(bad[0].source or bad[0].id,
                             f"{len(bad)} clip(s) have no {what}, the input this run reads "
                             f"(e.g. {', '.join(s.source or s.id for s in bad[:3])})",
-                            hint=f"give them {what} (e.g. a feature-table row), remove them, "
-                                 "or pass --on-bad-sample skip to leave them out")
+                            hint=f"give them {what}, remove them, or pass --on-bad-sample skip to leave them out")
         for split, samples in lacking.items():
             if samples:
                 gone = {id(s) for s in samples}

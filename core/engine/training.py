@@ -43,9 +43,6 @@ def check_branch_inputs(config: RunConfig, bundle: Any, registry: Registry) -> N
     learn from its side inputs alone and pretend to be, say, a video model. Clips with no branch's
     primary input are refused (or skipped) one by one too."""
     train = bundle.splits.get("train", [])
-    primaries = [modalities[0] for modalities in branch_modalities(config, registry).values() if modalities]
-    if hasattr(bundle, "require_input"):
-        bundle.require_input(primaries)
     for branch, modalities in branch_modalities(config, registry).items():
         primary = modalities[0] if modalities else None
         if primary is not None and not any(s.has(primary) for s in train):
@@ -55,6 +52,8 @@ def check_branch_inputs(config: RunConfig, bundle: Any, registry: Registry) -> N
                 f"branch {branch!r} ({name}) reads {primary}, but no training clip of this corpus has {primary}",
                 hint=f"use a corpus with {primary} (--data/--dataset), or another encoder, e.g. --encoder {branch}=features",
             )
+    if hasattr(bundle, "require_input"):
+        bundle.require_input([m[0] for m in branch_modalities(config, registry).values() if m])
 
 
 def train_run(
