@@ -358,6 +358,7 @@ def compare_cmd(
     limit: Optional[int] = LimitOpt,
     robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Also score with one modality removed at test time."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/.csv/.json/.png (default: under the run folder)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs of another config found in the comparison's run folders (without it, such a folder is refused)."),
     folds: Optional[int] = typer.Option(None, "--folds", help=f"Cross-validate over K speaker folds (each speaker tested once): mean ± std and paired differences per fold (default: {DEFAULT_MAIN_FOLDS} for the main job, the {DEFAULT_MAIN_PRESET} preset chosen by default; else one split)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the logistic-regression and majority-class baselines on the same clips and inputs."),
 ):
@@ -373,7 +374,7 @@ def compare_cmd(
     fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
     from emofuse.core.apps import compare
     compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,
-                        robustness=robustness, console=console, out_dir=out)
+                        robustness=robustness, console=console, out_dir=out, overwrite=overwrite)
 
 
 @app.command("search")

@@ -248,3 +248,14 @@ def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_pat
         assert r["model_minus_baseline"] == pytest.approx(evaluated.report.metrics["accuracy"] - r["accuracy"], abs=1e-6)
     with pytest.raises(ConfigError, match="--baseline"):
         evaluate_cli(row["checkpoint"], split="val", baseline=True)
+
+
+def test_compare_passes_overwrite_to_every_training(monkeypatch):
+    from emofuse.core.apps import compare as compare_module
+    from emofuse.core.config import RunConfig
+
+    seen = []
+    monkeypatch.setattr(compare_module.training, "train_run", lambda config, **kw: seen.append(kw["overwrite"]))
+    compare_module.TrainRunTrainer(Registry(), overwrite=True)._run(RunConfig(), data=None)
+    compare_module.TrainRunTrainer(Registry())._run(RunConfig(), data=None)
+    assert seen == [True, False]

@@ -90,14 +90,16 @@ class TrainRunTrainer:
     (checked after each fusion).
     """
 
-    def __init__(self, registry: Registry, *, resume: bool = True, progress: bool = False):
+    def __init__(self, registry: Registry, *, resume: bool = True, progress: bool = False, overwrite: bool = False):
         self.registry = registry
         self.resume = resume
         self.progress = progress
+        #: Replace a run of another config found in a run folder (`emofuse.core.engine.run_guard`).
+        self.overwrite = overwrite
 
     def _run(self, config: RunConfig, data: Any) -> Any:
         return training.train_run(config, registry=self.registry, resume=self.resume, progress=self.progress,
-                                  data=data)
+                                  data=data, overwrite=self.overwrite)
 
     def train_branch(self, config: RunConfig, branch: str, *, data: Any) -> Path:
         return Path(self._run(branch_stage.branch_run_config(config, branch), data).checkpoint)
@@ -373,6 +375,7 @@ def compare(
     device: str | torch.device = "auto",
     batch_size: int = 32,
     on_progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> ComparisonResult:
     """Train and score each branch alone and every fusion over them, per seed (and per speaker fold
     with `folds`), beside the baselines of `emofuse.core.apps.baselines`; write the report files.
@@ -395,7 +398,7 @@ def compare(
     folder = comparison_folder(config.name)
     out_dir = Path(out_dir) if out_dir else Path(config.output_dir) / folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = trainer or TrainRunTrainer(registry)
+    trainer = trainer or TrainRunTrainer(registry, overwrite=overwrite)
     if data is None:
         say("loading data")
         data = load_comparison_data(config, registry=registry, split_dir=out_dir)
@@ -813,6 +816,7 @@ def compare_cli(
     robustness: bool = True,
     console: Any = None,
     out_dir: Path | None = None,
+    overwrite: bool = False,
 ) -> ComparisonResult:
     """`emofuse compare`: run the comparison, print the ranked table and where the files went."""
     def say(msg: str) -> None:
@@ -821,7 +825,7 @@ def compare_cli(
 
     started = time.perf_counter()
     result = compare(config, fusions=fusions, seeds=seeds, folds=folds, baselines=baselines, robustness=robustness,
-                     out_dir=out_dir, on_progress=say)
+                     out_dir=out_dir, on_progress=say, overwrite=overwrite)
     if console is not None:
         console.print(rich_table(result.rows, comparison_columns(result.ablations, folds=bool(folds)),
                                  title=f"{config.data.dataset}: test clips, {runs_text(result)}"))
