@@ -526,24 +526,30 @@ def test_two_workers_share_one_postgresql_study(tmp_path, features, postgres_url
     run_two_workers(tmp_path, postgres_url)
 
 
-def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features):
-    storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    (proc,) = start_workers(tmp_path, storage, seeds=[5], n_trials=6, delay=0.4, heartbeat=1, grace=2)
+def kill_early_in_a_trial(proc: subprocess.Popen, tmp: Path, storage: str, *, finished_first: int):
+    """SIGKILL the worker once `finished_first` trials are done and another is early in its epochs (so it
+    cannot finish before the kill); returns the study and that trial as it was when killed."""
     study = None
     deadline = time.monotonic() + 90
-    while True:  # wait until two trials are done and the third is half-way, then kill -9
+    while True:
         assert time.monotonic() < deadline and proc.poll() is None
-        if (tmp_path / "studies.db").exists():
+        if (tmp / "studies.db").exists():
             study = study or optuna.load_study(study_name="feat", storage=open_storage(storage))
-            trials = study.get_trials()
-            early = [t for t in trials if t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= 2]
-            if len(finished(study)) >= 2 and early:  # early in a trial: it cannot finish before the kill
+            early = [t for t in study.get_trials() if t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= 2]
+            if len(finished(study)) >= finished_first and early:
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = study.get_trials()[early[0].number]
     assert killed.state.name == "RUNNING" and killed.params
+    return study, killed
+
+
+def test_killed_worker_trial_is_requeued_on_resume(tmp_path, registry, features):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    (proc,) = start_workers(tmp_path, storage, seeds=[5], n_trials=6, delay=0.4, heartbeat=1, grace=2)
+    study, killed = kill_early_in_a_trial(proc, tmp_path, storage, finished_first=2)
     # as if its worker ran on another machine: only the silent heartbeat can tell it died
     study._storage.set_trial_user_attr(killed._trial_id, "worker", "another-host:1")
     done_before = len(finished(study))
@@ -595,20 +601,7 @@ def test_a_trial_killed_on_this_machine_is_rerun_by_an_immediate_resume(tmp_path
     is failed and re-queued by the next run, which trains it before new ones."""
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     (proc,) = start_workers(tmp_path, storage, seeds=[5], n_trials=4, delay=0.4)  # default heartbeat: 30 s
-    study = None
-    deadline = time.monotonic() + 90
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None
-        if (tmp_path / "studies.db").exists():
-            study = study or optuna.load_study(study_name="feat", storage=open_storage(storage))
-            early = [t for t in study.get_trials() if t.state.name == "RUNNING" and 1 <= len(t.intermediate_values) <= 2]
-            if len(finished(study)) >= 1 and early:  # early in a trial: it cannot finish before the kill
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed = study.get_trials()[early[0].number]
-    assert killed.state.name == "RUNNING" and killed.params
+    study, killed = kill_early_in_a_trial(proc, tmp_path, storage, finished_first=1)
     run_search(base_config(tmp_path), options(tmp_path, n_trials=4, pruner="none"), registry=registry,
                trainer=FeatureTrainer(registry), data=features)
     study = optuna.load_study(study_name="feat", storage=open_storage(storage))
