@@ -50,15 +50,13 @@ class BaselineFit:
 
 
 # --- pooled inputs --------------------------------------------------------------------------------------
-def pool(value: torch.Tensor, length: int | None = None) -> np.ndarray:
-    """One clip's cached tensor as a fixed-length vector: ``[D]`` as it is, ``[T, D]`` as mean and
-    standard deviation over its first `length` steps (all when None)."""
+def pool(value: torch.Tensor) -> np.ndarray:
+    """One clip's cached tensor (stored unpadded) as a fixed-length vector: ``[D]`` as it is,
+    ``[T, D]`` as mean and standard deviation over time."""
     x = value.detach().float().cpu()
     if x.dim() <= 1:
         return x.reshape(-1).numpy()
     x = x.reshape(x.shape[0], -1)
-    if length is not None:
-        x = x[: max(1, int(length))]
     std = x.std(dim=0, unbiased=False) if x.shape[0] > 1 else torch.zeros(x.shape[1])
     return torch.cat([x.mean(dim=0), std]).numpy()
 
