@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-import reference_table as rt  # noqa: E402
 from emofuse.core.data.decode import decode_audio  # noqa: E402
 from emofuse.core.types import Sample  # noqa: E402
 
@@ -64,8 +63,8 @@ def feature_speed(waves: Sequence[np.ndarray]) -> dict[str, float]:
     return out
 
 
-def padded_statistics(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
-    """Mean+std of the last layer over the clip's frames, encoded inside the padded 30 s window."""
+def last_layer_statistics(samples: Sequence[Sample], *, padded: bool) -> dict[str, np.ndarray]:
+    """Mean+std of the last layer over the clip's own frames, encoded alone or inside the padded 30 s window."""
     from emofuse.plugins.encoders.whisper import WhisperLogMel, packaged_whisper
 
     encoder, mel = packaged_whisper().encoder, WhisperLogMel()
@@ -74,20 +73,39 @@ def padded_statistics(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
         for s in samples:
             wav = torch.from_numpy(decode_audio(s.audio_path))
             frames = (mel(wav).shape[1] + 1) // 2
-            last = encoder(mel(wav, pad_to_chunk=True)[None])[-1][0, :frames].double()
+            last = encoder(mel(wav, pad_to_chunk=padded)[None])[-1][0, :frames].double()
             out[s.id] = torch.cat([last.mean(0), last.std(0, unbiased=False)]).numpy()
     return out
 
 
-def padding_accuracy(samples: Sequence[Sample], cache_dir: Path) -> dict[str, list[float]]:
-    """Accuracy on each of the 4 actor folds of logistic regression on own-frame and padded features."""
-    own = rt.whisper_functionals(samples, cache_dir / "whisper-functionals.json")
-    padded = padded_statistics(samples)
-    folds = rt.actor_folds(samples, 4)
+def padding_accuracy(samples: Sequence[Sample]) -> dict[str, list[float]]:
+    """Accuracy on each of 4 folds of actors (scikit-learn GroupKFold) of a standardised logistic regression
+    on own-frame and padded-window features: the same folds and model for both."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.array([s.label for s in samples])
+    groups = np.array([s.speaker for s in samples])
     out = {}
-    for name, feats in (("own frames", own), ("30 s padded window", padded)):
-        out[name] = [rt.baseline_scores(samples, f, {"whisper": feats}, 8)["whisper"]["accuracy"] for f in folds]
+    for name, padded in (("own frames", False), ("30 s padded window", True)):
+        feats = last_layer_statistics(samples, padded=padded)
+        x = np.stack([feats[s.id] for s in samples])
+        scores = []
+        for train, test in GroupKFold(n_splits=4).split(x, labels, groups):
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+            scores.append(float(model.fit(x[train], labels[train]).score(x[test], labels[test])))
+        out[name] = scores
     return out
+
+
+def ravdess_samples() -> list[Sample]:
+    """The labelled RAVDESS speech clips of the shared data (the `ravdess` reader's defaults)."""
+    from emofuse.core.config import DataConfig
+    from emofuse.core.engine.compose import build_reader
+
+    return [s for s in build_reader(DataConfig(dataset="ravdess")).samples() if s.label is not None]
 
 
 def normalise(text: str) -> str:
@@ -140,14 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run: {', '.join(PARTS)}")
     p.add_argument("--speed-clips", type=int, default=96)
     p.add_argument("--transcribe-clips", type=int, default=120)
-    p.add_argument("--cache-dir", type=Path, default=rt.ROOT / "runs" / "reference-table")
-    p.add_argument("--markdown", type=Path, default=rt.ROOT / "benchmarks" / "results" / "whisper.md")
+    p.add_argument("--markdown", type=Path, default=Path(__file__).resolve().parent / "results" / "whisper.md")
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not parts or parts - set(PARTS):
         p.error(f"--parts: choose from {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
-    samples = rt.corpus_samples(rt.base_config(None, [], args.cache_dir))
+    samples = ravdess_samples()
     load = os.getloadavg()
     command = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_whisper.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["### Whisper tiny.en on RAVDESS (packaged, offline)", "", "Made with:", "", "```", command, "```", "",
@@ -165,9 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += [f"| {name} | {v:.1f} |" for name, v in speeds.items()]
         lines += ["", f"Encoding only the clip's own frames is {own / padded:.1f}x faster than the 30 s padded window."]
     if "padding" in parts:
-        padding = results["padding_accuracy"] = padding_accuracy(samples, args.cache_dir)
+        padding = results["padding_accuracy"] = padding_accuracy(samples)
         lines += ["", "**Own frames vs padded window, accuracy** (logistic regression on mean+std of the last layer, "
-                      "the reference table's 4 actor folds, all 720 clips):", "",
+                      "4 folds of actors, all 720 clips):", "",
                   "| encoding | Acc % (mean ± std over folds) | per fold |", "|:---|---:|:---|"]
         lines += [f"| {name} | {100 * np.mean(a):.1f} ± {100 * np.std(a, ddof=1):.1f} | "
                   + ", ".join(f"{100 * x:.1f}" for x in a) + " |" for name, a in padding.items()]
