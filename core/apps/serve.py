@@ -367,7 +367,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     def run_batch(samples: list[Sample]) -> list[tuple[dict[str, Any], dict[str, float]]]:
         start = time.perf_counter()
         if predictor.transcribe:  # clips without a transcript: their speech, transcribed (cached per clip)
-            samples = [x for x in predictor.with_transcripts(list(samples)) if isinstance(x, Sample)]
+            samples = predictor.with_transcripts(list(samples))  # one Sample back per Sample given
         clips = predictor.decode(samples)
         decoded = time.perf_counter()
         records = predictor.score(clips)
