@@ -14,6 +14,8 @@ from emofuse.core.config import ComponentRef
 from emofuse.core.data.decode import decode_audio
 from emofuse.core.engine.compose import build_encoder
 from emofuse.core.errors import CheckpointError, DataError
+from emofuse.core.interfaces import collate_extracted
+from emofuse.core.types import AUDIO
 from emofuse.plugins.encoders.audio_backbone import WhisperFrontEnd, make_audio_backbone
 from emofuse.plugins.encoders.ctranslate2_format import read_ctranslate2_model
 from emofuse.plugins.encoders.whisper import (
@@ -179,6 +181,28 @@ def test_mm_lstm_mixes_every_whisper_layer_with_learned_weights():
     last = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="whisper", audio_layers="last"), 7, where="x")
     assert last.layer_mix is None and last.extract(batch)[0]["audio_frames"].shape == (50, 384)
     assert last.fingerprint() != enc.fingerprint()
+
+
+def test_statistics_path_pools_each_layer_and_standardises_on_training_clips():
+    """The default statistics path keeps every layer's mean and std apart (2 * 5 * 384 values, standardised by
+    running statistics of training clips with audio); "mixed" pools the learned mix alone (2 * 384)."""
+    torch.manual_seed(0)
+    layers = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="whisper"), 7, where="x")
+    mixed = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="whisper", audio_statistics="mixed"), 7, where="x")
+    assert layers.stats_norm is not None and layers.stats_norm.mean.shape == (2 * 5 * 384,)
+    assert mixed.stats_norm is None
+    assert layers.head[0].in_features - mixed.head[0].in_features == 2 * 4 * 384
+    batch = make_batch(3, size=32, audio_s=1.0)
+    batch.present[AUDIO][2] = False  # a clip without audio leaves the running statistics alone
+    extracted = collate_extracted(layers.extract(batch))
+    layers.train()
+    layers(batch, extracted).logits.sum().backward()
+    assert float(layers.stats_norm.count) == 2.0
+    layers.eval()
+    with torch.no_grad():
+        a = layers(batch, extracted).logits
+        b = layers(batch, extracted).logits
+    assert torch.equal(a, b)  # fixed statistics in eval mode
 
 
 def test_unfrozen_whisper_trains_its_own_copy():
