@@ -203,6 +203,17 @@ def test_statistics_path_pools_each_layer_and_standardises_on_training_clips():
         a = layers(batch, extracted).logits
         b = layers(batch, extracted).logits
     assert torch.equal(a, b)  # fixed statistics in eval mode
+    # the statistics head's answer is averaged in where the clip has audio, and left out where it has none
+    with torch.no_grad():
+        layers.stats_head[-1].weight.zero_()
+        layers.stats_head[-1].bias.zero_()
+        before = layers(batch, extracted).logits
+        layers.stats_head[-1].bias[0] = 10.0
+        after = layers(batch, extracted).logits
+    assert torch.allclose(after[:2, 0] - before[:2, 0], torch.full((2,), 5.0))
+    assert torch.equal(after[2], before[2])
+    plain = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="whisper", statistics_head=False), 7, where="x")
+    assert plain.stats_head is None
 
 
 def test_unfrozen_whisper_trains_its_own_copy():
