@@ -191,7 +191,10 @@ def test_statistics_path_pools_each_layer_and_standardises_on_training_clips():
     mixed = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="whisper", audio_statistics="mixed"), 7, where="x")
     assert layers.stats_norm is not None and layers.stats_norm.mean.shape == (2 * 5 * 384,)
     assert mixed.stats_norm is None
-    assert layers.head[0].in_features - mixed.head[0].in_features == 2 * 4 * 384
+    assert layers.stats_head[1].in_features == 2 * 5 * 384 and mixed.stats_head[1].in_features == 2 * 384
+    assert layers.head[0].in_features == mixed.head[0].in_features  # two experts: the main head reads no statistics
+    both = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="whisper", main_head_statistics=True), 7, where="x")
+    assert both.head[0].in_features - layers.head[0].in_features == 2 * 5 * 384
     batch = make_batch(3, size=32, audio_s=1.0)
     batch.present[AUDIO][2] = False  # a clip without audio leaves the running statistics alone
     extracted = collate_extracted(layers.extract(batch))

@@ -138,12 +138,14 @@ class ConvFrontEnd(nn.Module):
         self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (sequence ``[B, F', out_dim]``, its lengths, utterance statistics ``[B, 2 * in_dim]``)."""
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor, *,
+                statistics: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (sequence ``[B, F', out_dim]``, its lengths, utterance statistics ``[B, 2 * in_dim]`` or None
+        when not asked for: computing them costs a backward pass through the layer mix)."""
         x = frames.transpose(1, 2)  # [B, D, F]
         mask = lengths_to_mask(lengths, x.shape[-1])
         x = masked_norm(self.input_norm, x, mask)
-        stats = utterance_statistics(x, mask)
+        stats = utterance_statistics(x, mask) if statistics else None
         for conv, norm in zip(self.convs, self.norms):
             x = conv(x)
             if conv.stride[0] == 2:
@@ -341,7 +343,7 @@ class MultimodalLSTMEncoder(Encoder):
             layer_stats = self._layer_statistics(audio, audio_len, has_audio)
         if self.layer_mix is not None:
             audio = self.layer_mix(audio)
-        a, a_len, audio_stats = self.audio_front(audio, audio_len)
+        a, a_len, audio_stats = self.audio_front(audio, audio_len, statistics=self.stats_norm is None)
         if self.stats_norm is not None:
             audio_stats = layer_stats
         a_len = a_len.clamp_min(1)
