@@ -72,8 +72,8 @@ class MMLSTMConfig(ComponentConfig):
     audio_backbone: str = DEFAULT_AUDIO_BACKBONE
     #: A pretrained audio encoder's layers: "all" (a learned softmax-weighted sum) or the "last" alone.
     audio_layers: AudioLayers = "all"
-    #: The utterance-statistics path: mean and std of "layers" (each layer's frames: measured on RAVDESS, 4 speaker
-    #: folds, an MLP over them beats one over the "mixed" frames' by 11 points; the mix loses what layers differ in).
+    #: The utterance-statistics path: mean and std of "layers" (each layer's frames: on RAVDESS, 4 speaker folds, an
+    #: MLP over them scored 71.5-74.0 % against 66.5 % over the "mixed" frames'; the mix loses what layers differ in).
     audio_statistics: AudioStatistics = "layers"
     #: Keep the pretrained encoders fixed (their outputs are then cached once per clip).
     freeze_backbone: bool = True
@@ -354,7 +354,9 @@ class MultimodalLSTMEncoder(Encoder):
         self.last_attention = weights.detach()
         a = self.attention_norm(a + attended)
 
-        audio_summary = torch.cat(([audio_stats] if self.main_reads_stats else []) + [self.sequence_dropout(self._pooled_sequence(a, a_len))], dim=-1) * has_audio[:, None].to(dtype)
+        sequence_summary = self.sequence_dropout(self._pooled_sequence(a, a_len))
+        summaries = [audio_stats, sequence_summary] if self.main_reads_stats else [sequence_summary]
+        audio_summary = torch.cat(summaries, dim=-1) * has_audio[:, None].to(dtype)
         parts = [audio_summary, text_summary, self._metadata_embedding(batch, text_summary)]
         embedding = self.head(self.input_dropout(torch.cat(parts, dim=-1)))
         logits = self.classifier(embedding)
