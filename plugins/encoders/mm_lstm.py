@@ -256,8 +256,10 @@ class MultimodalLSTMEncoder(Encoder):
                 self.stats_norm = RunningStandardizer(audio_stats)
         self.input_dropout = nn.Dropout(c.input_dropout)
         self.sequence_dropout = nn.Dropout(c.sequence_dropout)
-        self.main_reads_stats = not (c.statistics_head and not c.main_head_statistics)
-        fused = (audio_stats if self.main_reads_stats else 0) + 2 * self.sequence.out_dim + d + (c.metadata_dim if c.metadata else 0)
+        #: The main head reads the statistics unless a statistics head of its own does (two experts).
+        self.main_reads_stats = c.main_head_statistics or not c.statistics_head
+        main_stats = audio_stats if self.main_reads_stats else 0
+        fused = main_stats + 2 * self.sequence.out_dim + d + (c.metadata_dim if c.metadata else 0)
         self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.stats_head: nn.Sequential | None = None
         if c.statistics_head and audio_stats:
