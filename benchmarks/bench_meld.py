@@ -52,6 +52,7 @@ BRANCH = "text"
 SENTIMENT_HEAD = 'branches.text.aux_task={field="sentiment", classes=["negative","neutral","positive"], weight=0.5}'
 BASELINE = "baseline"
 TRANSFORMER = ("branches.text.inner.sequence_model=transformer", "branches.text.sequence_model=transformer")
+MPNET = "branches.text.inner.text_backbone=mpnet"
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ ROWS: dict[str, Row] = {
                               notes="transformer layers over the tokens and over the past turns"),
     "transformer-bidirectional": Row("transformer + bidirectional dialogue context", "meld-context", TRANSFORMER,
                                      reference="transformer", notes="transformer layers over the tokens and the whole dialogue"),
+    "mpnet": Row("no context, all-mpnet-base-v2 frozen instead of MiniLM", "meld-text", (MPNET,),
+                 notes="the larger packaged text encoder (EMOFUSE_MPNET=1 at setup), BiLSTM over its tokens"),
+    "mpnet-context": Row("all-mpnet-base-v2 frozen + bidirectional dialogue context", "meld-context", (MPNET,),
+                         reference="mpnet", notes="the whole dialogue over mpnet's tokens"),
     "finetune": Row("no context, MiniLM fine-tuned", "meld-finetune",
                     notes="MiniLM unfrozen at 0.05 x the head's lr, 32 tokens per utterance"),
     "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", "meld-finetune-context",

@@ -35,7 +35,7 @@ from emofuse.core.types import (
 )
 
 #: Version of the plugin API (the names below and the hooks in `emofuse.core.hookspecs`).
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 __all__ = [
     "API_VERSION",

@@ -61,6 +61,11 @@ class Encoder(Component, nn.Module):
         """Run the frozen part on a batch; one dict of tensors per sample (first dims may vary)."""
         return None
 
+    def baseline_views(self, extracted: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Named narrower readings of one clip's `extract` output that baselines are fit on too (e.g. a
+        layered speech backbone's last layer alone: the usual recipe); none by default."""
+        return {}
+
     @property
     def cacheable(self) -> bool:
         """True when `extract` is deterministic and frozen, so its outputs may be cached."""
@@ -148,9 +153,7 @@ class Fusion(Component, nn.Module):
         nn.Module.__init__(self)
         if not branches:
             raise ValueError("a fusion needs at least one branch")
-        self.config = config
-        self.num_classes = num_classes
-        self.branches = list(branches)
+        self.config, self.num_classes, self.branches = config, num_classes, list(branches)
 
     def forward(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         """Fused logits ``[B, C]`` from every branch's output, keyed by branch name."""
@@ -187,9 +190,7 @@ class Loss(Component, nn.Module):
 
     def __init__(self, config: ComponentConfig, num_classes: int, class_counts: torch.Tensor | None = None):
         nn.Module.__init__(self)
-        self.config = config
-        self.num_classes = num_classes
-        self.class_counts = class_counts
+        self.config, self.num_classes, self.class_counts = config, num_classes, class_counts
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -198,9 +199,7 @@ class Loss(Component, nn.Module):
     def labelled(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows that carry a label: unlabelled samples (label -1) add no loss."""
         keep = labels >= 0
-        if bool(keep.all()):
-            return logits, labels
-        return logits[keep], labels[keep]
+        return (logits, labels) if bool(keep.all()) else (logits[keep], labels[keep])
 
 
 class DatasetReaderConfig(ComponentConfig):

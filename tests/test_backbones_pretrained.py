@@ -13,6 +13,7 @@ from emofuse.core.registry import get_registry
 from emofuse.plugins.encoders import pretrained
 from emofuse.plugins.encoders.audio_backbone import EgemapsFrontEnd, LogMelFrontEnd, make_audio_backbone
 from emofuse.plugins.encoders.frame_backbone import make_frame_backbone
+from emofuse.plugins.encoders.packaged_archive import MPNET
 from emofuse.plugins.encoders.pretrained import HUB, LOCAL, PACKAGE, resolve_backbone
 from emofuse.plugins.encoders.text_backbone import TextBackbone
 
@@ -54,6 +55,27 @@ def test_minilm_default_is_a_real_pretrained_model(minilm):
     paraphrase, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
     assert minilm.dim == 384
     assert paraphrase > 0.6 and unrelated < 0.3, (paraphrase, unrelated)
+
+
+def _mpnet_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        return all(metadata.distribution(d.split("==")[0]) for d in MPNET.distributions)
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _mpnet_installed(), reason="optional: EMOFUSE_MPNET=1 bash scripts/setup.sh")
+def test_mpnet_option_is_the_real_all_mpnet_base_v2():
+    """The split package joins to the pinned zip and loads as MPNet (768 wide) with pretrained weights."""
+    backbone = TextBackbone("mpnet").eval()
+    assert backbone.dim == 768 and type(backbone.model).__name__ == "MPNetModel"
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(backbone.sentence_embeddings(
+            ["The children are chatting near the door.", "Kids are talking by the door.", "Stock prices fell sharply on Monday."]), dim=-1)
+    paraphrase, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
+    assert paraphrase > 0.5 and unrelated < 0.2, (paraphrase, unrelated)
 
 
 def test_token_embeddings_do_not_depend_on_batch_mates(minilm):

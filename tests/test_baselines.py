@@ -32,7 +32,7 @@ def test_regression_picks_C_on_validation_and_never_reads_test_labels():
     signal = {s.id: np.eye(3)[s.label] * 2 + rng.normal(size=3) for part in splits.values() for s in part}
     noise = {s.id: rng.normal(size=5) for part in splits.values() for s in part}
     fits = {f.key: f for f in bl.fit_baselines({"a": signal, "b": noise}, {"a": "features", "b": "audio"}, splits, 3)}
-    assert set(fits) == {"baseline:a", "baseline:b", "baseline:concatenated", "baseline:majority"}
+    assert set(fits) == {"baseline:a", "baseline:b", "baseline:concatenated", "baseline:averaged", "baseline:majority"}
     assert fits["baseline:a"].C in bl.C_GRID and fits["baseline:a"].val_accuracy > 0.6
     assert fits["baseline:concatenated"].inputs == 8 and fits["baseline:concatenated"].modalities == "audio+features"
     test_labels = np.array([s.label for s in splits["test"]])
@@ -42,6 +42,38 @@ def test_regression_picks_C_on_validation_and_never_reads_test_labels():
     scrambled = {**splits, "test": [Sample(id=s.id, label=(s.label + 1) % 3, speaker=s.speaker) for s in splits["test"]]}
     again = {f.key: f for f in bl.fit_baselines({"a": signal, "b": noise}, {"a": "features", "b": "audio"}, scrambled, 3)}
     assert all(np.allclose(again[k].probabilities, fits[k].probabilities) for k in fits)
+
+
+def test_named_views_get_a_regression_each_and_the_branch_regressions_are_averaged():
+    rng = np.random.default_rng(2)
+    splits = {s: _samples(20, s) for s in ("train", "val", "test")}
+    every = {s.id: np.concatenate([np.eye(3)[s.label] * 2, rng.normal(size=4)]) for part in splits.values() for s in part}
+    last = {i: v[3:] for i, v in every.items()}  # the view keeps only the noise
+    other = {s.id: rng.normal(size=2) for part in splits.values() for s in part}
+    fits = {f.key: f for f in bl.fit_baselines({"a": every, "b": other}, {"a": "audio", "b": "features"}, splits, 3,
+                                               views={"a": {"last layer": last}})}
+    view = fits["baseline:a:last layer"]
+    assert view.title == "baseline: a last layer, logistic regression" and view.inputs == 4 and view.modalities == "audio"
+    test_labels = np.array([s.label for s in splits["test"]])
+    acc = {k: float((f.probabilities.argmax(1) == test_labels).mean()) for k, f in fits.items()}
+    assert acc["baseline:a"] > 0.9 and acc["baseline:a:last layer"] < 0.6
+    averaged = fits["baseline:averaged"]
+    assert np.allclose(averaged.probabilities, (fits["baseline:a"].probabilities + fits["baseline:b"].probabilities) / 2)
+    assert averaged.component == "averaged-regressions" and averaged.inputs == 9
+    assert fits["baseline:majority"].component == "majority"
+
+
+def test_mm_lstm_offers_the_last_layer_of_a_layered_backbone_as_a_view():
+    from emofuse.core.config import ComponentRef
+    from emofuse.core.engine.compose import build_encoder
+
+    encoder = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="log-mel"), 4, where="x")
+    assert encoder.baseline_views({"audio_frames": torch.randn(7, encoder.audio_backbone.dim)}) == {}  # one layer
+    encoder.audio_backbone.num_layers, encoder.audio_backbone.dim = 3, 10  # as a layered backbone
+    frames = torch.randn(7, 30)
+    (name, chosen), = encoder.baseline_views({"audio_frames": frames, "text_tokens": torch.ones(2, 5)}).items()
+    assert name == "audio last layer" and list(chosen) == ["audio_frames"]
+    assert torch.equal(chosen["audio_frames"], frames[:, 20:])
 
 
 def test_majority_class_answers_the_most_frequent_fitting_class():

@@ -99,7 +99,7 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
 
     keys = {r["key"] for r in result.rows}
     models = {"branch:faces", "branch:voice", "fusion:weighted-late", "fusion:test-mean-probability"}
-    baselines = {"baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:majority"}
+    baselines = {"baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:averaged", "baseline:majority"}
     assert keys == models | baselines
     assert [f["fusion"] for f in result.failures] == ["test-broken", "test-broken"]
     assert "needs exactly three branches" in result.failures[0]["error"]
@@ -107,7 +107,7 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
     # ranked by mean test accuracy; mean and std over the two seeds
     accs = [r["accuracy"] for r in result.rows]
     assert accs == sorted(accs, reverse=True)
-    assert [r["rank"] for r in result.rows] == list(range(1, 9))
+    assert [r["rank"] for r in result.rows] == list(range(1, 10))
     by_key = {r["key"]: r for r in result.rows}
     for key in models:
         row = by_key[key]
@@ -140,6 +140,11 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
     for key in models:  # every model paired with the strongest baseline over the same clips
         diff, (lo, hi) = by_key[key]["vs_baseline"], by_key[key]["vs_baseline_ci"]
         assert lo <= diff <= hi and diff == pytest.approx(by_key[key]["accuracy"] - best["accuracy"], abs=1e-6)
+    for branch in ("faces", "voice"):  # and each branch with the regression over its own inputs
+        (own,) = by_key[f"branch:{branch}"]["vs_own_baselines"]
+        assert own["baseline"] == f"baseline: {branch} inputs, logistic regression"
+        assert own["difference"] == pytest.approx(by_key[f"branch:{branch}"]["accuracy"] - by_key[f"baseline:{branch}"]["accuracy"], abs=1e-6)
+    assert by_key["baseline:averaged"]["component"] == "averaged-regressions"
 
     # costs: each branch its own training time, the stage times recorded per seed
     for stage in result.stage_seconds:
@@ -161,11 +166,12 @@ def test_compare_two_fusions_over_the_same_frozen_branches(tmp_path, shared_data
     assert "fusion: test-mean-probability" in md and "Acc w/o features %" in md and "test-broken" in md
     with (result.out_dir / "comparison.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 8 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
+    assert len(rows) == 9 and float(rows[0]["accuracy"]) == pytest.approx(result.rows[0]["accuracy"])
     data = json.loads((result.out_dir / "comparison.json").read_text())
-    assert len(data["per_seed"]) == 12 and data["ablations"] == ["text", "metadata", "features"]
+    assert len(data["per_seed"]) == 13 and data["ablations"] == ["text", "metadata", "features"]
     assert all(r.get("accuracy_ci") for r in data["rows"])
     assert "Δ acc vs best baseline" in md and "baseline: majority class" in md
+    assert "Each branch beside the regressions over its own inputs" in md and "| faces inputs, logistic regression |" in md
     assert imread(result.out_dir / "comparison.png").std() > 0.01
     for key in keys:
         png = result.out_dir / "confusion" / f"{key.replace(':', '_')}.png"
@@ -241,7 +247,8 @@ def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_pat
     row = next(r for r in result.per_seed if r["key"] == "fusion:weighted-late" and r["fold"] == 0)
     evaluated = evaluate_cli(row["checkpoint"], out_dir=tmp_path / "eval", bootstrap=50, baseline=True)
     rows = json.loads((tmp_path / "eval" / "baselines.json").read_text())["baselines"]
-    assert [r["key"] for r in rows] == ["baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:majority"]
+    assert [r["key"] for r in rows] == ["baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:averaged",
+                                        "baseline:majority"]
     fold_baselines = {r["key"]: r["accuracy"] for r in result.per_seed if r["fold"] == 0 and r["kind"] == "baseline"}
     for r in rows:  # the very fits compare made on that fold
         assert r["accuracy"] == pytest.approx(fold_baselines[r["key"]], abs=1e-6)

@@ -5,7 +5,10 @@ inputs. For each branch the baseline reads that branch's *frozen* inputs, pooled
 backbone features (a ``[T, D]`` sequence becomes its mean and standard deviation over time, a ``[D]``
 vector stays as it is) and the feature vectors the branch reads. On those:
 
-- one logistic regression per branch, one over all branches' pooled inputs concatenated,
+- one logistic regression per branch, one over all branches' pooled inputs concatenated, and the
+  branches' regressions with their probabilities averaged (late fusion's baseline);
+- one per named view of a branch's inputs that the encoder offers (`Encoder.baseline_views`: the usual
+  recipe's reading, such as a speech backbone's last layer alone, where the branch caches every layer);
 - the majority class of the fitting clips.
 
 Every regression standardises its inputs and picks C on the validation speakers (fit on train,
@@ -32,6 +35,9 @@ from emofuse.core.types import FEATURES
 C_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
 MAJORITY = "majority"
 CONCATENATED = "concatenated"
+AVERAGED = "averaged"
+#: The view of a branch's inputs that holds all of them (`pooled_views`).
+ALL_INPUTS = ""
 BASELINE = "baseline"
 
 
@@ -47,6 +53,7 @@ class BaselineFit:
     C: float | None
     val_accuracy: float | None
     inputs: int
+    component: str = "logistic-regression"
 
 
 # --- pooled inputs --------------------------------------------------------------------------------------
@@ -74,6 +81,13 @@ def pooled_inputs(encoder: Encoder, bundle: Any, cache: Any, splits: Sequence[st
                   batch_size: int = 64) -> dict[str, np.ndarray]:
     """clip id -> the branch's frozen inputs pooled per clip (see the module docstring), for every clip
     of `splits`. Cached backbone features missing from `cache` are computed and stored first."""
+    return pooled_views(encoder, bundle, cache, splits, batch_size=batch_size)[ALL_INPUTS]
+
+
+def pooled_views(encoder: Encoder, bundle: Any, cache: Any, splits: Sequence[str], *,
+                 batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
+    """view -> clip id -> pooled vector: `ALL_INPUTS` (every cached tensor and feature vector, as
+    `pooled_inputs`) and each of the encoder's `baseline_views` (those tensors alone), read in one pass."""
     from emofuse.core.data.cache import batch_keys, encoder_namespace
     from emofuse.core.engine.distributed import DistContext
     from emofuse.core.engine.loaders import ensure_extracted, light_modalities
@@ -82,7 +96,7 @@ def pooled_inputs(encoder: Encoder, bundle: Any, cache: Any, splits: Sequence[st
     ensure_extracted(encoder, cache, bundle, splits=present, batch_size=batch_size, seed=0, num_workers=0,
                      ctx=DistContext(), progress=False)
     namespace = encoder_namespace(encoder) if encoder.cacheable else None
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, dict[str, np.ndarray]] = {ALL_INPUTS: {}}
     for split in present:
         loader = bundle.loader(split, batch_size=batch_size, shuffle=False, seed=0,
                                modalities=light_modalities(encoder))
@@ -91,13 +105,17 @@ def pooled_inputs(encoder: Encoder, bundle: Any, cache: Any, splits: Sequence[st
                       else [None] * len(batch))
             names = feature_names_of(encoder, batch.features)
             for i, clip in enumerate(batch.ids):
-                parts = [pool(v) for _, v in sorted((cached[i] or {}).items())]
+                tensors = cached[i] or {}
+                parts = [pool(v) for _, v in sorted(tensors.items())]
                 parts += [np.nan_to_num(batch.features[n][i].float().reshape(-1).numpy()) for n in names]
                 if not parts:
                     raise ConfigError(f"baselines: encoder {encoder.name!r} has no frozen inputs to pool "
                                       "(no cached backbone features, no feature vectors)",
                                       hint="run compare with --no-baselines for such branches")
-                out[clip] = np.concatenate(parts).astype(np.float64)
+                out[ALL_INPUTS][clip] = np.concatenate(parts).astype(np.float64)
+                for view, chosen in (encoder.baseline_views(tensors) if tensors else {}).items():
+                    vector = np.concatenate([pool(v) for _, v in sorted(chosen.items())]).astype(np.float64)
+                    out.setdefault(view, {})[clip] = vector
     return out
 
 
@@ -156,33 +174,45 @@ def fit_baselines(
     num_classes: int,
     *,
     fit_on: Sequence[str] = ("train",),
+    views: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]] | None = None,
 ) -> list[BaselineFit]:
     """The baselines over `inputs` (branch -> clip id -> pooled vector) for one split of the data.
 
-    `splits` maps train/val/test to their labelled samples; `modalities` names what each branch reads.
+    `splits` maps train/val/test to their labelled samples; `modalities` names what each branch reads;
+    `views` (branch -> view name -> clip id -> pooled vector) adds one regression per named view.
     """
     ids = {s: [c.id for c in splits.get(s, ()) if c.label is not None and c.label >= 0] for s in ("train", "val", "test")}
     labels_by_id = {c.id: int(c.label) for part in splits.values() for c in part if c.label is not None}
     y = {s: np.array([labels_by_id[i] for i in v], dtype=np.int64) for s, v in ids.items()}
     if not len(y["train"]) or not ids["test"]:
         raise ConfigError("baselines need labelled training and test clips", hint="check the split")
-    fits = []
-    tables: dict[str, dict[str, np.ndarray]] = {}
-    for branch, by_clip in inputs.items():
-        tables[branch] = {s: np.stack([by_clip[i] for i in v]) if v else np.zeros((0, 1)) for s, v in ids.items()}
+
+    def table(by_clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {s: np.stack([by_clip[i] for i in v]) if v else np.zeros((0, 1)) for s, v in ids.items()}
+
+    tables = {branch: table(by_clip) for branch, by_clip in inputs.items()}
     all_mods = sorted({m for v in modalities.values() for m in v.split("+") if m})
     candidates = [(f"{BASELINE}:{b}", f"baseline: {b} inputs, logistic regression", modalities[b], tables[b])
                   for b in inputs]
+    for b, named in (views or {}).items():
+        candidates += [(f"{BASELINE}:{b}:{view}", f"baseline: {b} {view}, logistic regression", modalities[b],
+                        table(by_clip)) for view, by_clip in named.items()]
     if len(inputs) > 1:
         both = {s: np.concatenate([tables[b][s] for b in inputs], axis=1) for s in ids}
         candidates.append((f"{BASELINE}:{CONCATENATED}", "baseline: all branches' inputs concatenated, logistic regression",
                            "+".join(all_mods), both))
+    fits = []
     for key, title, mods, x in candidates:
         probs, C, val_acc = logistic_regression(x, y, num_classes, fit_on=fit_on)
         fits.append(BaselineFit(key, title, mods, ids["test"], probs, C, val_acc, int(x["train"].shape[1])))
+    if len(inputs) > 1:  # late fusion's baseline: each branch's own regression, probabilities averaged
+        own = [f for f in fits if f.key in {f"{BASELINE}:{b}" for b in inputs}]
+        fits.append(BaselineFit(f"{BASELINE}:{AVERAGED}", "baseline: the branches' regressions, probabilities averaged",
+                                "+".join(all_mods), ids["test"], np.mean([f.probabilities for f in own], axis=0),
+                                None, None, sum(f.inputs for f in own), "averaged-regressions"))
     fit_y = np.concatenate([y[s] for s in fit_on if len(y.get(s, ()))])
     fits.append(BaselineFit(f"{BASELINE}:{MAJORITY}", "baseline: majority class", "", ids["test"],
-                            majority_class(fit_y, len(ids["test"]), num_classes), None, None, 0))
+                            majority_class(fit_y, len(ids["test"]), num_classes), None, None, 0, MAJORITY))
     return fits
 
 
@@ -193,9 +223,10 @@ def baselines_over_branches(encoders: Mapping[str, Encoder], bundle: Any, cache:
     from emofuse.core.types import MODALITIES
 
     splits = ("train", "val", "test")
-    inputs = {b: pooled_inputs(enc, bundle, cache, splits) for b, enc in encoders.items()}
+    pooled = {b: pooled_views(enc, bundle, cache, splits) for b, enc in encoders.items()}
+    inputs = {b: views.pop(ALL_INPUTS) for b, views in pooled.items()}
     modalities = {b: "+".join(m for m in MODALITIES if m in enc.modalities) for b, enc in encoders.items()}
-    return fit_baselines(inputs, modalities, bundle.splits, len(bundle.label_names), fit_on=fit_on)
+    return fit_baselines(inputs, modalities, bundle.splits, len(bundle.label_names), fit_on=fit_on, views=pooled)
 
 
 def fit_splits(refit: bool) -> tuple[str, ...]:

@@ -508,7 +508,7 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
         probs = torch.from_numpy(f.probabilities)
         report = metric_report(labels, probs, label_names, bootstrap=bootstrap, seed=seed)
         row: dict[str, Any] = {
-            "key": f.key, "model": f.title, "kind": bl.BASELINE, "component": "logistic-regression" if f.C else "majority",
+            "key": f.key, "model": f.title, "kind": bl.BASELINE, "component": f.component,
             "seed": None, "fold": fold, "modalities": f.modalities,
             **{k: report.metrics[k] for k in HEADLINE_METRICS},
             "accuracy_ci": list(report.intervals.get("accuracy", ())) or None,
@@ -648,7 +648,7 @@ def mean_report(reports: Sequence[Any]) -> Any:
 def _summarise(rows: list[dict[str, Any]], collected: _Collected, *, bootstrap: int, seed: int) -> str | None:
     """Add to each aggregated row its accuracy interval over the pooled test clips, its fusion report
     (averaged over runs), and its paired difference to the strongest baseline; return that baseline's key."""
-    from emofuse.core.apps.baselines import BASELINE, accuracy_interval, paired_difference
+    from emofuse.core.apps.baselines import BASELINE, accuracy_interval
 
     correct = {key: _clip_correctness(by_fold) for key, by_fold in collected.correct.items()}
     for row in rows:
@@ -664,31 +664,50 @@ def _summarise(rows: list[dict[str, Any]], collected: _Collected, *, bootstrap: 
     if not base_rows:
         return None
     best = max(base_rows, key=lambda r: (r["accuracy"], r.get("macro_f1", 0.0)))
-    base = correct[best["key"]]
-    base_by_fold = collected.correct[best["key"]]
     for row in rows:
-        if row is best:
-            continue
-        mine = correct[row["key"]]
-        common = sorted(set(mine) & set(base))
-        if not common:
-            continue
-        diff, lo, hi = paired_difference(np.array([mine[i] for i in common]), np.array([base[i] for i in common]),
-                                         resamples=max(bootstrap, 1), seed=seed)
-        row["vs_baseline"], row["vs_baseline_ci"] = diff, [lo, hi]
-        row["vs_baseline_text"] = f"{100 * diff:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
-        if row.get("folds"):
-            per_fold = []
-            for fold, per_seed in collected.correct[row["key"]].items():
-                if fold in base_by_fold:
-                    fold_mine = _clip_correctness({fold: per_seed})
-                    fold_base = _clip_correctness({fold: base_by_fold[fold]})
-                    shared = set(fold_mine) & set(fold_base)
-                    per_fold.append(float(np.mean([fold_mine[i] - fold_base[i] for i in shared])))
-            row["vs_baseline_per_fold"] = per_fold
-            row["folds_above"] = f"{sum(d > 0 for d in per_fold)}/{len(per_fold)}"
+        if row is not best:
+            paired = _paired(collected, correct, row["key"], best["key"], bootstrap=bootstrap, seed=seed)
+            if paired:
+                row.update(vs_baseline=paired["difference"], vs_baseline_ci=paired["ci"], vs_baseline_text=paired["text"])
+                if "per_fold" in paired:
+                    row.update(vs_baseline_per_fold=paired["per_fold"], folds_above=paired["folds_above"])
+        if row["kind"] == BRANCH:  # each branch beside the regressions over its own inputs
+            branch = row["key"].removeprefix(f"{BRANCH}:")
+            own = [r for r in base_rows if r["key"] == f"{BASELINE}:{branch}" or r["key"].startswith(f"{BASELINE}:{branch}:")]
+            row["vs_own_baselines"] = [
+                {"baseline": r["model"], "accuracy": r["accuracy"],
+                 **_paired(collected, correct, row["key"], r["key"], bootstrap=bootstrap, seed=seed)}
+                for r in own]
     best["vs_baseline_text"] = "(the bar)"
     return best["key"]
+
+
+def _paired(collected: _Collected, correct: Mapping[str, Mapping[str, float]], key: str, base_key: str, *,
+            bootstrap: int, seed: int) -> dict[str, Any]:
+    """Row `key`'s accuracy minus row `base_key`'s, paired clip by clip over their common test clips:
+    the difference, its bootstrap interval, and with folds each fold's difference and how many are above 0."""
+    from emofuse.core.apps.baselines import paired_difference
+
+    mine, base = correct[key], correct[base_key]
+    common = sorted(set(mine) & set(base))
+    if not common:
+        return {}
+    diff, lo, hi = paired_difference(np.array([mine[i] for i in common]), np.array([base[i] for i in common]),
+                                     resamples=max(bootstrap, 1), seed=seed)
+    out: dict[str, Any] = {"difference": diff, "ci": [lo, hi],
+                           "text": f"{100 * diff:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"}
+    base_by_fold = collected.correct[base_key]
+    if len(base_by_fold) > 1 or None not in base_by_fold:
+        per_fold = []
+        for fold, per_seed in collected.correct[key].items():
+            if fold in base_by_fold:
+                fold_mine = _clip_correctness({fold: per_seed})
+                fold_base = _clip_correctness({fold: base_by_fold[fold]})
+                shared = set(fold_mine) & set(fold_base)
+                per_fold.append(float(np.mean([fold_mine[i] - fold_base[i] for i in shared])))
+        out["per_fold"] = per_fold
+        out["folds_above"] = f"{sum(d > 0 for d in per_fold)}/{len(per_fold)}"
+    return out
 
 
 # --- report --------------------------------------------------------------------------------------------
@@ -717,7 +736,7 @@ def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False,
     return cols
 
 
-CSV_SKIP = ("fusion_report", "accuracy_ci", "vs_baseline_ci", "vs_baseline_per_fold", "C")
+CSV_SKIP = ("fusion_report", "accuracy_ci", "vs_baseline_ci", "vs_baseline_per_fold", "C", "vs_own_baselines")
 
 
 def comparison_markdown(result: ComparisonResult, *, config: RunConfig | None = None) -> str:
@@ -739,11 +758,22 @@ def comparison_markdown(result: ComparisonResult, *, config: RunConfig | None = 
         best = next(r for r in result.rows if r["key"] == result.baseline_key)
         lines.append(f"\nBaselines: scikit-learn logistic regression (standardised inputs, C chosen on the validation "
                      f"speakers) over each branch's frozen inputs pooled per clip (cached backbone features: mean "
-                     f"and std over time; feature vectors as they are), over all of them concatenated, and the "
-                     f"majority class. Δ: each row's accuracy minus that of the strongest baseline "
+                     f"and std over time; feature vectors as they are), over the views of them a branch names "
+                     f"(such as a speech backbone's last layer), over all of them concatenated; the branches' "
+                     f"regressions with probabilities averaged; and the majority class. Δ: each row's accuracy minus that of the strongest baseline "
                      f"({best['model'].removeprefix('baseline: ')}), paired clip by clip over the same test clips "
                      "(95% bootstrap interval)" + (", and the folds where the row is above it." if result.folds else ".")
                      + "\n")
+    own = [(r, b) for r in result.rows for b in r.get("vs_own_baselines", ()) if "text" in b]
+    if own:
+        lines.append("\nEach branch beside the regressions over its own inputs (Δ paired clip by clip, 95% bootstrap "
+                     "interval" + (", folds where the branch is above" if result.folds else "") + "):\n")
+        lines.append("| Branch | Acc % | Baseline | Its acc % | Δ acc, points (95% CI) |" + (" Folds above |" if result.folds else ""))
+        lines.append("|:---|---:|:---|---:|---:|" + ("---:|" if result.folds else ""))
+        lines += [f"| {r['model']} | {100 * r['accuracy']:.1f} | {b['baseline'].removeprefix('baseline: ')} | "
+                  f"{100 * b['accuracy']:.1f} | {b['text']} |" + (f" {b.get('folds_above', '–')} |" if result.folds else "")
+                  for r, b in own]
+        lines.append("")
     if result.ablations:
         lines.append("\n`Acc w/o X`: the same trained model scored with modality X removed from every test clip.\n")
     if result.stage_seconds:

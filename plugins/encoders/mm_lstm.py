@@ -324,6 +324,14 @@ class MultimodalLSTMEncoder(Encoder):
             out.append({"text_tokens": tokens[i], "audio_frames": audio})
         return out
 
+    def baseline_views(self, extracted: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """With a layered speech backbone: its last layer alone, the usual recipe's audio features (a
+        regression over mean + std of the final hidden state), beside the branch's regression over all."""
+        frames = extracted.get("audio_frames")
+        if self.audio_backbone is None or self.audio_backbone.num_layers < 2 or frames is None:
+            return {}
+        return {"audio last layer": {"audio_frames": frames[:, -self.audio_backbone.dim:]}}
+
     # -- the trainable head ------------------------------------------------------------------
     def forward(self, batch: Batch, extracted: dict[str, torch.Tensor] | None = None) -> EncoderOutput:
         ex = self.extracted_for(batch, extracted)

