@@ -51,7 +51,8 @@ def test_named_views_get_a_regression_each_and_the_branch_regressions_are_averag
     last = {i: v[3:] for i, v in every.items()}  # the view keeps only the noise
     other = {s.id: rng.normal(size=2) for part in splits.values() for s in part}
     fits = {f.key: f for f in bl.fit_baselines({"a": every, "b": other}, {"a": "audio", "b": "features"}, splits, 3,
-                                               views={"a": {"last layer": last}})}
+                                               views={"a": {"last layer": last, "partial": {"x": np.ones(2)}}})}
+    assert "baseline:a:partial" not in fits  # a view some clips lack is left out
     view = fits["baseline:a:last layer"]
     assert view.title == "baseline: a last layer, logistic regression" and view.inputs == 4 and view.modalities == "audio"
     test_labels = np.array([s.label for s in splits["test"]])

@@ -194,9 +194,10 @@ def fit_baselines(
     all_mods = sorted({m for v in modalities.values() for m in v.split("+") if m})
     candidates = [(f"{BASELINE}:{b}", f"baseline: {b} inputs, logistic regression", modalities[b], tables[b])
                   for b in inputs]
-    for b, named in (views or {}).items():
+    every_clip = [i for v in ids.values() for i in v]
+    for b, named in (views or {}).items():  # a view that some clips lack is not comparable: left out
         candidates += [(f"{BASELINE}:{b}:{view}", f"baseline: {b} {view}, logistic regression", modalities[b],
-                        table(by_clip)) for view, by_clip in named.items()]
+                        table(by_clip)) for view, by_clip in named.items() if all(i in by_clip for i in every_clip)]
     if len(inputs) > 1:
         both = {s: np.concatenate([tables[b][s] for b in inputs], axis=1) for s in ids}
         candidates.append((f"{BASELINE}:{CONCATENATED}", "baseline: all branches' inputs concatenated, logistic regression",

@@ -697,7 +697,7 @@ def _paired(collected: _Collected, correct: Mapping[str, Mapping[str, float]], k
     out: dict[str, Any] = {"difference": diff, "ci": [lo, hi],
                            "text": f"{100 * diff:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"}
     base_by_fold = collected.correct[base_key]
-    if len(base_by_fold) > 1 or None not in base_by_fold:
+    if None not in base_by_fold:  # cross-validated: folds are keyed 0..K-1
         per_fold = []
         for fold, per_seed in collected.correct[key].items():
             if fold in base_by_fold:
