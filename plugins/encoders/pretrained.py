@@ -54,9 +54,8 @@ PACKAGED_MODELS: dict[str, Callable[[], Path]] = {
     "minilm": _minilm_path,
     "all-minilm-l6-v2": _minilm_path,
     "sentence-transformers/all-minilm-l6-v2": _minilm_path,
-    "mpnet": _mpnet_path,
+    "mpnet": _mpnet_path,  # optional packages: its hub id stays a hub id, so it works online without them
     "all-mpnet-base-v2": _mpnet_path,
-    "sentence-transformers/all-mpnet-base-v2": _mpnet_path,
     "fer-mini-xception": _fer_path,
     "fer": _fer_path,
 }
