@@ -329,10 +329,7 @@ def evaluate_cmd(
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     from emofuse.core.apps import evaluation
-    from emofuse.core.errors import ConfigError
 
-    if on_bad_sample not in (None, "error", "skip"):
-        raise ConfigError(f"--on-bad-sample {on_bad_sample!r}: expected error or skip")
     evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
                             drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample,
                             explain=explain, baseline=baseline)

@@ -137,6 +137,8 @@ def test_evaluate_has_the_skip_option_its_hint_names(tmp_path):
     from emofuse.cli.app import app
 
     assert "--on-bad-sample" in CliRunner().invoke(app, ["evaluate", "--help"]).output
+    refused = CliRunner().invoke(app, ["evaluate", str(result.checkpoint), "--on-bad-sample", "ignore"])
+    assert refused.exit_code == 2 and "--on-bad-sample 'ignore': Input should be 'error' or 'skip'" in refused.output
     scored = evaluate_checkpoint(result.checkpoint, bootstrap=0, on_bad_sample="skip")
     assert len(scored.outputs.ids) == len(bundle.splits["test"]) - 1
     assert [where for where, _ in scored.skipped] == [str(broken)]

@@ -280,6 +280,21 @@ def evaluate_checkpoint(
                             on_bad_sample=on_bad_sample)
 
 
+def bad_sample_policy(value: str | None) -> str | None:
+    """`value` checked exactly as a run config checks ``data.on_bad_sample`` (None: the run's own), before
+    the checkpoint is read."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from emofuse.core.config import DataConfig
+
+    if value is None:
+        return None
+    try:
+        return TypeAdapter(DataConfig.model_fields["on_bad_sample"].annotation).validate_python(value)
+    except ValidationError as err:
+        raise ConfigError(f"--on-bad-sample {value!r}: " + "; ".join(e["msg"] for e in err.errors())) from None
+
+
 def evaluate_cli(
     checkpoint: Path,
     *,
@@ -302,6 +317,7 @@ def evaluate_cli(
     if baseline and (split != "test" or drop):
         raise ConfigError("--baseline compares on the test split with every modality",
                           hint="drop --split/--without, or --baseline")
+    on_bad_sample = bad_sample_policy(on_bad_sample)
     result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop,
                                  on_bad_sample=on_bad_sample)
     title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
