@@ -105,7 +105,9 @@ def test_pooled_inputs_of_a_feature_branch_are_its_feature_vectors(shared_data, 
                        "branches": {"faces": {"name": "features", "features": ["au"]}}})
     bundle = load_data(config.data, ["features"], split_dir=None)
     encoder = build_model(config, len(bundle.label_names)).branches["faces"]
-    pooled = bl.pooled_inputs(encoder, bundle, FeatureCache(tmp_path / "cache"), ["train", "test"])
+    views = bl.pooled_views(encoder, bundle, FeatureCache(tmp_path / "cache"), ["train", "test"])
+    assert list(views) == [bl.ALL_INPUTS]  # a feature branch names no narrower view
+    pooled = views[bl.ALL_INPUTS]
     clips = bundle.splits["train"] + bundle.splits["test"]
     assert set(pooled) == {s.id for s in clips}
     widths = {v.shape for v in pooled.values()}

@@ -28,7 +28,7 @@ def _split_zip(tmp: Path, members: dict[str, bytes], parts: int = 3) -> tuple[li
 
 
 def _archive(sha: str) -> SplitArchive:
-    return SplitArchive("tiny", ("tiny-part-001==1", "tiny-part-002==1"), sha, "tiny", "MIT")
+    return SplitArchive("tiny", ("tiny-part-001==1", "tiny-part-002==1"), sha, "tiny")
 
 
 def test_parts_are_joined_checked_and_unpacked_once(tmp_path):

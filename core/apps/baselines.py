@@ -77,17 +77,12 @@ def feature_names_of(encoder: Encoder, batch_features: Mapping[str, Any]) -> lis
     return sorted(batch_features) if FEATURES in encoder.modalities else []
 
 
-def pooled_inputs(encoder: Encoder, bundle: Any, cache: Any, splits: Sequence[str], *,
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
-    """clip id -> the branch's frozen inputs pooled per clip (see the module docstring), for every clip
-    of `splits`. Cached backbone features missing from `cache` are computed and stored first."""
-    return pooled_views(encoder, bundle, cache, splits, batch_size=batch_size)[ALL_INPUTS]
-
-
 def pooled_views(encoder: Encoder, bundle: Any, cache: Any, splits: Sequence[str], *,
                  batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
-    """view -> clip id -> pooled vector: `ALL_INPUTS` (every cached tensor and feature vector, as
-    `pooled_inputs`) and each of the encoder's `baseline_views` (those tensors alone), read in one pass."""
+    """view -> clip id -> the branch's frozen inputs pooled per clip (see the module docstring), for every
+    clip of `splits`: `ALL_INPUTS` (every cached tensor and feature vector) and each of the encoder's
+    `baseline_views` (those tensors alone), read in one pass. Cached backbone features missing from `cache`
+    are computed and stored first."""
     from emofuse.core.data.cache import batch_keys, encoder_namespace
     from emofuse.core.engine.distributed import DistContext
     from emofuse.core.engine.loaders import ensure_extracted, light_modalities
@@ -297,5 +292,5 @@ __all__ = [
     "majority_class",
     "paired_difference",
     "pool",
-    "pooled_inputs",
+    "pooled_views",
 ]

