@@ -161,8 +161,9 @@ class DialogueContextEncoder(Encoder):
 
     @property
     def batches_by_dialogue(self) -> bool:
-        """Whether training needs whole dialogues per batch (the trainer then batches by dialogue)."""
-        return self.config.direction != "none"
+        """Whether training needs whole dialogues per batch (the trainer then batches by dialogue): for the
+        context over turns, or because the inner encoder reads neighbouring turns itself."""
+        return self.config.direction != "none" or bool(self.inner.batches_by_dialogue)
 
     def fingerprint(self) -> str:
         """The inner encoder's: the cached features do not depend on the context options."""

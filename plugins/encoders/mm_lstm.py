@@ -48,6 +48,7 @@ from emofuse.plugins.encoders.layers import (
     presence,
 )
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone, masked_mean
+from emofuse.plugins.encoders.turn_text import turn_context
 
 #: Frame rate the audio front end brings every backbone down to, roughly.
 TARGET_FRAME_RATE = 25.0
@@ -61,6 +62,8 @@ AudioLayers = Literal["all", "last"]
 AudioStatistics = Literal["layers", "mixed"]
 #: The options that shape `extract`'s output (the head's options do not).
 EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "audio_layers", "max_text_tokens")
+#: Those of the neighbouring turns, hashed only when turns are read (so earlier caches stay valid).
+TURN_OPTIONS = ("context_past_turns", "context_future_turns", "context_tokens")
 
 
 class MMLSTMConfig(ComponentConfig):
@@ -80,6 +83,14 @@ class MMLSTMConfig(ComponentConfig):
     #: Learning rate of an unfrozen backbone, as a fraction of the head's (`train.lr`).
     backbone_lr_scale: float = Field(0.05, gt=0.0, le=1.0)
     max_text_tokens: int = Field(64, ge=4, le=512)
+    #: Turns before each utterance that the text encoder reads with it, as a second segment of its input
+    #: (``"Speaker: words"``, nearest first): context the encoder's own attention uses, which pays off when
+    #: it is fine-tuned. The branch then batches whole dialogues, and its features are not cached per clip.
+    context_past_turns: int = Field(0, ge=0, le=64)
+    #: Turns after each utterance read the same way (offline analysis of whole dialogues only).
+    context_future_turns: int = Field(0, ge=0, le=64)
+    #: Token budget of that context segment, on top of `max_text_tokens`.
+    context_tokens: int = Field(96, ge=0, le=512)
     model_dim: int = Field(128, ge=8, le=4096)
     #: Heads of the audio-to-text attention, and of the transformer layers.
     attention_heads: int = Field(8, ge=1, le=64)
@@ -278,11 +289,27 @@ class MultimodalLSTMEncoder(Encoder):
         """Learning-rate factor of the unfrozen backbones (read by `emofuse.core.engine.fit.parameter_groups`)."""
         return float(self.config.backbone_lr_scale)
 
+    @property
+    def reads_turns(self) -> bool:
+        """Whether the text encoder reads neighbouring turns with each utterance."""
+        return bool(self.config.context_past_turns or self.config.context_future_turns)
+
+    @property
+    def batches_by_dialogue(self) -> bool:  # type: ignore[override]
+        """The neighbouring turns come from the batch, so it must hold whole dialogues."""
+        return self.reads_turns
+
+    @property
+    def cacheable(self) -> bool:
+        """Not with neighbouring turns: a clip's features then depend on the rest of its dialogue."""
+        return super().cacheable and not self.reads_turns
+
     def fingerprint(self) -> str:
         """Hash of what shapes `extract`: the backbones' options and frozen weights, not the head's options,
         so heads that differ (LSTM or transformer, widths, dropout) share one set of cached features."""
         h = hashlib.sha256(self.name.encode())
-        h.update(json.dumps({k: getattr(self.config, k) for k in EXTRACT_OPTIONS}, sort_keys=True).encode())
+        options = EXTRACT_OPTIONS + (TURN_OPTIONS if self.reads_turns else ())
+        h.update(json.dumps({k: getattr(self.config, k) for k in options}, sort_keys=True).encode())
         prefixes = tuple(m + "." for m in self.pretrained_modules)
         for key, tensor in sorted(self.state_dict().items()):
             if key.startswith(prefixes):
@@ -301,8 +328,12 @@ class MultimodalLSTMEncoder(Encoder):
         """Per clip: ``text_tokens`` ``[T, D_text]`` and, with an audio side, ``audio_frames`` ``[F, D_audio]``
         (one zero frame where the audio is absent)."""
         b = len(batch)
-        texts = list(batch.text or [""] * b)
-        tokens = self.text_backbone.token_embeddings(texts)
+        if self.reads_turns:
+            lines, contexts = turn_context(batch, past=self.config.context_past_turns,
+                                           future=self.config.context_future_turns)
+            tokens = self.text_backbone.token_embeddings(lines, contexts, context_tokens=self.config.context_tokens)
+        else:
+            tokens = self.text_backbone.token_embeddings(list(batch.text or [""] * b))
         if self.audio_backbone is None:
             return [{"text_tokens": t} for t in tokens]
         has_audio = presence(batch, AUDIO)

@@ -28,19 +28,36 @@ class TextBackbone(nn.Module):
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
 
-    def token_embeddings(self, texts: list[str]) -> list[torch.Tensor]:
-        """One ``[T_i, dim]`` tensor of last-layer token vectors per text (special tokens included)."""
+    def token_embeddings(self, texts: list[str], contexts: list[str | None] | None = None, *,
+                         context_tokens: int = 0) -> list[torch.Tensor]:
+        """One ``[T_i, dim]`` tensor of last-layer token vectors per text (special tokens included).
+
+        With `contexts`, each text is encoded as the first segment of a pair whose second is its context
+        (up to `context_tokens` more tokens; the longer segment is cut first), and only the first
+        segment's vectors are returned: the text's tokens, having attended to the context.
+        """
         device = next(self.model.parameters()).device
-        enc = self.tokenizer(
-            [t or "" for t in texts], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
-        hidden = self.model(**enc).last_hidden_state
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        texts = [t or "" for t in texts]
+        if contexts is None or all(c is None for c in contexts):
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+        else:
+            enc = self.tokenizer(texts, [c or "" for c in contexts], padding=True, truncation="longest_first",
+                                 max_length=self.max_length + context_tokens, return_tensors="pt")
+            lengths = [first_segment_length(enc, i) for i in range(len(texts))]
+        hidden = self.model(**enc.to(device)).last_hidden_state
         return [hidden[i, : int(n)] for i, n in enumerate(lengths)]
 
     def sentence_embeddings(self, texts: list[str]) -> torch.Tensor:
         """``[B, dim]`` mean of token vectors (the sentence-transformers pooling MiniLM was trained with)."""
         return torch.stack([t.mean(dim=0) for t in self.token_embeddings(texts)])
+
+
+def first_segment_length(encoding, row: int) -> int:
+    """Tokens of a pair encoding's first segment with its special tokens (``[CLS] a [SEP]``, ``<s> a </s>``)."""
+    ids = encoding.sequence_ids(row)
+    last = max((j for j, s in enumerate(ids) if s == 0), default=0)
+    return last + 2
 
 
 def masked_mean(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
