@@ -20,7 +20,8 @@ from emofuse.core.presets import compose_config
 from emofuse.core.types import METADATA, TEXT
 
 runner = CliRunner()
-MELD_PRESETS = ["meld-text", "meld-context", "meld-finetune", "meld-finetune-turns", "meld-finetune-context"]
+MELD_PRESETS = ["meld-text", "meld-context", "meld-finetune", "meld-finetune-turns", "meld-finetune-mpnet",
+                "meld-finetune-context"]
 
 
 def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
