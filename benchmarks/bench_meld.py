@@ -97,7 +97,7 @@ ROWS: dict[str, Row] = {
                     notes="MiniLM unfrozen at 0.05 x the head's lr, 32 tokens per utterance"),
     "finetune-turns": Row("MiniLM fine-tuned reading the 3 previous turns with the utterance", "meld-finetune-turns",
                           reference="finetune", notes="past turns as the second segment of MiniLM's input"),
-    "finetune-mpnet": Row("no context, all-mpnet-base-v2 fine-tuned", "meld-finetune-mpnet", reference="finetune",
+    "finetune-mpnet": Row("no context, all-mpnet-base-v2 fine-tuned", "meld-finetune-mpnet",
                           notes="mpnet unfrozen at 0.03 x the head's lr, 16 utterances a batch"),
     "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", "meld-finetune-context",
                             notes="the combination"),

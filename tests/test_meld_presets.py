@@ -85,3 +85,23 @@ def test_steps_per_epoch_caps_a_branch_epoch(meld_small, tmp_path):
     uncapped = config.train.model_copy(update={"steps_per_epoch": None})
     free = BranchTask(ComposedModel({"text": encoder}), bundle, FeatureCache(tmp_path), uncapped, DistContext())
     assert free.num_train_batches() == whole == len(list(free.train_batches(0)))
+
+
+def test_finetune_turns_trains_on_whole_dialogues_without_a_cache(shared_data, tmp_path):
+    config = compose_config(preset="meld-finetune-turns", sets=[f'data.data_dir="{shared_data}"', "data.limit=60",
+                                                                "train.steps_per_epoch=1", "train.batch_size=16"])
+    bundle = load_data(config.data, required_modalities(config))
+    encoder = build_encoder(config.branches["text"], bundle.num_classes, where="branches.text")
+    assert encoder.batches_by_dialogue and not encoder.cacheable
+    task = BranchTask(ComposedModel({"text": encoder}), bundle, FeatureCache(tmp_path), config.train, DistContext())
+    batch = next(iter(task.train_batches(0)))
+    by_dialogue: dict[str, int] = {}
+    for s in bundle.splits["train"]:
+        by_dialogue[s.dialogue_id] = by_dialogue.get(s.dialogue_id, 0) + 1
+    for dialogue in set(batch.dialogue_ids):
+        assert batch.dialogue_ids.count(dialogue) == by_dialogue[dialogue], "a dialogue was cut"
+    prepared, extracted = task.prepare(batch)
+    assert extracted is None  # tokens come from MiniLM at every step: it reads the turns and trains
+    out = encoder.train()(prepared)
+    torch.nn.functional.cross_entropy(out.logits, prepared.labels).backward()
+    assert encoder.inner.text_backbone.model.embeddings.word_embeddings.weight.grad is not None
