@@ -2,21 +2,13 @@
 dialogues, the utterance's tokens kept apart from it, and what that asks of batching and caching."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from emofuse.core.config import ComponentRef, DataConfig
-from emofuse.core.data.pipeline import load_data
+from emofuse.core.config import ComponentRef
 from emofuse.core.engine.compose import build_encoder
-from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.turn_text import FUTURE_MARK, turn_context
 
-from tests.test_context import _batches, dialogue_slice  # noqa: F401  (the fixture)
-
-
-@pytest.fixture(scope="module")
-def meld(shared_data):
-    return load_data(DataConfig(dataset="meld", data_dir=shared_data), {TEXT})
+from tests.test_context import _batches, dialogue_slice, meld  # noqa: F401  (the fixtures)
 
 
 def test_turn_context_is_the_dialogue_nearest_first(batch_factory):
@@ -35,7 +27,7 @@ def test_turn_context_is_the_dialogue_nearest_first(batch_factory):
     assert turn_context(batch, past=0)[1] == [None] * 4
 
 
-def test_backbone_returns_only_the_utterance_tokens(meld):
+def test_backbone_returns_only_the_utterance_tokens():
     from emofuse.plugins.encoders.text_backbone import TextBackbone
 
     backbone = TextBackbone("minilm", max_length=16).eval()
