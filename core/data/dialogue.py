@@ -126,14 +126,20 @@ class DialogueLayout:
         return out.index_copy(0, self.index.reshape(-1)[flat_mask], rows)
 
 
+def dialogue_fields(batch: Batch) -> tuple[list[str | None], list[int | None], list[str | None]]:
+    """`batch`'s dialogue ids, utterance indices and speakers, one entry per utterance each (None where
+    the batch does not carry them)."""
+    b = len(batch)
+    ids = list(batch.dialogue_ids or [None] * b)
+    order = list(batch.utterance_indices or [None] * b)
+    speakers = list(batch.speakers) if batch.speakers and len(batch.speakers) == b else [None] * b
+    return ids, order, speakers
+
+
 def dialogue_layout(batch: Batch) -> DialogueLayout:
     """The dialogue layout of `batch` from `Batch.dialogue_ids`, `Batch.utterance_indices` and
     `Batch.speakers`; a batch without dialogue ids is B dialogues of one turn."""
-    b = len(batch)
-    ids = batch.dialogue_ids or [None] * b
-    order = batch.utterance_indices or [None] * b
-    speakers = list(batch.speakers) if batch.speakers and len(batch.speakers) == b else [None] * b
-    return layout_from_lists(ids, order, speakers, device=batch.labels.device)
+    return layout_from_lists(*dialogue_fields(batch), device=batch.labels.device)
 
 
 def layout_from_lists(dialogue_ids: Sequence[str | None], utterance_indices: Sequence[int | None],

@@ -8,7 +8,7 @@ batches whole dialogues (`Encoder.batches_by_dialogue`); a clip alone has no con
 """
 from __future__ import annotations
 
-from emofuse.core.data.dialogue import group_dialogues
+from emofuse.core.data.dialogue import dialogue_fields, group_dialogues
 from emofuse.core.types import Batch
 
 #: Between the past turns and the future ones in the context segment.
@@ -26,12 +26,12 @@ def turn_context(batch: Batch, *, past: int, future: int = 0) -> tuple[list[str]
     utterance has no neighbouring turn in the batch (or `past` and `future` are both 0)."""
     b = len(batch)
     texts = list(batch.text or [None] * b)
-    speakers = list(batch.speakers) if batch.speakers and len(batch.speakers) == b else [None] * b
+    dialogue_ids, utterance_indices, speakers = dialogue_fields(batch)
     lines = [speaker_line(speakers[i], texts[i]) for i in range(b)]
     contexts: list[str | None] = [None] * b
     if past <= 0 and future <= 0:
         return lines, contexts
-    groups = group_dialogues(batch.dialogue_ids or [None] * b, batch.utterance_indices or [None] * b)
+    groups = group_dialogues(dialogue_ids, utterance_indices)
     for group in groups:
         for t, pos in enumerate(group):
             before = [lines[p] for p in reversed(group[max(0, t - past):t])] if past > 0 else []
