@@ -38,7 +38,7 @@ from emofuse.core.registry import get_registry
 from emofuse.core.engine.schedule import warmup_cosine
 from emofuse.core.engine.run_files import SPLITS
 from emofuse.core.engine.branch_stage import BranchTask
-from emofuse.core.engine.fit import FitSettings, fit, seed_everything
+from emofuse.core.engine.fit import FitSettings, fit, fused_supported, seed_everything
 from emofuse.core.engine.fusion_stage import FusionTask, checkpoint_sha
 from emofuse.core.engine.loaders import open_cache, ensure_extracted, light_modalities, split_batches
 from emofuse.core.engine.branch_outputs import compute_branch_outputs
@@ -64,8 +64,9 @@ def bare_loop(config: RunConfig, bundle: Any, batches: list) -> tuple[float, flo
     model.eval()
     with torch.no_grad():
         model(batches[0][0])  # lazy layers take their shapes, as the trainer does before its optimizer
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
-                            weight_decay=config.train.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                            fused=fused_supported(params))  # the trainer's optimizer, so only its overhead differs
     sched = warmup_cosine(opt, len(batches[0]) * config.train.epochs, config.train.warmup_fraction)
     model.train()
     wall, cpu = time.perf_counter(), time.process_time()

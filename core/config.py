@@ -94,8 +94,9 @@ class TrainConfig(_Strict):
     #: Cap on a branch's training batches per epoch, each epoch a fresh shuffled share of train (the schedule is
     #: sized to match): fine-tuning a pretrained encoder within a CPU budget. None: whole epochs.
     steps_per_epoch: int | None = Field(None, ge=1)
-    #: After early stopping has chosen the epochs on the validation speakers, train again on train +
-    #: validation for that many epochs (branches and fusion; see `emofuse.core.engine.refit`).
+    #: Batch training clips of similar length (text or audio), so less compute goes to padding.
+    group_by_length: bool = False
+    #: Train again on train + validation for the epochs early stopping chose (`emofuse.core.engine.refit`).
     refit: bool = False
     #: Which weights a run keeps: those of its best validation epoch, or the last epoch's (a refit,
     #: whose validation clips are training clips).

@@ -149,3 +149,27 @@ def test_training_never_ends_an_epoch_on_a_single_sample():
     assert [len(b) for b in ShardedBatchSampler(34, 32, shuffle=True, seed=0)] == [32, 2]
     # evaluation keeps every sample
     assert [len(b) for b in ShardedBatchSampler(33, 32, shuffle=False, seed=0, drop_small_last=False)] == [32, 1]
+
+
+def test_length_grouped_batches_pad_less_and_still_cover_every_sample_once():
+    lengths = [(i * 37) % 101 for i in range(2000)]  # lengths unrelated to position
+    plain = global_batches(2000, 16, shuffle=True, seed=0, epoch=0, min_last=1)
+    grouped = global_batches(2000, 16, shuffle=True, seed=0, epoch=0, min_last=1, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(2000))
+
+    def padded(batches):  # what batches pad to: each batch's longest sample times its size
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.6 * padded(plain)
+    # the batches are shuffled (not ordered by length), differ by epoch, and shard like any others
+    first = [max(lengths[i] for i in b) for b in grouped]
+    assert first != sorted(first) and first != sorted(first, reverse=True)
+    assert grouped != global_batches(2000, 16, shuffle=True, seed=0, epoch=1, min_last=1, lengths=lengths)
+    parts = [list(ShardedBatchSampler(2000, 16, shuffle=True, seed=0, rank=r, world_size=2, lengths=lengths))
+             for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*parts)] == [sorted(b) for b in grouped]
+    # evaluation order is untouched
+    assert global_batches(40, 16, shuffle=False, seed=0, epoch=0, min_last=1, lengths=lengths[:40]) == \
+        global_batches(40, 16, shuffle=False, seed=0, epoch=0, min_last=1)
+    with pytest.raises(ValueError, match="3 lengths for 40 samples"):
+        global_batches(40, 16, shuffle=True, seed=0, epoch=0, min_last=1, lengths=[1, 2, 3])

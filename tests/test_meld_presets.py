@@ -105,3 +105,20 @@ def test_finetune_turns_trains_on_whole_dialogues_without_a_cache(shared_data, t
     out = encoder.train()(prepared)
     torch.nn.functional.cross_entropy(out.logits, prepared.labels).backward()
     assert encoder.inner.text_backbone.model.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_group_by_length_batches_utterances_of_similar_length(shared_data, tmp_path):
+    config = compose_config(preset="meld-text", sets=[f'data.data_dir="{shared_data}"', "data.limit=120",
+                                                      "train.batch_size=8"])
+    bundle = load_data(config.data, required_modalities(config))
+    encoder = build_encoder(config.branches["text"], bundle.num_classes, where="branches.text")
+
+    def padded_characters(train) -> int:
+        task = BranchTask(ComposedModel({"text": encoder}), bundle, FeatureCache(tmp_path), train, DistContext())
+        batches = list(task.train_batches(0))
+        assert sum(len(b) for b in batches) == len(bundle.splits["train"])
+        assert len(batches) == task.num_train_batches()
+        return sum(max(len(t) for t in b.text) * len(b) for b in batches)
+
+    grouped = config.train.model_copy(update={"group_by_length": True})
+    assert padded_characters(grouped) < 0.7 * padded_characters(config.train)

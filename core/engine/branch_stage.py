@@ -33,6 +33,7 @@ from emofuse.core.engine.loaders import (
     ensure_extracted,
     light_modalities,
     open_cache,
+    padding_lengths,
     split_batches,
 )
 from emofuse.core.engine.model_io import model_state, save_model
@@ -74,9 +75,12 @@ class BranchTask:
             return dialogue_loader(self.bundle, split, max_utterances=batch_size, shuffle=shuffle, seed=self.cfg.seed,
                                    modalities=self.modalities, epoch=epoch, num_workers=self.cfg.num_workers,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+        lengths = None
+        if training and self.cfg.group_by_length:
+            lengths = padding_lengths(self.bundle.splits[split], set(self.encoder.modalities))
         return split_batches(self.bundle, split, modalities=self.modalities, batch_size=batch_size, shuffle=shuffle,
                              seed=self.cfg.seed, epoch=epoch, ctx=self.ctx, num_workers=self.cfg.num_workers,
-                             training=training)
+                             training=training, lengths=lengths)
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         batches = self._batches("train", shuffle=True, epoch=epoch, training=True, batch_size=self.cfg.batch_size)

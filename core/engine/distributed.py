@@ -119,17 +119,33 @@ def teardown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def global_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, min_last: int) -> list[list[int]]:
+#: Global batches per length group: `global_batches` sorts each group of that many shuffled batches' samples
+#: by length before cutting it (then shuffles the batches), so a batch pads to about its own samples' lengths.
+LENGTH_GROUP_BATCHES = 50
+
+
+def global_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, min_last: int,
+                   lengths: Sequence[int] | None = None) -> list[list[int]]:
     """The epoch's global batches of sample positions (seeded by seed and epoch; same on every rank);
-    a last batch smaller than `min_last` is dropped."""
+    a last batch smaller than `min_last` is dropped. With `lengths` (one per sample) and `shuffle`, batches
+    hold samples of similar length (length grouping, as in transformers' ``group_by_length``)."""
+    grouped = shuffle and lengths is not None
+    if lengths is not None and len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} samples")
     if shuffle:
         g = torch.Generator().manual_seed(_mix(seed, epoch))
         order = torch.randperm(n, generator=g).tolist()
     else:
         order = list(range(n))
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    step = batch_size * LENGTH_GROUP_BATCHES if grouped else max(n, 1)
+    batches: list[list[int]] = []
+    for start in range(0, n, step):
+        group = sorted(order[start:start + step], key=lambda i: -lengths[i]) if grouped else order[start:start + step]
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     if batches and len(batches[-1]) < min_last:
         batches.pop()
+    if grouped:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
 
 
@@ -145,13 +161,14 @@ class ShardedBatchSampler:
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_small_last: bool = True):
+                 drop_small_last: bool = True, lengths: Sequence[int] | None = None):
         if batch_size < world_size:
             raise ConfigError(f"train.batch_size {batch_size} is smaller than the {world_size} processes",
                               hint="the batch size is global: give each process at least one sample")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.drop_small_last = drop_small_last
+        self.lengths = lengths
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -162,7 +179,7 @@ class ShardedBatchSampler:
         # cannot train on one, and an empty share would stall the other processes.
         min_last = min(2 * self.world_size, self.batch_size) if self.drop_small_last else 1
         return global_batches(self.n, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                              min_last=min_last)
+                              min_last=min_last, lengths=self.lengths)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():

@@ -2,6 +2,7 @@
 backbones' features extracted once into the feature cache before training starts."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence, Sized
 
@@ -25,15 +26,16 @@ def base_loader(bundle: Any, split: str, modalities: set[str], batch_size: int, 
 
 def split_batches(
     bundle: Any, split: str, *, modalities: set[str], batch_size: int, shuffle: bool, seed: int, epoch: int,
-    ctx: DistContext, num_workers: int = 0, training: bool = False,
+    ctx: DistContext, num_workers: int = 0, training: bool = False, lengths: Sequence[int] | None = None,
 ) -> DataLoader:
     """This rank's batches of `split`: global batches drawn by `ShardedBatchSampler`, so one process and
-    several cut the data identically; the bundle's dataset, collate function and bad-clip policy load them."""
+    several cut the data identically; the bundle's dataset, collate function and bad-clip policy load them.
+    `lengths` (see `padding_lengths`) groups shuffled batches by length."""
     base = base_loader(bundle, split, modalities, batch_size, seed, num_workers)
     if not isinstance(base, DataLoader) or not isinstance(base.dataset, Sized):
         raise TypeError("DataBundle.loader must return a torch DataLoader over a sized dataset")
     sampler = ShardedBatchSampler(len(base.dataset), batch_size, shuffle=shuffle, seed=seed, rank=ctx.rank,
-                                  world_size=ctx.world_size, drop_small_last=training)
+                                  world_size=ctx.world_size, drop_small_last=training, lengths=lengths)
     sampler.set_epoch(epoch)
     options: dict[str, Any] = dict(
         batch_sampler=sampler, collate_fn=base.collate_fn, num_workers=base.num_workers,
@@ -47,6 +49,14 @@ def split_batches(
     if isinstance(base, BundleLoader):
         return BundleLoader(base.dataset, on_bad_sample=bundle.on_bad_sample, skipped=bundle.skipped, **options)
     return DataLoader(base.dataset, **options)
+
+
+def padding_lengths(samples: Sequence[Any], modalities: set[str]) -> list[int]:
+    """What a batch of each sample pads to, known before decoding: the audio file's size when the
+    encoder reads audio (its duration, for one corpus's format), else the transcript's characters."""
+    if AUDIO in modalities:
+        return [os.path.getsize(s.audio_path) if s.audio_path and os.path.exists(s.audio_path) else 0 for s in samples]
+    return [len(s.text or "") for s in samples]
 
 
 def light_modalities(encoder: Encoder) -> set[str]:
