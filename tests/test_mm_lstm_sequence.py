@@ -164,3 +164,18 @@ def test_emofuse_train_on_real_meld_with_a_text_only_transformer(shared_data, tm
     rows = [json.loads(line) for line in (tmp_path / "meld-text" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert (tmp_path / "meld-text" / "model.safetensors").is_file()
+
+
+def test_no_sequence_model_reads_the_mean_token_vector_of_a_text_only_branch():
+    enc = build(audio_backbone="none", metadata=False, sequence_model="none")
+    assert enc.sequence is None
+    batch = make_batch(3, num_classes=NUM_CLASSES, **SMALL)
+    enc.train()
+    out = enc(batch)
+    assert out.logits.shape == (3, NUM_CLASSES) and out.embedding.shape == (3, enc.embedding_dim)
+    torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
+    assert enc.text_proj[0].weight.grad is not None and torch.isfinite(enc.text_proj[0].weight.grad).all()
+    # the head reads the mean projected token vector alone: fewer inputs than beside an LSTM's summary
+    assert enc.head[0].in_features == enc.config.model_dim < build(audio_backbone="none", metadata=False).head[0].in_features
+    with pytest.raises(ConfigError, match="text-only branches"):
+        build(audio_backbone="log-mel", sequence_model="none")

@@ -55,7 +55,9 @@ TARGET_FRAME_RATE = 25.0
 #: `MMLSTMConfig.audio_backbone` value for a text-only branch (no audio side at all).
 NO_AUDIO = "none"
 
-SequenceModel = Literal["lstm", "transformer"]
+#: "none": no sequence model, the head reads the mean token vector (text-only branches: a fine-tuned encoder's
+#: tokens have already attended to each other, the usual sentence-classification head).
+SequenceModel = Literal["lstm", "transformer", "none"]
 #: Which of a pretrained audio encoder's layers the branch reads: all (a learned mix) or the last.
 AudioLayers = Literal["all", "last"]
 #: What the utterance-statistics path pools: every layer's own frames, or the learned mix of them.
@@ -97,7 +99,8 @@ class MMLSTMConfig(ComponentConfig):
     #: Frames per second of the sequence the cross attention and the sequence model read (stride-2
     #: convolutions bring the backbone's rate down to about this).
     sequence_rate: float = Field(TARGET_FRAME_RATE, ge=1.0, le=200.0)
-    #: What reads the sequence: a bidirectional LSTM, or transformer encoder layers (same outputs).
+    #: What reads the sequence: a bidirectional LSTM, or transformer encoder layers (same outputs); "none"
+    #: for a text-only branch whose head reads the mean token vector alone.
     sequence_model: SequenceModel = "lstm"
     lstm_hidden: int = Field(128, ge=4, le=4096)
     lstm_layers: int = Field(1, ge=1, le=4)
@@ -122,6 +125,9 @@ class MMLSTMConfig(ComponentConfig):
     def _heads_divide(self) -> "MMLSTMConfig":
         if self.model_dim % self.attention_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by attention_heads ({self.attention_heads})")
+        if self.sequence_model == "none" and self.has_audio:
+            raise ValueError('sequence_model "none" is for text-only branches (audio_backbone = "none"): the audio '
+                             'side needs a sequence model; use "lstm" or "transformer"')
         if not self.audio_backbone.strip():
             raise ValueError(f"audio_backbone is empty: give whisper, log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
         return self
@@ -254,9 +260,10 @@ class MultimodalLSTMEncoder(Encoder):
             self.no_text = nn.Parameter(torch.zeros(1, 1, d))
             self.cross_attention = nn.MultiheadAttention(d, c.attention_heads, dropout=c.dropout, batch_first=True)
             self.attention_norm = nn.LayerNorm(d)
-        self.sequence = SequenceEncoder(c.sequence_model, d, lstm_hidden=c.lstm_hidden, lstm_layers=c.lstm_layers,
-                                        transformer_layers=c.transformer_layers, heads=c.attention_heads,
-                                        dropout=c.dropout)
+        self.sequence = None if c.sequence_model == "none" else SequenceEncoder(
+            c.sequence_model, d, lstm_hidden=c.lstm_hidden, lstm_layers=c.lstm_layers,
+            transformer_layers=c.transformer_layers, heads=c.attention_heads, dropout=c.dropout)
+        sequence_dim = self.sequence.out_dim if self.sequence is not None else 0
         self.metadata = MetadataEmbedding(c.metadata_dim) if c.metadata else None
         audio_stats = 0
         self.stats_norm: RunningStandardizer | None = None
@@ -270,7 +277,7 @@ class MultimodalLSTMEncoder(Encoder):
         #: The main head reads the statistics unless a statistics head of its own does (two experts).
         self.main_reads_stats = c.main_head_statistics or not c.statistics_head
         main_stats = audio_stats if self.main_reads_stats else 0
-        fused = main_stats + 2 * self.sequence.out_dim + d + (c.metadata_dim if c.metadata else 0)
+        fused = main_stats + 2 * sequence_dim + d + (c.metadata_dim if c.metadata else 0)
         self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.stats_head: nn.Sequential | None = None
         if c.statistics_head and audio_stats:
@@ -431,8 +438,11 @@ class MultimodalLSTMEncoder(Encoder):
 
     def _text_only(self, batch: Batch, tokens: torch.Tensor, lengths: torch.Tensor, text_summary: torch.Tensor,
                    has_text: torch.Tensor) -> EncoderOutput:
-        """No audio side: the sequence model reads the transcript's projected token vectors."""
-        sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
+        """No audio side: the sequence model (if any) reads the transcript's projected token vectors."""
+        if self.sequence is None:
+            sequence_summary = tokens.new_zeros(tokens.shape[0], 0)
+        else:
+            sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
         parts = [sequence_summary, text_summary, self._metadata_embedding(batch, text_summary)]
         embedding = self.head(self.input_dropout(torch.cat(parts, dim=-1)))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_text)
