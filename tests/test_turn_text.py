@@ -52,3 +52,19 @@ def test_mm_lstm_reading_turns_batches_dialogues_and_is_not_cached(meld, dialogu
     with torch.no_grad():
         out = turns(batch)
     assert out.logits.shape == (len(batch), 7) and torch.isfinite(out.logits).all()
+
+
+def test_name_speaker_reads_each_utterance_with_its_speaker(meld, dialogue_slice):  # noqa: F811
+    plain = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none", metadata=False), 7, where="test")
+    named = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none", metadata=False, name_speaker=True), 7,
+                          where="test")
+    assert named.cacheable and not named.batches_by_dialogue  # a clip's speaker is its own: still cached per clip
+    assert named.fingerprint() != plain.fingerprint()
+    batch = next(_batches(meld, dialogue_slice[:6]))
+    with torch.no_grad():
+        got = named.extract(batch)
+        expected = named.text_backbone.token_embeddings([f"{s}: {t.strip()}" for s, t in zip(batch.speakers, batch.text)])
+        alone = plain.extract(batch)
+    for mine, want, without in zip(got, expected, alone):
+        torch.testing.assert_close(mine["text_tokens"], want)
+        assert mine["text_tokens"].shape[0] > without["text_tokens"].shape[0]  # the name's tokens came first

@@ -93,6 +93,9 @@ class MMLSTMConfig(ComponentConfig):
     context_future_turns: int = Field(0, ge=0, le=64)
     #: Token budget of that context segment, on top of `max_text_tokens`.
     context_tokens: int = Field(96, ge=0, le=512)
+    #: Read each utterance as ``"Speaker: words"`` (the form its turns take as context) where the batch
+    #: names its speaker: in a scripted corpus (MELD's Friends) who speaks says something of how.
+    name_speaker: bool = False
     model_dim: int = Field(128, ge=8, le=4096)
     #: Heads of the audio-to-text attention, and of the transformer layers.
     attention_heads: int = Field(8, ge=1, le=64)
@@ -315,7 +318,8 @@ class MultimodalLSTMEncoder(Encoder):
         """Hash of what shapes `extract`: the backbones' options and frozen weights, not the head's options,
         so heads that differ (LSTM or transformer, widths, dropout) share one set of cached features."""
         h = hashlib.sha256(self.name.encode())
-        options = EXTRACT_OPTIONS + (TURN_OPTIONS if self.reads_turns else ())
+        options = EXTRACT_OPTIONS + (TURN_OPTIONS if self.reads_turns else ()) + (
+            ("name_speaker",) if self.config.name_speaker else ())
         h.update(json.dumps({k: getattr(self.config, k) for k in options}, sort_keys=True).encode())
         prefixes = tuple(m + "." for m in self.pretrained_modules)
         for key, tensor in sorted(self.state_dict().items()):
@@ -339,6 +343,9 @@ class MultimodalLSTMEncoder(Encoder):
             lines, contexts = turn_context(batch, past=self.config.context_past_turns,
                                            future=self.config.context_future_turns)
             tokens = self.text_backbone.token_embeddings(lines, contexts, context_tokens=self.config.context_tokens)
+        elif self.config.name_speaker:
+            lines, _ = turn_context(batch, past=0)
+            tokens = self.text_backbone.token_embeddings(lines)
         else:
             tokens = self.text_backbone.token_embeddings(list(batch.text or [""] * b))
         if self.audio_backbone is None:
