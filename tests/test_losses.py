@@ -148,3 +148,15 @@ def test_losses_build_through_the_registry():
     loss = build_loss(ComponentRef(name="focal", alpha="balanced", gamma=1.0), C, counts)
     assert isinstance(loss, FocalLoss) and loss.alpha[0] < loss.alpha[1]
     assert isinstance(build_loss(ComponentRef(name="cross-entropy"), C), CrossEntropyLoss)
+
+
+def test_sqrt_balanced_weights_are_the_root_of_balanced():
+    counts = torch.tensor([10, 20, 40, 10, 5, 5, 0])
+    full = balanced_weights(counts)
+    ce = CrossEntropyLoss(CrossEntropyLoss.make_config({"class_weights": "sqrt-balanced"}), C, counts)
+    fl = FocalLoss(FocalLoss.make_config({"alpha": "sqrt-balanced", "gamma": 2.0}), C, counts)
+    torch.testing.assert_close(ce.weights, full.sqrt())
+    torch.testing.assert_close(fl.alpha, full.sqrt())
+    assert ce.weights[6] == 1.0  # an absent class keeps weight 1
+    with pytest.raises(ConfigError, match="'sqrt-balanced'"):
+        CrossEntropyLoss(CrossEntropyLoss.make_config({"class_weights": "inverse"}), C, counts)

@@ -1,7 +1,7 @@
 """Cross-entropy with optional label smoothing and class weights.
 
-Class weights are a list (one per class) or ``"balanced"`` (inverse class frequency from the
-training counts). The batch loss is the plain mean over labelled rows (label >= 0), not PyTorch's
+Class weights are a list (one per class), ``"balanced"`` (inverse class frequency from the
+training counts) or ``"sqrt-balanced"`` (its square root). The batch loss is the plain mean over labelled rows (label >= 0), not PyTorch's
 weight-normalised mean, so a batch's loss is the mean of its shards' losses (data-parallel runs
 then match a single process).
 """
@@ -21,12 +21,12 @@ from emofuse.core.interfaces import Loss
 
 class CrossEntropyConfig(ComponentConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    #: None (unweighted), a list with one weight per class, or "balanced".
-    class_weights: Optional[Union[list[float], Literal["balanced"]]] = None
+    #: None (unweighted), a list with one weight per class, "balanced" (N / (C n_c)) or "sqrt-balanced" (its root).
+    class_weights: Optional[Union[list[float], Literal["balanced", "sqrt-balanced"]]] = None
 
 
 class CrossEntropyLoss(Loss):
-    """Cross-entropy, with optional label smoothing and class weights (a list or "balanced")."""
+    """Cross-entropy, with optional label smoothing and class weights (a list, "balanced" or "sqrt-balanced")."""
 
     name = "cross-entropy"
     Config = CrossEntropyConfig

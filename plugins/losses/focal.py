@@ -2,7 +2,7 @@
 
 ``loss_i = -alpha_{y_i} * (1 - p_t)^gamma * log(p_t)`` with ``p_t`` the predicted probability of the
 true class. ``gamma = 0, alpha = 1`` is exactly cross-entropy. `alpha` is one number for every class,
-one number per class, or ``"balanced"`` (inverse class frequency from the training counts).
+one number per class, ``"balanced"`` (inverse class frequency from the training counts) or ``"sqrt-balanced"``.
 
 The batch loss is the plain mean over labelled samples (label >= 0); rows labelled -1 are ignored.
 A plain mean, rather than a weight-normalised one, keeps a batch's loss the mean of its shards'
@@ -23,8 +23,8 @@ from emofuse.core.interfaces import Loss
 
 
 class FocalLossConfig(ComponentConfig):
-    #: One weight for all classes, a list with one per class, or "balanced".
-    alpha: Union[float, list[float], Literal["balanced"]] = 1.0
+    #: One weight for all classes, a list with one per class, "balanced" or "sqrt-balanced" (its root).
+    alpha: Union[float, list[float], Literal["balanced", "sqrt-balanced"]] = 1.0
     gamma: float = Field(2.0, ge=0, le=20)
 
 
