@@ -94,7 +94,8 @@ class MMLSTMConfig(ComponentConfig):
     #: Token budget of that context segment, on top of `max_text_tokens`.
     context_tokens: int = Field(96, ge=0, le=512)
     #: Read each utterance as ``"Speaker: words"`` (the form its turns take as context) where the batch
-    #: names its speaker: in a scripted corpus (MELD's Friends) who speaks says something of how.
+    #: names its speaker: in a scripted corpus (MELD's Friends) who speaks says something of how. A clip
+    #: without a speaker (a `serve` upload) is read as its words alone.
     name_speaker: bool = False
     model_dim: int = Field(128, ge=8, le=4096)
     #: Heads of the audio-to-text attention, and of the transformer layers.
