@@ -137,11 +137,10 @@ def global_batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: 
         order = torch.randperm(n, generator=g).tolist()
     else:
         order = list(range(n))
-    step = batch_size * LENGTH_GROUP_BATCHES if grouped else max(n, 1)
-    batches: list[list[int]] = []
-    for start in range(0, n, step):
-        group = sorted(order[start:start + step], key=lambda i: -lengths[i]) if grouped else order[start:start + step]
-        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    if grouped:  # a group is a whole number of batches, so cutting the sorted groups' concatenation cuts each
+        step = batch_size * LENGTH_GROUP_BATCHES
+        order = [i for start in range(0, n, step) for i in sorted(order[start:start + step], key=lambda i: -lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if batches and len(batches[-1]) < min_last:
         batches.pop()
     if grouped:
