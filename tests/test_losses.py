@@ -160,3 +160,38 @@ def test_sqrt_balanced_weights_are_the_root_of_balanced():
     assert ce.weights[6] == 1.0  # an absent class keeps weight 1
     with pytest.raises(ConfigError, match="'sqrt-balanced'"):
         CrossEntropyLoss(CrossEntropyLoss.make_config({"class_weights": "inverse"}), C, counts)
+
+
+def test_logit_adjustment_adds_tau_log_prior_inside_the_loss():
+    counts = torch.tensor([40, 20, 10, 10, 5, 5, 0])
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(16, C, generator=g)
+    labels = torch.randint(0, C, (16,), generator=g)
+    loss = CrossEntropyLoss(CrossEntropyLoss.make_config({"logit_adjustment": 0.5}), C, counts)
+    prior = counts.clamp(min=1).double() / counts.clamp(min=1).sum()
+    want = F.cross_entropy(logits + 0.5 * prior.log().float(), labels)
+    torch.testing.assert_close(loss(logits, labels), want)
+    assert CrossEntropyLoss(CrossEntropyLoss.make_config({}), C, counts).offsets is None
+    with pytest.raises(ConfigError, match="logit_adjustment=1.0 needs the training set's class counts"):
+        CrossEntropyLoss(CrossEntropyLoss.make_config({"logit_adjustment": 1.0}), C)
+
+
+def test_logit_adjustment_at_tau_one_learns_no_class_preference():
+    """What makes it a balancing loss: fitted to imbalanced labels alone, the best constant logits
+    under tau = 1 are equal (the prior lives in the loss), while plain cross-entropy learns the log prior."""
+    counts = torch.tensor([50, 20, 10, 8, 6, 4, 2])
+    labels = torch.repeat_interleave(torch.arange(C), counts)
+    for tau, spread_is_flat in ((1.0, True), (0.0, False)):
+        loss = CrossEntropyLoss(CrossEntropyLoss.make_config({"logit_adjustment": tau}), C, counts)
+        bias = torch.zeros(C, requires_grad=True)
+        optimizer = torch.optim.LBFGS([bias], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            value = loss(bias.expand(len(labels), C), labels)
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        spread = float(bias.max() - bias.min())
+        assert (spread < 1e-3) is spread_is_flat, (tau, bias)

@@ -5,6 +5,11 @@ so a class seen half as often weighs twice as much. "sqrt-balanced" is its squar
 reweighting: on a corpus dominated by one class (MELD is 47 % neutral) full balancing buys the rare
 classes' recall with much of the frequent ones'. A class absent from the training counts gets weight 1
 (it cannot be balanced, and an infinite weight would poison the validation loss).
+
+The logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021) balances
+the other way: it leaves every sample's weight alone and adds ``tau * log(prior)`` to the logits in the
+loss alone, so the trained logits themselves, read at prediction, are those of a classifier for
+balanced classes (``tau = 1``), with no reweighting to make rare-class gradients noisy.
 """
 from __future__ import annotations
 
@@ -67,3 +72,20 @@ def class_weight_vector(
     if any(v < 0 for v in values):
         raise ConfigError(f"{where}: per-class values must be non-negative, got {values}")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def log_prior_offsets(tau: float, num_classes: int, class_counts: torch.Tensor | None, *, where: str) -> torch.Tensor | None:
+    """``[C]`` offsets ``tau * log(n_c / N)`` added to the logits in the loss; None when ``tau`` is 0.
+
+    A class absent from the counts is counted once (its log prior stays finite).
+    """
+    if not tau:
+        return None
+    if class_counts is None:
+        raise ConfigError(f"{where}={tau} needs the training set's class counts",
+                          hint="build the loss through the trainer (it passes them)")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+    if counts.numel() != num_classes:
+        raise ConfigError(f"{where}: {counts.numel()} class counts for {num_classes} classes")
+    counts = counts.clamp(min=1.0)
+    return (float(tau) * torch.log(counts / counts.sum())).float()
