@@ -3,9 +3,10 @@
 Class weights are a list (one per class), ``"balanced"`` (inverse class frequency from the
 training counts) or ``"sqrt-balanced"`` (its square root). ``logit_adjustment = tau`` adds
 ``tau * log(class prior)`` to the logits inside the loss only (see `emofuse.core.engine.class_balance`):
-the model's own logits then favour rare classes as a balanced classifier would, without reweighting. The batch loss is the plain mean over labelled rows (label >= 0), not PyTorch's
-weight-normalised mean, so a batch's loss is the mean of its shards' losses (data-parallel runs
-then match a single process).
+the model's own logits then favour rare classes as a balanced classifier would, without reweighting.
+The batch loss is the plain mean over labelled rows (label >= 0), not PyTorch's weight-normalised
+mean, so a batch's loss is the mean of its shards' losses (data-parallel runs then match a single
+process).
 """
 from __future__ import annotations
 
