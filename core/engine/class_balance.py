@@ -37,6 +37,17 @@ def balanced_weights(class_counts: torch.Tensor | Sequence[int]) -> torch.Tensor
     return weights.float()
 
 
+def training_counts(class_counts: torch.Tensor | Sequence[int] | None, num_classes: int, *, where: str,
+                    value: object, hint: str) -> torch.Tensor:
+    """The training set's class counts as ``[C]`` float64, checked: the option ``where = value`` balances by them."""
+    if class_counts is None:
+        raise ConfigError(f"{where}={value!r} needs the training set's class counts", hint=hint)
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+    if counts.numel() != num_classes:
+        raise ConfigError(f"{where}: {counts.numel()} class counts for {num_classes} classes")
+    return counts
+
+
 def class_weight_vector(
     spec: float | Sequence[float] | str | None,
     num_classes: int,
@@ -54,14 +65,9 @@ def class_weight_vector(
         if spec not in BALANCING_POWERS:
             raise ConfigError(f"{where}: expected a number, a list of {num_classes} numbers, 'balanced' or "
                               f"'sqrt-balanced', got {spec!r}")
-        if class_counts is None:
-            raise ConfigError(
-                f"{where}={spec!r} needs the training set's class counts",
-                hint="build the loss through the trainer (it passes them) or give explicit per-class weights",
-            )
-        counts = torch.as_tensor(class_counts).reshape(-1)
-        if counts.numel() != num_classes:
-            raise ConfigError(f"{where}: {counts.numel()} class counts for {num_classes} classes")
+        counts = training_counts(class_counts, num_classes, where=where, value=spec,
+                                 hint="build the loss through the trainer (it passes them) or give explicit "
+                                      "per-class weights")
         return balanced_weights(counts) ** BALANCING_POWERS[spec]
     if isinstance(spec, (int, float)):
         return torch.full((num_classes,), float(spec))
@@ -81,11 +87,6 @@ def log_prior_offsets(tau: float, num_classes: int, class_counts: torch.Tensor |
     """
     if not tau:
         return None
-    if class_counts is None:
-        raise ConfigError(f"{where}={tau} needs the training set's class counts",
-                          hint="build the loss through the trainer (it passes them)")
-    counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
-    if counts.numel() != num_classes:
-        raise ConfigError(f"{where}: {counts.numel()} class counts for {num_classes} classes")
-    counts = counts.clamp(min=1.0)
+    counts = training_counts(class_counts, num_classes, where=where, value=tau,
+                             hint="build the loss through the trainer (it passes them)").clamp(min=1.0)
     return (float(tau) * torch.log(counts / counts.sum())).float()
