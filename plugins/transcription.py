@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from emofuse.core.data.user_cache import user_cache_dir
 from emofuse.core.types import Sample
 from emofuse.plugins.encoders.whisper import CHUNK_SAMPLES, PACKAGED_SHA256, WhisperLogMel, file_sha256, packaged_whisper
 
@@ -121,10 +122,9 @@ class TranscriptCache:
 
 
 def default_transcript_cache() -> Path:
-    """``$XDG_CACHE_HOME/emofuse`` (else ``~/.cache/emofuse``), one file per model so another model's text is
-    never served."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return root / "emofuse" / f"transcripts-whisper-tiny.en-{PACKAGED_SHA256[:12]}.json"
+    """``$EMOFUSE_CACHE_DIR/transcripts`` (else ``$XDG_CACHE_HOME/emofuse/transcripts``), the rule every user
+    cache follows; one file per model so another model's text is never served."""
+    return user_cache_dir("transcripts") / f"whisper-tiny.en-{PACKAGED_SHA256[:12]}.json"
 
 
 def fill_missing_transcripts(samples: Sequence[Sample], cache: Path | str | None = None) -> list[Sample]:

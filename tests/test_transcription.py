@@ -11,6 +11,7 @@ from emofuse.core.config import validate
 from emofuse.core.engine.compose import build_model
 from emofuse.core.engine.model_io import save_model
 from emofuse.core.registry import get_registry
+from emofuse.plugins.encoders.whisper import PACKAGED_SHA256
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 KIDS = "Kids are talking by the door."
@@ -63,3 +64,9 @@ def test_predict_transcribes_clips_given_without_text(tmp_path, clips, monkeypat
     no_more_transcribing(monkeypatch)  # the default cache (the user's cache folder) already has it
     (again,) = load(path, device="cpu").predict(kids)
     assert again["probabilities"] == record["probabilities"]
+
+
+def test_transcripts_are_kept_where_every_user_cache_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMOFUSE_CACHE_DIR", str(tmp_path))
+    path = transcription.default_transcript_cache()
+    assert path.parent == tmp_path / "transcripts" and PACKAGED_SHA256[:12] in path.name
