@@ -39,7 +39,8 @@ class ManifestConfig(CorpusReaderConfig):
     #: A clip without text (an empty cell in the text column, or no such column): "error" (bad input; only
     #: for an empty cell), "absent" (the clip has no text), or "transcribe" (its speech, transcribed offline).
     empty_text: Literal["error", "absent", "transcribe"] = "error"
-    #: Where "transcribe" keeps the transcripts (JSON); default: $EMOFUSE_CACHE_DIR/transcripts, else ~/.cache/emofuse/transcripts.
+    #: Where "transcribe" keeps the transcripts (JSON); default: $EMOFUSE_CACHE_DIR/transcripts, else
+    #: ~/.cache/emofuse/transcripts.
     transcript_cache: Path | None = None
 
 
