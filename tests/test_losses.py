@@ -195,3 +195,21 @@ def test_logit_adjustment_at_tau_one_learns_no_class_preference():
         optimizer.step(closure)
         spread = float((bias.max() - bias.min()).detach())
         assert (spread < 1e-3) is spread_is_flat, (tau, bias)
+
+
+def test_focal_takes_the_same_logit_adjustment():
+    """Focal with gamma 0 and alpha 1 is cross-entropy, the adjusted one too; with gamma 2 it is the
+    formula on the shifted logits."""
+    counts = torch.tensor([40, 20, 10, 10, 5, 5, 0])
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(16, C, generator=g)
+    labels = torch.randint(0, C, (16,), generator=g)
+    adjusted_ce = CrossEntropyLoss(CrossEntropyLoss.make_config({"logit_adjustment": 1.0}), C, counts)
+    plain_focal = FocalLoss(FocalLoss.make_config({"gamma": 0.0, "logit_adjustment": 1.0}), C, counts)
+    torch.testing.assert_close(plain_focal(logits, labels), adjusted_ce(logits, labels))
+    shifted = (logits + adjusted_ce.offsets).numpy()
+    want = reference_focal(shifted, labels.numpy(), 2.0, 1.0)
+    got = FocalLoss(FocalLoss.make_config({"logit_adjustment": 1.0}), C, counts)(logits, labels)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ConfigError, match="logit_adjustment=1.0 needs the training set's class counts"):
+        FocalLoss(FocalLoss.make_config({"logit_adjustment": 1.0}), C)

@@ -3,6 +3,8 @@
 ``loss_i = -alpha_{y_i} * (1 - p_t)^gamma * log(p_t)`` with ``p_t`` the predicted probability of the
 true class. ``gamma = 0, alpha = 1`` is exactly cross-entropy. `alpha` is one number for every class,
 one number per class, ``"balanced"`` (inverse class frequency from the training counts) or ``"sqrt-balanced"``.
+``logit_adjustment = tau`` shifts the logits by ``tau * log(class prior)`` inside the loss, as cross-entropy's
+does: the focal term then weighs easy and hard examples of a balanced classifier.
 
 The batch loss is the plain mean over labelled samples (label >= 0); rows labelled -1 are ignored.
 A plain mean, rather than a weight-normalised one, keeps a batch's loss the mean of its shards'
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from emofuse.core.engine.class_balance import class_weight_vector
+from emofuse.core.engine.class_balance import class_weight_vector, log_prior_offsets
 from emofuse.core.component import ComponentConfig
 from emofuse.core.hookspecs import hookimpl
 from emofuse.core.interfaces import Loss
@@ -26,6 +28,8 @@ class FocalLossConfig(ComponentConfig):
     #: One weight for all classes, a list with one per class, "balanced" or "sqrt-balanced" (its root).
     alpha: Union[float, list[float], Literal["balanced", "sqrt-balanced"]] = 1.0
     gamma: float = Field(2.0, ge=0, le=20)
+    #: tau of the logit adjustment (as in cross-entropy): 0 is none, 1 targets the balanced error.
+    logit_adjustment: float = Field(0.0, ge=0, le=4)
 
 
 def per_sample_focal(logits: torch.Tensor, labels: torch.Tensor, gamma: float,
@@ -43,7 +47,8 @@ def per_sample_focal(logits: torch.Tensor, labels: torch.Tensor, gamma: float,
 
 
 class FocalLoss(Loss):
-    """Focal loss -alpha*(1-p_t)^gamma*log(p_t), scalar or per-class alpha ("balanced" from class counts)."""
+    """Focal loss -alpha*(1-p_t)^gamma*log(p_t), scalar or per-class alpha ("balanced" from class counts), and
+    optional logit adjustment."""
 
     name = "focal"
     Config = FocalLossConfig
@@ -53,11 +58,15 @@ class FocalLoss(Loss):
         self.gamma = float(config.gamma)
         alpha = class_weight_vector(config.alpha, num_classes, class_counts, where="loss.alpha")
         self.register_buffer("alpha", alpha, persistent=False)
+        offsets = log_prior_offsets(config.logit_adjustment, num_classes, class_counts, where="loss.logit_adjustment")
+        self.register_buffer("offsets", offsets, persistent=False)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, labels = self.labelled(logits, labels)
         if labels.numel() == 0:
             return logits.sum() * 0.0
+        if self.offsets is not None:
+            logits = logits.float() + self.offsets
         return per_sample_focal(logits, labels, self.gamma, self.alpha).mean()
 
 
