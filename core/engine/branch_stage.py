@@ -67,6 +67,8 @@ class BranchTask:
         self.last_aux_loss: tuple[torch.Tensor, float] | None = None
         #: ``[3]`` float64 (summed cross-entropy, correct, labelled) of the auxiliary head on the latest batch.
         self.last_aux_counts: torch.Tensor | None = None
+        #: Each split's padding lengths for `group_by_length` (file sizes or characters), measured once.
+        self._lengths: dict[str, list[int]] = {}
 
     def _batches(self, split: str, *, shuffle: bool, epoch: int, training: bool, batch_size: int) -> Iterable[Batch]:
         if self.by_dialogue:  # context models see whole dialogues, batch_size utterances at most
@@ -77,7 +79,9 @@ class BranchTask:
                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
         lengths = None
         if training and self.cfg.group_by_length:
-            lengths = padding_lengths(self.bundle.splits[split], set(self.encoder.modalities))
+            if split not in self._lengths:
+                self._lengths[split] = padding_lengths(self.bundle.splits[split], set(self.encoder.modalities))
+            lengths = self._lengths[split]
         return split_batches(self.bundle, split, modalities=self.modalities, batch_size=batch_size, shuffle=shuffle,
                              seed=self.cfg.seed, epoch=epoch, ctx=self.ctx, num_workers=self.cfg.num_workers,
                              training=training, lengths=lengths)
