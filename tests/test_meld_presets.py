@@ -16,12 +16,11 @@ from emofuse.core.data.pipeline import load_data, make_batch
 from emofuse.core.engine.branch_stage import BranchTask
 from emofuse.core.engine.compose import ComposedModel, build_encoder, required_modalities
 from emofuse.core.engine.distributed import DistContext
-from emofuse.core.presets import compose_config
+from emofuse.core.presets import compose_config, load_presets
 from emofuse.core.types import METADATA, TEXT
 
 runner = CliRunner()
-MELD_PRESETS = ["meld-text", "meld-context", "meld-finetune", "meld-finetune-turns", "meld-finetune-mpnet",
-                "meld-finetune-context"]
+MELD_PRESETS = sorted(name for name in load_presets() if name.startswith("meld-"))
 
 
 def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
@@ -34,9 +33,22 @@ def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
     assert 'class_weights = "balanced"' in out and "test_fraction = 0.0" in out
 
 
+def test_every_meld_row_has_its_preset():
+    assert {"meld-text", "meld-context", "meld-finetune", "meld-finetune-mpnet", "meld-finetune-mpnet-adjusted",
+            "meld-finetune-mpnet-named"} <= set(MELD_PRESETS)
+
+
 @pytest.mark.parametrize("preset", MELD_PRESETS)
 def test_meld_presets_read_text_only(preset):
     assert required_modalities(compose_config(preset=preset)) == {TEXT}
+
+
+def test_named_preset_reads_speaker_lines_with_a_pooled_head_and_the_adjusted_loss():
+    config = compose_config(preset="meld-finetune-mpnet-named")
+    inner = config.branches["text"].options["inner"]
+    assert inner["name_speaker"] is True and inner["sequence_model"] == "none" and inner["max_text_tokens"] == 64
+    assert inner["text_backbone"] == "mpnet" and inner["freeze_backbone"] is False
+    assert config.loss.options["logit_adjustment"] == 1.0 and config.train.batch_size == 16
 
 
 def test_meld_loads_whole_train_partition_without_a_metadata_warning(shared_data, caplog):
