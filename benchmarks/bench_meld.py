@@ -219,6 +219,7 @@ def train_row(config: RunConfig, bundle: DataBundle, cache: FeatureCache, work: 
     }
     result.update(dev_predictions(task))
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["threads"] = torch.get_num_threads()  # stored with the seconds: a later run may use another count
     return result
 
 
@@ -334,6 +335,7 @@ def logistic_baseline(bundle: DataBundle, cache: FeatureCache, args: argparse.Na
         if scores["weighted_f1"] > best["weighted_f1"]:
             best = {**scores, "C": c, "predictions": dict(zip(dev_ids, pred.tolist()))}
     best["seconds"] = round(time.perf_counter() - started, 1)
+    best["threads"] = torch.get_num_threads()
     return best
 
 
@@ -357,6 +359,16 @@ class RowResult:
         if len(values) == 1:
             return f"{values[0]:.1f}"
         return f"{np.mean(values):.1f} ± {t_interval(values):.1f}"
+
+
+def threads_used(results: list[RowResult]) -> str:
+    """The PyTorch thread counts the runs were timed with (stored runs keep their own count)."""
+    runs = [r for res in results for r in res.runs]
+    counts = sorted({r["threads"] for r in runs if "threads" in r})
+    text = "/".join(map(str, counts)) + " PyTorch thread(s)" if counts else ""
+    if any("threads" not in r for r in runs):
+        text += ("; " if text else "") + "thread count not recorded for runs stored before it was kept"
+    return text
 
 
 def table(results: list[RowResult]) -> str:
@@ -443,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             f"settings), seeds {seeds}: mean ± the 95% t interval over seeds (one seed: no interval). "
             "\"vs its reference row\": the difference in mean dev weighted F1 from the row named (`text`, the "
             f"no-context row, unless the row says otherwise; for the baseline too), with a 95% paired bootstrap interval over {args.bootstrap} resamples of dev dialogues. "
-            f"\"train s / run\": wall seconds of one training (CPU, {torch.get_num_threads()} PyTorch thread(s), "
+            f"\"train s / run\": wall seconds of one training (CPU, {threads_used(results)}, "
             f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs; MiniLM's token vectors already "
             f"in the feature cache). Total {total / 60:.1f} min (stored rows reused, not retrained).\n\n"
             f"{text}\n",
