@@ -35,7 +35,7 @@ def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
 
 def test_every_meld_row_has_its_preset():
     assert {"meld-text", "meld-context", "meld-finetune", "meld-finetune-mpnet", "meld-finetune-mpnet-adjusted",
-            "meld-finetune-mpnet-named", "meld-finetune-mpnet-onelr"} <= set(MELD_PRESETS)
+            "meld-finetune-mpnet-named", "meld-finetune-mpnet-onelr", "meld-finetune-mpnet-turns"} <= set(MELD_PRESETS)
 
 
 @pytest.mark.parametrize("preset", MELD_PRESETS)
@@ -58,6 +58,13 @@ def test_onelr_preset_trains_mpnet_and_its_pooled_head_at_one_lr():
     assert inner["sequence_model"] == "none" and inner["backbone_lr_scale"] == 1.0
     assert config.train.lr == 3e-5 and config.train.batch_size == 16
     assert config.loss.name == "cross-entropy" and not config.loss.options.get("logit_adjustment")
+
+
+def test_mpnet_turns_preset_reads_past_turns_under_the_adjusted_loss():
+    config = compose_config(preset="meld-finetune-mpnet-turns")
+    inner = config.branches["text"].options["inner"]
+    assert inner["text_backbone"] == "mpnet" and inner["context_past_turns"] == 3 and inner["context_tokens"] == 64
+    assert config.loss.options["logit_adjustment"] == 1.0
 
 
 def test_meld_loads_whole_train_partition_without_a_metadata_warning(shared_data, caplog):
