@@ -1,0 +1,39 @@
+"""The plain fine-tuning control, small: MiniLM on a slice of MELD for two passes, scored on dev after
+each; and its schedule (linear warm-up, then linear decay to zero)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_meld_plain import linear_warmup_decay  # noqa: E402
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    factors = [linear_warmup_decay(step, total=10, warmup=2) for step in range(11)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == 1.0 and factors[6] == pytest.approx(0.5) and factors[10] == 0.0
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+
+
+def test_the_plain_loop_scores_dev_after_every_pass(shared_data, tmp_path):
+    out = tmp_path / "plain.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_meld_plain.py"), "--backbone", "minilm", "--epochs", "2",
+         "--limit", "120", "--threads", "1", "--data", str(shared_data), "--json", str(out),
+         "--markdown", str(tmp_path / "plain.md")],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["seeds"]
+    assert len(result["history"]) == 2 and result["best_epoch"] in (1, 2)
+    best = result["history"][result["best_epoch"] - 1]
+    assert result["weighted_f1"] == best["weighted_f1"] == max(h["weighted_f1"] for h in result["history"])
+    assert all(0.0 <= h["macro_f1"] <= 1.0 for h in result["history"]) and result["seconds"] > 0
+    assert "| 0 |" in (tmp_path / "plain.md").read_text()
