@@ -7,8 +7,8 @@ one learning rate for both, linear warm-up then linear decay, cross-entropy, dev
 pass over train and the best pass reported. It is what a researcher would write in an afternoon, so a
 gap between it and an emofuse row at the same budget points at the engine or the preset, not at the
 encoder. The data are read by emofuse's MELD reader (the same train and dev utterances), the encoder by
-its `TextBackbone` (the packaged weights, no pickle), the seeding by its `seed_everything`; nothing
-else of emofuse is used.
+its `TextBackbone` (the packaged weights, no pickle, and its mean of token vectors), the seeding by its
+`seed_everything`; nothing else of emofuse is used.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ from emofuse.core.data.pipeline import load_data
 from emofuse.core.engine.fit import seed_everything
 from emofuse.core.presets import compose_config
 from emofuse.core.types import TEXT
-from emofuse.plugins.encoders.text_backbone import TextBackbone, masked_mean
+from emofuse.plugins.encoders.text_backbone import TextBackbone
+
+from bench_meld import RowResult  # the seed-mean cells (mean ± 95% t interval) of bench_meld's tables
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,10 +61,7 @@ class PooledClassifier(nn.Module):
         self.linear = nn.Linear(backbone.dim, num_classes)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        enc = self.backbone.tokenizer([t or "" for t in texts], padding=True, truncation=True,
-                                      max_length=self.backbone.max_length, return_tensors="pt")
-        hidden = self.backbone.model(**enc).last_hidden_state
-        return self.linear(masked_mean(hidden, enc["attention_mask"].sum(dim=1)))
+        return self.linear(self.backbone.sentence_embeddings(texts))
 
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
@@ -123,15 +122,7 @@ def labelled_texts(samples) -> list[tuple[str, int]]:
 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    from scipy import stats
-
-    def cell(key: str) -> str:
-        values = [100 * r[key] for r in results]
-        if len(values) < 2:
-            return f"{values[0]:.1f}"
-        half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
-        return f"{np.mean(values):.1f} ± {half:.1f}"
-
+    cell = RowResult(key="plain", label="plain", command="", notes="", runs=results).cell
     lines = [f"# MELD dev: plain fine-tuning loop ({args.backbone}, outside the engine)", "",
              f"`python benchmarks/bench_meld_plain.py --backbone {args.backbone} --epochs {args.epochs} --lr {args.lr} "
              f"--batch-size {args.batch_size} --max-tokens {args.max_tokens} --seeds {' '.join(map(str, args.seeds))}`"
