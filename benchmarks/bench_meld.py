@@ -126,6 +126,10 @@ ROWS: dict[str, Row] = {
     "finetune-mpnet-onelr": Row("all-mpnet-base-v2 fine-tuned at one lr, mean-pooled head", "meld-finetune-mpnet-onelr",
                                 reference="finetune-mpnet",
                                 notes="mpnet and head both at 3e-5, as a plain fine-tuning script; the head reads the mean token vector"),
+    "finetune-mpnet-linear": Row("all-mpnet-base-v2 fine-tuned as a plain sentence classifier", "meld-finetune-mpnet-linear",
+                                 reference="finetune-mpnet",
+                                 notes="one linear layer on the mean token vector, no context wrapper; mpnet and head at 3e-5, "
+                                       "weight decay 0.01, random batches, 2 whole passes"),
     "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", "meld-finetune-context",
                             notes="the combination"),
     "finetune-context-plain": Row("MiniLM fine-tuned + dialogue context, plain cross-entropy", "meld-finetune-context",
@@ -159,8 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- configs and data --------------------------------------------------------------------------------
 def is_finetune(config: RunConfig) -> bool:
-    inner = config.branches[BRANCH].options.get("inner") or {}
-    return not inner.get("freeze_backbone", True)
+    """Whether the row's text encoder (inside `dialogue-context` or the branch itself) trains its backbone."""
+    options = config.branches[BRANCH].options
+    return not (options.get("inner") or options).get("freeze_backbone", True)
 
 
 def row_sets(row: Row, args: argparse.Namespace) -> list[str]:

@@ -1,5 +1,5 @@
 """The plain fine-tuning control, small: MiniLM on a slice of MELD for two passes, scored on dev after
-each; and its schedule (linear warm-up, then linear decay to zero)."""
+each, plain and after post-hoc logit adjustment; and its schedule (linear warm-up, then linear decay to zero)."""
 from __future__ import annotations
 
 import json
@@ -36,4 +36,6 @@ def test_the_plain_loop_scores_dev_after_every_pass(shared_data, tmp_path):
     best = result["history"][result["best_epoch"] - 1]
     assert result["weighted_f1"] == best["weighted_f1"] == max(h["weighted_f1"] for h in result["history"])
     assert all(0.0 <= h["macro_f1"] <= 1.0 for h in result["history"]) and result["seconds"] > 0
-    assert "| 0 |" in (tmp_path / "plain.md").read_text()
+    assert result["adjusted"] == best["adjusted"] and 0.0 <= result["adjusted"]["macro_f1"] <= 1.0
+    table = (tmp_path / "plain.md").read_text()
+    assert "| 0 | argmax |" in table and "| 0 | logits − 1·log prior |" in table

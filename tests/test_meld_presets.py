@@ -35,7 +35,8 @@ def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
 
 def test_every_meld_row_has_its_preset():
     assert {"meld-text", "meld-context", "meld-finetune", "meld-finetune-mpnet", "meld-finetune-mpnet-adjusted",
-            "meld-finetune-mpnet-named", "meld-finetune-mpnet-onelr", "meld-finetune-mpnet-turns"} <= set(MELD_PRESETS)
+            "meld-finetune-mpnet-named", "meld-finetune-mpnet-onelr", "meld-finetune-mpnet-turns",
+            "meld-finetune-mpnet-linear"} <= set(MELD_PRESETS)
 
 
 @pytest.mark.parametrize("preset", MELD_PRESETS)
@@ -58,6 +59,17 @@ def test_onelr_preset_trains_mpnet_and_its_pooled_head_at_one_lr():
     assert inner["sequence_model"] == "none" and inner["backbone_lr_scale"] == 1.0
     assert config.train.lr == 3e-5 and config.train.batch_size == 16
     assert config.loss.name == "cross-entropy" and not config.loss.options.get("logit_adjustment")
+
+
+def test_linear_preset_is_the_plain_sentence_classifier_without_the_context_wrapper():
+    config = compose_config(preset="meld-finetune-mpnet-linear")
+    text = config.branches["text"]
+    assert text.name == "mm-lstm" and "inner" not in text.options
+    assert text.options["head"] == "linear" and text.options["sequence_model"] == "none"
+    assert text.options["text_backbone"] == "mpnet" and text.options["freeze_backbone"] is False
+    assert text.options["backbone_lr_scale"] == 1.0 and text.options["max_text_tokens"] == 32
+    assert (config.train.lr, config.train.weight_decay, config.train.batch_size, config.train.epochs) == (3e-5, 0.01, 16, 2)
+    assert config.train.steps_per_epoch is None and not config.train.group_by_length
 
 
 def test_mpnet_turns_preset_reads_past_turns_under_the_adjusted_loss():

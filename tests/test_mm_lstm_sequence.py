@@ -179,3 +179,30 @@ def test_no_sequence_model_reads_the_mean_token_vector_of_a_text_only_branch():
     assert enc.head[0].in_features == enc.config.model_dim < build(audio_backbone="none", metadata=False).head[0].in_features
     with pytest.raises(ConfigError, match="text-only branches"):
         build(audio_backbone="log-mel", sequence_model="none")
+
+
+def test_linear_head_is_one_layer_over_the_backbones_mean_token_vector(meld_val):
+    """``head = "linear"``: the plain sentence classifier, ``Linear(mean of the backbone's token vectors)``, every
+    parameter at the one learning rate when the unfrozen backbone's scale is 1."""
+    bundle, samples = meld_val
+    enc = build(audio_backbone="none", metadata=False, sequence_model="none", head="linear",
+                freeze_backbone=False, backbone_lr_scale=1.0, input_dropout=0.0)
+    assert isinstance(enc.classifier, torch.nn.Linear) and enc.classifier.in_features == enc.text_backbone.dim
+    assert enc.embedding_dim == enc.text_backbone.dim
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if not n.startswith("text_backbone.")} == {"classifier.weight", "classifier.bias"}
+    batch = _meld_batch(bundle, samples[:6])
+    with torch.no_grad():
+        out = enc.eval()(batch)
+        expected = enc.classifier(enc.text_backbone.sentence_embeddings(list(batch.text)))
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.embedding, enc.text_backbone.sentence_embeddings(list(batch.text)), atol=1e-5, rtol=1e-4)
+    (group,) = parameter_groups(ComposedModel({"text": enc}), 3e-5)
+    assert group["lr"] == 3e-5 and len(group["params"]) == len(trainable)
+    enc.train()
+    torch.nn.functional.cross_entropy(enc(batch).logits, batch.labels).backward()
+    assert enc.text_backbone.model.embeddings.word_embeddings.weight.grad is not None
+    for wrong in ({"audio_backbone": "log-mel"}, {"sequence_model": "lstm"}, {"metadata": True}):
+        options = {"audio_backbone": "none", "metadata": False, "sequence_model": "none", "head": "linear", **wrong}
+        with pytest.raises(ConfigError, match='head "linear"'):
+            build(**options)

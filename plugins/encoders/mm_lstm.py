@@ -18,6 +18,8 @@ With ``audio_backbone = "none"`` the branch is text-only (a corpus of transcript
 MELD): the sequence model then reads the transcript's token vectors, and text is its primary modality.
 An unfrozen backbone (``freeze_backbone = false``) trains at ``backbone_lr_scale`` times the head's
 learning rate (the trainer's parameter groups read it), so fine-tuning does not wash out what it knows.
+A text-only branch can instead end in ``head = "linear"``: one linear layer over the backbone's own mean
+token vector, the usual sentence-classification head, which learns at the backbone's rate (one lr for all).
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ NO_AUDIO = "none"
 #: "none": no sequence model, the head reads the mean token vector (text-only branches: a fine-tuned encoder's
 #: tokens have already attended to each other, the usual sentence-classification head).
 SequenceModel = Literal["lstm", "transformer", "none"]
+#: "mlp": projection, batch-normalised hidden layer and dropout (what the fused heads use); "linear": one linear
+#: layer over the text backbone's mean token vector (text-only branches with sequence_model "none").
+HeadKind = Literal["mlp", "linear"]
 #: Which of a pretrained audio encoder's layers the branch reads: all (a learned mix) or the last.
 AudioLayers = Literal["all", "last"]
 #: What the utterance-statistics path pools: every layer's own frames, or the learned mix of them.
@@ -113,6 +118,9 @@ class MMLSTMConfig(ComponentConfig):
     #: does not ask for the modality, so no "no clip has the metadata modality" warning either.
     metadata: bool = True
     metadata_dim: int = Field(16, ge=1, le=512)
+    #: The classifier on top: "mlp" (default), or "linear" for a text-only, mean-pooled branch (no projection,
+    #: no hidden layer: nothing randomly initialised that a backbone's small learning rate would train slowly).
+    head: HeadKind = "mlp"
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     #: Dropout on the head's input (the pooled statistics, sequence summary, text and metadata vectors).
     input_dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -129,6 +137,9 @@ class MMLSTMConfig(ComponentConfig):
     def _heads_divide(self) -> "MMLSTMConfig":
         if self.model_dim % self.attention_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by attention_heads ({self.attention_heads})")
+        if self.head == "linear" and (self.has_audio or self.sequence_model != "none" or self.metadata):
+            raise ValueError('head "linear" reads the text backbone\'s mean token vector alone: it needs '
+                             'audio_backbone = "none", sequence_model = "none" and metadata = false')
         if self.sequence_model == "none" and self.has_audio:
             raise ValueError('sequence_model "none" is for text-only branches (audio_backbone = "none"): the audio '
                              'side needs a sequence model; use "lstm" or "transformer"')
@@ -255,7 +266,9 @@ class MultimodalLSTMEncoder(Encoder):
             freeze(self.text_backbone)
             freeze(self.audio_backbone)
         d = c.model_dim
-        self.text_proj = nn.Sequential(nn.Linear(self.text_backbone.dim, d), nn.LayerNorm(d))
+        linear_head = c.head == "linear"
+        self.text_proj = nn.Identity() if linear_head else nn.Sequential(nn.Linear(self.text_backbone.dim, d),
+                                                                         nn.LayerNorm(d))
         if self.audio_backbone is not None:
             layers = self.audio_backbone.num_layers
             self.layer_mix = LayerMix(layers) if layers > 1 else None
@@ -282,12 +295,15 @@ class MultimodalLSTMEncoder(Encoder):
         self.main_reads_stats = c.main_head_statistics or not c.statistics_head
         main_stats = audio_stats if self.main_reads_stats else 0
         fused = main_stats + 2 * sequence_dim + d + (c.metadata_dim if c.metadata else 0)
-        self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
+        if linear_head:
+            self.head, self.classifier = nn.Identity(), nn.Linear(self.text_backbone.dim, num_classes)
+        else:
+            self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.stats_head: nn.Sequential | None = None
         if c.statistics_head and audio_stats:
             body, out = classifier_head(audio_stats, d, num_classes, c.dropout)
             self.stats_head = nn.Sequential(nn.Dropout(c.input_dropout), *body, out)
-        self.embedding_dim = d
+        self.embedding_dim = self.text_backbone.dim if linear_head else d
         #: Audio-to-text attention weights ``[B, F', 1 + T]`` of the latest forward (slot 0 = no text).
         self.last_attention: torch.Tensor | None = None
 
