@@ -40,6 +40,7 @@ from emofuse.core.config import RunConfig
 from emofuse.core.data.cache import FeatureCache
 from emofuse.core.data.pipeline import DataBundle, load_data
 from emofuse.core.engine.branch_stage import BranchTask
+from emofuse.core.engine.class_balance import log_prior_offsets
 from emofuse.core.engine.compose import ComposedModel, build_encoder, build_loss
 from emofuse.core.engine.distributed import DistContext
 from emofuse.core.engine.fit import FitSettings, fit, seed_everything
@@ -50,6 +51,8 @@ from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.text_backbone import masked_mean
 
 BRANCH = "text"
+#: Strength of the post-hoc logit adjustment reported beside the plain argmax (1: the balanced-error choice).
+POSTHOC_TAU = 1.0
 SENTIMENT_HEAD = 'branches.text.aux_task={field="sentiment", classes=["negative","neutral","positive"], weight=0.5}'
 BASELINE = "baseline"
 TRANSFORMER = ("branches.text.inner.sequence_model=transformer", "branches.text.sequence_model=transformer")
@@ -239,16 +242,18 @@ def dev_predictions(task: BranchTask) -> dict[str, Any]:
     head, its dev accuracy: the trainer logs only the training-side auxiliary loss."""
     module = task.module.eval()
     predictions: dict[str, int] = {}
+    dev_logits: dict[str, list[float]] = {}
     aux_logits, aux_labels = [], []
     with torch.no_grad():
         for batch in task.eval_batches("val"):
             prepared, extracted = task.prepare(batch)
             logits, outputs = module(prepared, extracted)
             predictions.update(zip(prepared.ids, logits.argmax(dim=-1).tolist()))
+            dev_logits.update(zip(prepared.ids, logits.float().round(decimals=4).tolist()))
             if "aux_logits" in outputs[BRANCH].extras:
                 aux_logits.append(outputs[BRANCH].extras["aux_logits"])
                 aux_labels.append(outputs[BRANCH].extras["aux_labels"])
-    out: dict[str, Any] = {"predictions": predictions}
+    out: dict[str, Any] = {"predictions": predictions, "dev_logits": dev_logits}
     if aux_logits:
         y, z = torch.cat(aux_labels), torch.cat(aux_logits)
         known = y >= 0
@@ -300,6 +305,32 @@ def paired_bootstrap(bundle: DataBundle, ours: list[dict[str, int]], theirs: lis
                       - mean_weighted_f1(labels[idx], [r[idx] for r in b]))
     low, high = np.percentile(deltas, [2.5, 97.5])
     return float(low), float(high)
+
+
+def posthoc_adjusted(bundle: DataBundle, run: dict[str, Any], tau: float = POSTHOC_TAU) -> dict[str, float]:
+    """A run's dev scores after post-hoc logit adjustment: its stored dev logits minus ``tau * log(train prior)``
+    (Menon et al., 2021), tau fixed beforehand, never tuned on dev: what the rare classes gain without retraining."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    samples = bundle.splits["val"]
+    logits = torch.tensor([run["dev_logits"][s.id] for s in samples])
+    offsets = log_prior_offsets(tau, bundle.num_classes, bundle.class_counts("train"), where="post-hoc adjustment")
+    predicted = (logits if offsets is None else logits - offsets).argmax(dim=-1).numpy()
+    labels = np.array([s.label for s in samples])
+    return {"weighted_f1": float(f1_score(labels, predicted, average="weighted")),
+            "macro_f1": float(f1_score(labels, predicted, average="macro")),
+            "accuracy": float(accuracy_score(labels, predicted))}
+
+
+def posthoc_lines(bundle: DataBundle, results: list["RowResult"]) -> list[str]:
+    """One line per trained row whose runs all stored their dev logits (runs stored before that have none)."""
+    lines = []
+    for res in results:
+        if res.runs and all("dev_logits" in r for r in res.runs):
+            adjusted = RowResult(res.key, res.label, "", "", [posthoc_adjusted(bundle, r) for r in res.runs])
+            lines.append(f"- {res.label}: weighted F1 {adjusted.cell('weighted_f1')}, macro F1 "
+                         f"{adjusted.cell('macro_f1')}, accuracy {adjusted.cell('accuracy')}")
+    return lines
 
 
 def mean_weighted_f1(labels: np.ndarray, runs: list[np.ndarray]) -> float:
@@ -451,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
 
     total = time.perf_counter() - started
     text = table(results)
+    adjusted = posthoc_lines(bundle, results)
+    if adjusted:
+        text += (f"\n\nThe same runs after post-hoc logit adjustment (dev logits − {POSTHOC_TAU:g} · log train prior, "
+                 "fixed beforehand, not tuned on dev):\n\n" + "\n".join(adjusted))
     print()
     print(text)
     print(f"\ntotal {total / 60:.1f} min")
@@ -476,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command_line(argv), "results": [
             {"key": res.key, "model": res.label, "command": res.command, "notes": res.notes, "delta": res.delta,
-             "runs": [{k: v for k, v in r.items() if k != "predictions"} for r in res.runs]}
+             "runs": [{k: v for k, v in r.items() if k not in ("predictions", "dev_logits")} for r in res.runs]}
             for res in results]}, indent=2, default=str))
     return 0
 

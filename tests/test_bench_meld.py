@@ -1,19 +1,25 @@
 """`bench_meld.py`'s rows: every row names a preset that composes, and the fine-tuning budget
 (`--finetune-steps`, `--finetune-epochs`) reaches every row that trains its text encoder, whether that
-encoder is the branch itself or sits inside `dialogue-context`."""
+encoder is the branch itself or sits inside `dialogue-context`; and the post-hoc logit adjustment of a
+run's stored dev logits, checked against scikit-learn on the shifted argmax."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_meld import ROWS, is_finetune, row_command  # noqa: E402
+from bench_meld import ROWS, RowResult, is_finetune, posthoc_adjusted, posthoc_lines, row_command  # noqa: E402
 
+from emofuse.core.data.pipeline import load_data  # noqa: E402
 from emofuse.core.presets import compose_config  # noqa: E402
+from emofuse.core.types import TEXT  # noqa: E402
 
 BUDGET = argparse.Namespace(sets=[], finetune_steps=250, finetune_epochs=4)
 
@@ -32,3 +38,22 @@ def test_a_fine_tuned_branch_without_the_context_wrapper_counts_as_fine_tuned():
     assert is_finetune(compose_config(preset="meld-finetune-mpnet-linear"))
     assert is_finetune(compose_config(preset="meld-finetune-mpnet"))
     assert not is_finetune(compose_config(preset="meld-text"))
+
+
+def test_posthoc_adjustment_shifts_the_stored_dev_logits_by_the_log_train_prior(shared_data):
+    config = compose_config(preset="meld-text", sets=[f'data.data_dir="{shared_data}"', "data.limit=300"])
+    bundle = load_data(config.data, {TEXT})
+    dev = bundle.splits["val"]
+    labels = np.array([s.label for s in dev])
+    logits = torch.randn(len(dev), bundle.num_classes, generator=torch.Generator().manual_seed(0))
+    run = {"dev_logits": {s.id: row.tolist() for s, row in zip(dev, logits)}}
+    plain = posthoc_adjusted(bundle, run, tau=0.0)
+    assert plain["weighted_f1"] == pytest.approx(f1_score(labels, logits.argmax(-1).numpy(), average="weighted"))
+    counts = bundle.class_counts("train").float().clamp(min=1.0)
+    shifted = (logits - torch.log(counts / counts.sum())).argmax(-1).numpy()
+    adjusted = posthoc_adjusted(bundle, run, tau=1.0)
+    assert adjusted["macro_f1"] == pytest.approx(f1_score(labels, shifted, average="macro"))
+    assert adjusted["weighted_f1"] == pytest.approx(f1_score(labels, shifted, average="weighted"))
+    stored_before = RowResult("old", "old row", "", "", [{"weighted_f1": 0.5}])
+    (line,) = posthoc_lines(bundle, [stored_before, RowResult("new", "new row", "", "", [run])])
+    assert line.startswith("- new row: weighted F1 ")
