@@ -35,7 +35,7 @@ from emofuse.core.data.pipeline import load_data
 from emofuse.core.engine.distributed import DistContext
 from emofuse.core.engine.model_io import load_model
 from emofuse.core.registry import get_registry
-from emofuse.core.engine.schedule import warmup_cosine
+from emofuse.core.engine.schedule import warmup_decay
 from emofuse.core.engine.run_files import SPLITS
 from emofuse.core.engine.branch_stage import BranchTask
 from emofuse.core.engine.fit import FitSettings, fit, fused_supported, seed_everything
@@ -67,7 +67,8 @@ def bare_loop(config: RunConfig, bundle: Any, batches: list) -> tuple[float, flo
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay,
                             fused=fused_supported(params))  # the trainer's optimizer, so only its overhead differs
-    sched = warmup_cosine(opt, len(batches[0]) * config.train.epochs, config.train.warmup_fraction)
+    sched = warmup_decay(opt, len(batches[0]) * config.train.epochs, config.train.warmup_fraction,
+                         config.train.lr_decay)
     model.train()
     wall, cpu = time.perf_counter(), time.process_time()
     for epoch in range(config.train.epochs):

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -83,6 +83,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0, le=1.0)
     #: Fraction of optimizer steps spent warming the learning rate up.
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    #: How the learning rate falls to zero after the warm-up: along a cosine, or a straight line (transformers' default).
+    lr_decay: Literal["cosine", "linear"] = "cosine"
     grad_accumulation: int = Field(1, ge=1, le=1024)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     patience: int = Field(10, ge=1)
@@ -230,27 +232,23 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _non_finite(node: Any, path: str = "") -> str | None:
-    """The dotted path of the first NaN or infinite number in a config tree, if any."""
-    if isinstance(node, float) and not math.isfinite(node):
+def _first_path(node: Any, flagged: Callable[[Any], bool], path: str = "") -> str | None:
+    """The dotted path (``a.b[2]``) of the first value in a config tree that `flagged` picks, if any."""
+    if flagged(node):
         return path or "(top level)"
     if isinstance(node, Mapping):
-        for key, value in node.items():
-            found = _non_finite(value, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
+        children = [(f"{path}.{key}" if path else str(key), value) for key, value in node.items()]
     elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            found = _non_finite(value, f"{path}[{i}]")
-            if found:
-                return found
-    return None
+        children = [(f"{path}[{i}]", value) for i, value in enumerate(node)]
+    else:
+        return None
+    return next((found for child, value in children if (found := _first_path(value, flagged, child))), None)
 
 
 def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
     """Validate a merged config dict; errors name each bad key's path. NaN and infinity are refused
     everywhere (a range check would call NaN "too large", and JSON and TOML cannot hold it)."""
-    bad = _non_finite(raw)
+    bad = _first_path(raw, lambda v: isinstance(v, float) and not math.isfinite(v))
     if bad:
         raise ConfigError(f"{source}: {bad}: must be a finite number, not NaN or infinity")
     try:
@@ -262,24 +260,8 @@ def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
 def to_toml(config: RunConfig) -> str:
     """Serialise a run config as TOML that `load_toml` + `validate` read back unchanged."""
     data = config.model_dump(mode="json", exclude_none=True)
-    where = _none_inside(data)
+    where = _first_path(data, lambda v: v is None)
     if where:
         raise ConfigError(f"{where}: is None, which a TOML run config cannot hold",
                           hint="leave the key out to get its default, or give a value")
     return tomli_w.dumps(data)
-
-
-def _none_inside(node: Any, path: str = "") -> str | None:
-    if node is None:
-        return path
-    if isinstance(node, dict):
-        for key, value in node.items():
-            found = _none_inside(value, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found = _none_inside(value, f"{path}[{i}]")
-            if found:
-                return found
-    return None

@@ -22,7 +22,7 @@ from emofuse.core.interfaces import BranchInfo
 from emofuse.core.engine.metrics import classification_metrics
 from emofuse.core.engine.model_io import load_model
 from emofuse.core.engine.precision import resolve_precision
-from emofuse.core.engine.schedule import warmup_cosine, warmup_cosine_factor
+from emofuse.core.engine.schedule import warmup_decay, warmup_decay_factor
 from emofuse.core.engine.train_state import (
     TrainingState,
     capture_rng,
@@ -42,18 +42,42 @@ FEATURES = {"name": "features", "features": ["au"], "hidden_dims": [32], "dropou
 
 # -- pieces ----------------------------------------------------------------------------------------
 def test_warmup_then_cosine_decay():
-    factors = [warmup_cosine_factor(s, 100, 10) for s in range(100)]
+    factors = [warmup_decay_factor(s, 100, 10) for s in range(100)]
     assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
     assert factors[10] == pytest.approx(1.0)
     assert factors[55] == pytest.approx(0.5, abs=0.02)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] < 0.01
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = warmup_cosine(opt, 20, 0.25)
+    sched = warmup_decay(opt, 20, 0.25)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 5)
     for _ in range(5):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_linear_decay_falls_along_a_straight_line():
+    factors = [warmup_decay_factor(s, 100, 10, "linear") for s in range(101)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert factors[10] == 1.0 and factors[55] == pytest.approx(0.5) and factors[100] == 0.0
+    steps = [b - a for a, b in zip(factors[10:], factors[11:])]
+    assert steps == pytest.approx([-1 / 90] * 90)
+    assert factors[30] < warmup_decay_factor(30, 100, 10, "cosine")  # the cosine stays high longer
+    with pytest.raises(ConfigError, match="lr_decay"):
+        validate({"train": {"lr_decay": "step"}})
+    assert validate({"train": {"lr_decay": "linear"}}).train.lr_decay == "linear"
+
+
+def test_the_trainer_decays_the_learning_rate_as_train_lr_decay_says(tmp_path):
+    """One optimizer step an epoch (64 clips, batches of 64), no warm-up: the lr after epoch e is
+    lr * (1 - (e + 1) / 4) along the line, lr * (1 + cos(pi (e + 1) / 4)) / 2 along the cosine."""
+    lrs = {}
+    for decay in ("linear", "cosine"):
+        train = TrainConfig(epochs=4, batch_size=64, lr=0.1, warmup_fraction=0.0, patience=10, lr_decay=decay)
+        _, outcome = _fit_fusion(tmp_path, decay, train)
+        lrs[decay] = [r["lr"] for r in outcome.history]
+    assert lrs["linear"] == pytest.approx([0.075, 0.05, 0.025, 0.0])
+    assert lrs["cosine"] == pytest.approx([0.05 * (1 + np.cos(np.pi * (e + 1) / 4)) for e in range(4)], abs=1e-12)
 
 
 def test_early_stopping_maximises_metrics_and_minimises_loss():

@@ -35,7 +35,7 @@ from emofuse.core.engine.run_files import (
     append_jsonl,
     write_history,
 )
-from emofuse.core.engine.schedule import warmup_cosine
+from emofuse.core.engine.schedule import warmup_decay
 from emofuse.core.engine.train_state import (
     TrainingState,
     capture_rng,
@@ -276,7 +276,7 @@ def fit(
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_supported(params))
     accumulation = cfg.grad_accumulation
     steps_per_epoch = math.ceil(num_batches / accumulation)
-    scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_fraction)
+    scheduler = warmup_decay(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_fraction, cfg.lr_decay)
     scaler = precision.scaler
     stopper = EarlyStopping(cfg.monitor, cfg.patience)
     history: list[dict[str, Any]] = []
