@@ -201,9 +201,17 @@ def load_meld(config: RunConfig) -> DataBundle:
     return load_data(config.data, {TEXT})
 
 
+#: Run-config keys added after the store began, left out of a run's key while they hold the value every earlier
+#: run trained with, so stored runs keep their keys.
+KEYS_ADDED_LATER = {("train", "lr_decay"): "cosine"}
+
+
 def config_key(config: RunConfig) -> str:
-    payload = json.dumps(config.model_dump(mode="json", exclude={"name", "preset", "output_dir"}), sort_keys=True,
-                         default=str)
+    dumped = config.model_dump(mode="json", exclude={"name", "preset", "output_dir"})
+    for (table, key), earlier in KEYS_ADDED_LATER.items():
+        if dumped.get(table, {}).get(key) == earlier:
+            del dumped[table][key]
+    payload = json.dumps(dumped, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

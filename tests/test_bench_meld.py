@@ -1,6 +1,7 @@
 """`bench_meld.py`'s rows: every row names a preset that composes, and the fine-tuning budget
 (`--finetune-steps`, `--finetune-epochs`) reaches every row that trains its text encoder, whether that
-encoder is the branch itself or sits inside `dialogue-context`; and the post-hoc logit adjustment of a
+encoder is the branch itself or sits inside `dialogue-context`; the keys of stored runs survive config keys
+added later; and the post-hoc logit adjustment of a
 run's stored dev logits, checked against scikit-learn on the shifted argmax."""
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_meld import ROWS, RowResult, is_finetune, posthoc_adjusted, posthoc_lines, row_command  # noqa: E402
+from bench_meld import (  # noqa: E402
+    ROWS,
+    RowResult,
+    config_key,
+    is_finetune,
+    posthoc_adjusted,
+    posthoc_lines,
+    row_command,
+    row_config,
+)
 
 from emofuse.core.data.pipeline import load_data  # noqa: E402
 from emofuse.core.presets import compose_config  # noqa: E402
@@ -57,3 +67,14 @@ def test_posthoc_adjustment_shifts_the_stored_dev_logits_by_the_log_train_prior(
     stored_before = RowResult("old", "old row", "", "", [{"weighted_f1": 0.5}])
     (line,) = posthoc_lines(bundle, [stored_before, RowResult("new", "new row", "", "", [run])])
     assert line.startswith("- new row: weighted F1 ")
+
+
+def test_stored_runs_keep_their_keys_when_the_run_config_gains_a_key():
+    """The one-lr row's seed 0 was stored before `train.lr_decay` existed: its key is unchanged at the
+    default (cosine) and differs once the new key takes another value."""
+    budget = argparse.Namespace(sets=[], finetune_steps=250, finetune_epochs=5, data=None, limit=None)
+    key = config_key(row_config(ROWS["finetune-mpnet-onelr"], 0, budget))
+    assert key == "509360cd5b908da9"
+    assert (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "meld_store" / f"{key}.json").is_file()
+    linear = argparse.Namespace(**{**vars(budget), "sets": ["train.lr_decay=linear"]})
+    assert config_key(row_config(ROWS["finetune-mpnet-onelr"], 0, linear)) != key
