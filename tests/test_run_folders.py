@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from emofuse.core.config import DataConfig, validate
-from emofuse.core.engine.run_files import LOCK_FILE
+from emofuse.core.config import DataConfig, TrainConfig, validate
+from emofuse.core.engine.run_files import LOCK_FILE, train_settings
 from emofuse.core.engine.training import train_run
 from emofuse.core.errors import ConfigError
 
@@ -69,3 +69,11 @@ def test_a_config_file_name_cannot_lead_outside_output(tmp_path):
     result = CliRunner().invoke(app, ["train", "--config", str(cfg), "--output", str(tmp_path / "runs"),
                                       "--dry-run"])
     assert result.exit_code == 2 and "name" in result.output and not (tmp_path / "escaped").exists()
+
+
+def test_settings_added_later_change_a_runs_fingerprint_only_away_from_their_defaults():
+    """Runs finished before `keep` and `lr_decay` existed keep their fingerprints (and are reused)."""
+    plain = train_settings(TrainConfig())
+    assert "keep" not in plain and "lr_decay" not in plain
+    assert train_settings(TrainConfig(lr_decay="linear"))["lr_decay"] == "linear"
+    assert train_settings(TrainConfig(keep="last"))["keep"] == "last"

@@ -67,8 +67,10 @@ def config_hash(payload: Any) -> str:
 def train_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The training settings that shape the result (device and loader workers do not; nor does
     ``refit``: a refit run's selection run is the very run trained without it, in the same folder).
-    ``keep`` counts only when it is not the default, so runs made before it existed are still reused."""
-    exclude = {"device", "num_workers", "refit"} | ({"keep"} if cfg.keep == "best" else set())
+    ``keep`` and ``lr_decay`` count only when not at their defaults, so runs made before they existed are
+    still reused."""
+    exclude = {"device", "num_workers", "refit"} | ({"keep"} if cfg.keep == "best" else set()) | (
+        {"lr_decay"} if cfg.lr_decay == "cosine" else set())
     return cfg.model_dump(mode="json", exclude=exclude)
 
 
