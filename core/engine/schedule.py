@@ -33,4 +33,3 @@ def warmup_decay(optimizer: Optimizer, total_steps: int, warmup_fraction: float,
     total = max(1, int(total_steps))
     warmup = warmup_steps_for(total, warmup_fraction)
     return LambdaLR(optimizer, lambda step: warmup_decay_factor(step, total, warmup, decay))
-
