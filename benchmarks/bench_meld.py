@@ -315,19 +315,23 @@ def paired_bootstrap(bundle: DataBundle, ours: list[dict[str, int]], theirs: lis
     return float(low), float(high)
 
 
+def dev_scores(labels: Any, predicted: Any) -> dict[str, float]:
+    """Weighted F1, macro F1 and accuracy of predicted class indices (scikit-learn's)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"weighted_f1": float(f1_score(labels, predicted, average="weighted")),
+            "macro_f1": float(f1_score(labels, predicted, average="macro")),
+            "accuracy": float(accuracy_score(labels, predicted))}
+
+
 def posthoc_adjusted(bundle: DataBundle, run: dict[str, Any], tau: float = POSTHOC_TAU) -> dict[str, float]:
     """A run's dev scores after post-hoc logit adjustment: its stored dev logits minus ``tau * log(train prior)``
     (Menon et al., 2021), tau fixed beforehand, never tuned on dev: what the rare classes gain without retraining."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     samples = bundle.splits["val"]
     logits = torch.tensor([run["dev_logits"][s.id] for s in samples])
     offsets = log_prior_offsets(tau, bundle.num_classes, bundle.class_counts("train"), where="post-hoc adjustment")
     predicted = (logits if offsets is None else logits - offsets).argmax(dim=-1).numpy()
-    labels = np.array([s.label for s in samples])
-    return {"weighted_f1": float(f1_score(labels, predicted, average="weighted")),
-            "macro_f1": float(f1_score(labels, predicted, average="macro")),
-            "accuracy": float(accuracy_score(labels, predicted))}
+    return dev_scores(np.array([s.label for s in samples]), predicted)
 
 
 def posthoc_lines(bundle: DataBundle, results: list["RowResult"]) -> list[str]:
@@ -364,7 +368,6 @@ def sentence_embeddings(encoder: Encoder, bundle: DataBundle, cache: FeatureCach
 def logistic_baseline(bundle: DataBundle, cache: FeatureCache, args: argparse.Namespace) -> dict[str, Any]:
     """MiniLM sentence embedding + logistic regression, C in {0.01, 0.1, 1} chosen on dev."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -379,8 +382,7 @@ def logistic_baseline(bundle: DataBundle, cache: FeatureCache, args: argparse.Na
     for c in (0.01, 0.1, 1.0):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000)).fit(xtr, ytr)
         pred = clf.predict(xdv)
-        scores = {"weighted_f1": float(f1_score(ydv, pred, average="weighted")),
-                  "macro_f1": float(f1_score(ydv, pred, average="macro")), "accuracy": float(accuracy_score(ydv, pred))}
+        scores = dev_scores(ydv, pred)
         print(f"  baseline: C={c}: dev weighted F1 {scores['weighted_f1']:.4f}", flush=True)
         if scores["weighted_f1"] > best["weighted_f1"]:
             best = {**scores, "C": c, "predictions": dict(zip(dev_ids, pred.tolist()))}

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from emofuse.core.data.pipeline import load_data
@@ -34,7 +33,7 @@ from emofuse.core.presets import compose_config
 from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.text_backbone import TextBackbone
 
-from bench_meld import RowResult  # the seed-mean cells (mean ± 95% t interval) of bench_meld's tables
+from bench_meld import RowResult, dev_scores  # bench_meld's seed-mean cells (mean ± 95% t interval) and scores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,12 +74,6 @@ def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def scores(labels: list[int], predicted: list[int]) -> dict[str, float]:
-    return {"weighted_f1": float(f1_score(labels, predicted, average="weighted")),
-            "macro_f1": float(f1_score(labels, predicted, average="macro")),
-            "accuracy": float(accuracy_score(labels, predicted))}
-
-
 def dev_logits(model: PooledClassifier, texts: list[str], batch_size: int) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -90,7 +83,7 @@ def dev_logits(model: PooledClassifier, texts: list[str], batch_size: int) -> to
 def scored_pass(labels: list[int], logits: torch.Tensor, offsets: torch.Tensor | None) -> dict[str, Any]:
     """Scores of the plain argmax, and under ``adjusted`` those of the logits minus the log-prior offsets."""
     adjusted = logits if offsets is None else logits - offsets
-    return {**scores(labels, logits.argmax(-1).tolist()), "adjusted": scores(labels, adjusted.argmax(-1).tolist())}
+    return {**dev_scores(labels, logits.argmax(-1).tolist()), "adjusted": dev_scores(labels, adjusted.argmax(-1).tolist())}
 
 
 def run_seed(seed: int, train: list[tuple[str, int]], dev: list[tuple[str, int]], num_classes: int,
