@@ -324,14 +324,18 @@ def dev_scores(labels: Any, predicted: Any) -> dict[str, float]:
             "accuracy": float(accuracy_score(labels, predicted))}
 
 
+def posthoc_predictions(logits: torch.Tensor, train_counts: torch.Tensor, tau: float) -> list[int]:
+    """The classes of ``logits - tau * log(train prior)``: post-hoc logit adjustment (Menon et al., 2021)."""
+    offsets = log_prior_offsets(tau, logits.shape[-1], train_counts, where="post-hoc adjustment")
+    return (logits if offsets is None else logits - offsets).argmax(dim=-1).tolist()
+
+
 def posthoc_adjusted(bundle: DataBundle, run: dict[str, Any], tau: float = POSTHOC_TAU) -> dict[str, float]:
-    """A run's dev scores after post-hoc logit adjustment: its stored dev logits minus ``tau * log(train prior)``
-    (Menon et al., 2021), tau fixed beforehand, never tuned on dev: what the rare classes gain without retraining."""
+    """A run's dev scores after post-hoc logit adjustment of its stored dev logits, tau fixed beforehand, never
+    tuned on dev: what the rare classes gain without retraining."""
     samples = bundle.splits["val"]
     logits = torch.tensor([run["dev_logits"][s.id] for s in samples])
-    offsets = log_prior_offsets(tau, bundle.num_classes, bundle.class_counts("train"), where="post-hoc adjustment")
-    predicted = (logits if offsets is None else logits - offsets).argmax(dim=-1).numpy()
-    return dev_scores(np.array([s.label for s in samples]), predicted)
+    return dev_scores([s.label for s in samples], posthoc_predictions(logits, bundle.class_counts("train"), tau))
 
 
 def posthoc_lines(bundle: DataBundle, results: list["RowResult"]) -> list[str]:

@@ -10,7 +10,7 @@ dev): what the rare classes gain without retraining. It is what a researcher wou
 gap between it and an emofuse row at the same budget points at the engine or the preset, not at the
 encoder. The data are read by emofuse's MELD reader (the same train and dev utterances), the encoder by
 its `TextBackbone` (the packaged weights, no pickle, and its mean of token vectors), the seeding by its
-`seed_everything`; nothing else of emofuse is used.
+`seed_everything`, the schedule's formula by `warmup_decay` (with ``"linear"``); nothing else of emofuse is used.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from emofuse.core.data.pipeline import load_data
-from emofuse.core.engine.class_balance import log_prior_offsets
 from emofuse.core.engine.fit import seed_everything
+from emofuse.core.engine.schedule import warmup_decay
 from emofuse.core.presets import compose_config
 from emofuse.core.types import TEXT
 from emofuse.plugins.encoders.text_backbone import TextBackbone
 
-from bench_meld import RowResult, dev_scores  # bench_meld's seed-mean cells (mean ± 95% t interval) and scores
+from bench_meld import RowResult, dev_scores, posthoc_predictions  # bench_meld's cells, scores and adjustment
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,22 +68,16 @@ class PooledClassifier(nn.Module):
         return self.linear(self.backbone.sentence_embeddings(texts))
 
 
-def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 def dev_logits(model: PooledClassifier, texts: list[str], batch_size: int) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return torch.cat([model(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
 
 
-def scored_pass(labels: list[int], logits: torch.Tensor, offsets: torch.Tensor | None) -> dict[str, Any]:
-    """Scores of the plain argmax, and under ``adjusted`` those of the logits minus the log-prior offsets."""
-    adjusted = logits if offsets is None else logits - offsets
-    return {**dev_scores(labels, logits.argmax(-1).tolist()), "adjusted": dev_scores(labels, adjusted.argmax(-1).tolist())}
+def scored_pass(labels: list[int], logits: torch.Tensor, train_counts: torch.Tensor, tau: float) -> dict[str, Any]:
+    """Scores of the plain argmax, and under ``adjusted`` those after post-hoc logit adjustment."""
+    return {**dev_scores(labels, logits.argmax(-1).tolist()),
+            "adjusted": dev_scores(labels, posthoc_predictions(logits, train_counts, tau))}
 
 
 def run_seed(seed: int, train: list[tuple[str, int]], dev: list[tuple[str, int]], num_classes: int,
@@ -94,12 +88,10 @@ def run_seed(seed: int, train: list[tuple[str, int]], dev: list[tuple[str, int]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(train) + args.batch_size - 1) // args.batch_size
     total = steps_per_epoch * args.epochs
-    warmup = int(round(total * args.warmup))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total, warmup))
+    schedule = warmup_decay(optimizer, total, args.warmup, "linear")
     rng = np.random.default_rng(seed)
     dev_texts, dev_labels = [t for t, _ in dev], [y for _, y in dev]
     counts = torch.bincount(torch.tensor([y for _, y in train]), minlength=num_classes).float()
-    offsets = log_prior_offsets(args.posthoc_tau, num_classes, counts, where="--posthoc-tau")
     history = []
     for epoch in range(args.epochs):
         model.train()
@@ -112,7 +104,7 @@ def run_seed(seed: int, train: list[tuple[str, int]], dev: list[tuple[str, int]]
             loss.backward()
             optimizer.step()
             schedule.step()
-        history.append(scored_pass(dev_labels, dev_logits(model, dev_texts, 4 * args.batch_size), offsets))
+        history.append(scored_pass(dev_labels, dev_logits(model, dev_texts, 4 * args.batch_size), counts, args.posthoc_tau))
         print(f"   seed {seed} pass {epoch + 1}: dev weighted F1 {history[-1]['weighted_f1']:.4f}, "
               f"macro F1 {history[-1]['macro_f1']:.4f}; adjusted {history[-1]['adjusted']['weighted_f1']:.4f}, "
               f"{history[-1]['adjusted']['macro_f1']:.4f}", flush=True)

@@ -1,5 +1,5 @@
 """The plain fine-tuning control, small: MiniLM on a slice of MELD for two passes, scored on dev after
-each, plain and after post-hoc logit adjustment; and its schedule (linear warm-up, then linear decay to zero)."""
+each, plain and after post-hoc logit adjustment (its schedule is the engine's linear decay, tested there)."""
 from __future__ import annotations
 
 import json
@@ -8,19 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from bench_meld_plain import linear_warmup_decay  # noqa: E402
-
-
-def test_schedule_warms_up_then_decays_linearly_to_zero():
-    factors = [linear_warmup_decay(step, total=10, warmup=2) for step in range(11)]
-    assert factors[:2] == [0.5, 1.0]
-    assert factors[2] == 1.0 and factors[6] == pytest.approx(0.5) and factors[10] == 0.0
-    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
 
 
 def test_the_plain_loop_scores_dev_after_every_pass(shared_data, tmp_path):

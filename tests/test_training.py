@@ -63,6 +63,10 @@ def test_linear_decay_falls_along_a_straight_line():
     steps = [b - a for a, b in zip(factors[10:], factors[11:])]
     assert steps == pytest.approx([-1 / 90] * 90)
     assert factors[30] < warmup_decay_factor(30, 100, 10, "cosine")  # the cosine stays high longer
+    short = [warmup_decay_factor(step, 10, 2, "linear") for step in range(11)]  # the plain MELD control's use
+    assert short[:2] == [0.5, 1.0]
+    assert short[2] == 1.0 and short[6] == pytest.approx(0.5) and short[10] == 0.0
+    assert all(a >= b for a, b in zip(short[1:], short[2:]))
     with pytest.raises(ConfigError, match="lr_decay"):
         validate({"train": {"lr_decay": "step"}})
     assert validate({"train": {"lr_decay": "linear"}}).train.lr_decay == "linear"
