@@ -180,6 +180,11 @@ def row_sets(row: Row, args: argparse.Namespace) -> list[str]:
     return sets
 
 
+def trains_adjusted(config: RunConfig) -> bool:
+    """Whether the row's loss adds tau * log(prior) to the logits while training (`logit_adjustment`)."""
+    return bool(config.loss.options.get("logit_adjustment", 0.0))
+
+
 def row_command(row: Row, args: argparse.Namespace) -> str:
     words = ["emofuse", "train", "--preset", row.preset]
     for assignment in row_sets(row, args):
@@ -339,10 +344,11 @@ def posthoc_adjusted(bundle: DataBundle, run: dict[str, Any], tau: float = POSTH
 
 
 def posthoc_lines(bundle: DataBundle, results: list["RowResult"]) -> list[str]:
-    """One line per trained row whose runs all stored their dev logits (runs stored before that have none)."""
+    """One line per trained row whose runs all stored their dev logits (runs stored before that have none),
+    except rows trained with a logit-adjusted loss: their logits are adjusted already."""
     lines = []
     for res in results:
-        if res.runs and all("dev_logits" in r for r in res.runs):
+        if res.runs and not res.trained_adjusted and all("dev_logits" in r for r in res.runs):
             adjusted = RowResult(res.key, res.label, "", "", [posthoc_adjusted(bundle, r) for r in res.runs])
             lines.append(f"- {res.label}: weighted F1 {adjusted.cell('weighted_f1')}, macro F1 "
                          f"{adjusted.cell('macro_f1')}, accuracy {adjusted.cell('accuracy')}")
@@ -406,6 +412,8 @@ class RowResult:
     delta: tuple[float, float, float] | None = None
     #: Key of the row `delta` is taken against.
     reference: str | None = None
+    #: Whether the row's loss already adjusts its logits by the prior (post-hoc adjustment would do it twice).
+    trained_adjusted: bool = False
 
     def mean(self, metric: str) -> float:
         return float(np.mean([r[metric] for r in self.runs]))
@@ -476,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "mean of token vectors, standardised", [logistic_baseline(bundle, cache, args)])  # fit in every run, never reused
             else:
                 row = ROWS[key]
-                res = RowResult(key, row.label, row_command(row, args), row.notes)
+                res = RowResult(key, row.label, row_command(row, args), row.notes,
+                                trained_adjusted=trains_adjusted(row_config(row, 0, args)))
                 print(f"== {row.label}: {res.command}", flush=True)
                 for seed in args.seeds:
                     r = stored_or_trained(row, seed, bundle, cache, args, Path(tmp))

@@ -25,6 +25,7 @@ from bench_meld import (  # noqa: E402
     posthoc_lines,
     row_command,
     row_config,
+    trains_adjusted,
 )
 
 from emofuse.core.data.pipeline import load_data  # noqa: E402
@@ -65,8 +66,15 @@ def test_posthoc_adjustment_shifts_the_stored_dev_logits_by_the_log_train_prior(
     assert adjusted["macro_f1"] == pytest.approx(f1_score(labels, shifted, average="macro"))
     assert adjusted["weighted_f1"] == pytest.approx(f1_score(labels, shifted, average="weighted"))
     stored_before = RowResult("old", "old row", "", "", [{"weighted_f1": 0.5}])
-    (line,) = posthoc_lines(bundle, [stored_before, RowResult("new", "new row", "", "", [run])])
+    trained_adjusted = RowResult("adjusted", "adjusted row", "", "", [run], trained_adjusted=True)
+    (line,) = posthoc_lines(bundle, [stored_before, trained_adjusted, RowResult("new", "new row", "", "", [run])])
     assert line.startswith("- new row: weighted F1 ")
+
+
+def test_rows_trained_with_a_logit_adjusted_loss_are_known():
+    budget = argparse.Namespace(sets=[], finetune_steps=0, finetune_epochs=0, data=None, limit=None)
+    assert trains_adjusted(row_config(ROWS["finetune-mpnet-turns"], 0, budget))
+    assert not trains_adjusted(row_config(ROWS["finetune-mpnet-linear"], 0, budget))
 
 
 def test_stored_runs_keep_their_keys_when_the_run_config_gains_a_key():
