@@ -32,7 +32,7 @@ from emofuse.core.data.pipeline import load_data  # noqa: E402
 from emofuse.core.presets import compose_config  # noqa: E402
 from emofuse.core.types import TEXT  # noqa: E402
 
-BUDGET = argparse.Namespace(sets=[], finetune_steps=250, finetune_epochs=4)
+BUDGET = argparse.Namespace(sets=[], finetune_steps=250, finetune_epochs=4, data=None, limit=None)
 
 
 @pytest.mark.parametrize("key", sorted(ROWS))
@@ -72,15 +72,14 @@ def test_posthoc_adjustment_shifts_the_stored_dev_logits_by_the_log_train_prior(
 
 
 def test_rows_trained_with_a_logit_adjusted_loss_are_known():
-    budget = argparse.Namespace(sets=[], finetune_steps=0, finetune_epochs=0, data=None, limit=None)
-    assert trains_adjusted(row_config(ROWS["finetune-mpnet-turns"], 0, budget))
-    assert not trains_adjusted(row_config(ROWS["finetune-mpnet-linear"], 0, budget))
+    assert trains_adjusted(row_config(ROWS["finetune-mpnet-turns"], 0, BUDGET))
+    assert not trains_adjusted(row_config(ROWS["finetune-mpnet-linear"], 0, BUDGET))
 
 
 def test_stored_runs_keep_their_keys_when_the_run_config_gains_a_key():
     """The one-lr row's seed 0 was stored before `train.lr_decay` existed: its key is unchanged at the
     default (cosine) and differs once the new key takes another value."""
-    budget = argparse.Namespace(sets=[], finetune_steps=250, finetune_epochs=5, data=None, limit=None)
+    budget = argparse.Namespace(**{**vars(BUDGET), "finetune_epochs": 5})
     key = config_key(row_config(ROWS["finetune-mpnet-onelr"], 0, budget))
     assert key == "509360cd5b908da9"
     assert (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "meld_store" / f"{key}.json").is_file()
