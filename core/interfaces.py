@@ -170,6 +170,14 @@ class Fusion(Component, nn.Module):
             raise ValueError(f"fusion {self.name!r} was built for branches {names}, got outputs of {sorted(outputs)}")
         return [outputs[n] for n in names]
 
+    def stacked(self, outputs: Mapping[str, EncoderOutput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, N, C]`` logits, absent branches' rows zeroed (NaN included), ``[B, N]`` bool presence)."""
+        ordered = self.ordered(outputs)
+        present = torch.stack([o.presence() for o in ordered], dim=1)
+        logits = torch.stack([o.logits for o in ordered], dim=1)
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        return torch.where(present.unsqueeze(-1), logits, zero), present
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 

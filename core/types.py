@@ -125,6 +125,13 @@ class Batch:
 
         return Batch(**{k: move(v) for k, v in self.__dict__.items()})
 
+    def presence(self, modality: str) -> torch.Tensor:
+        """``[B]`` bool on the labels' device: where `modality` is present (all False when not carried)."""
+        mask = self.present.get(modality)
+        if mask is None:
+            return torch.zeros(len(self), dtype=torch.bool, device=self.labels.device)
+        return mask.to(self.labels.device).bool()
+
     def metadata_tensor(self) -> torch.Tensor:
         """Speaker metadata as a float ``[B, 5]`` tensor: age (standardised by the data normaliser),
         age known, male, female, gender known.

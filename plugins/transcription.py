@@ -21,9 +21,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from emofuse.core.data.user_cache import user_cache_dir
-from emofuse.core.types import Sample
-from emofuse.plugins.encoders.whisper import CHUNK_SAMPLES, PACKAGED_SHA256, WhisperLogMel, file_sha256, packaged_whisper
+from emofuse.core import Sample, user_cache_dir
+from emofuse.plugins.encoders.whisper import (
+    CHUNK_SAMPLES,
+    PACKAGED_SHA256,
+    WhisperLogMel,
+    file_sha256,
+    packaged_whisper,
+)
 
 #: Whisper's special tokens for English-only models (tiny.en): start of transcript, no timestamps, end of text.
 START_OF_TRANSCRIPT = 50257
@@ -104,7 +109,7 @@ class TranscriptCache:
 
     def transcripts(self, paths: Sequence[Path]) -> list[str]:
         """The transcript of each audio file, transcribing (and storing) only the ones not seen before."""
-        from emofuse.core.data.decode import decode_audio
+        from emofuse.core import decode_audio
 
         keys = [file_sha256(Path(p)) for p in paths]  # the same recording anywhere: one entry
         missing = [i for i, k in enumerate(keys) if k not in self._texts]

@@ -15,7 +15,8 @@ import torch
 
 from emofuse.core.config import DataConfig, RunConfig, validate
 from emofuse.core.data.preprocess import preprocess_spec
-from emofuse.core.engine.compose import ComposedModel, build_model, build_reader
+from emofuse.core.data.readers import build_reader
+from emofuse.core.engine.compose import ComposedModel, build_model
 from emofuse.core.errors import ConfigError
 from emofuse.core.registry import Registry
 from emofuse.core.types import VIDEO, Sample

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from emofuse.core.engine.compose import build_reader
 from emofuse.core.config import DataConfig
 from emofuse.core.data.collate import Collator
 from emofuse.core.data.keys import modality_keys
 from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample, preprocess_spec
+from emofuse.core.data.readers import build_reader
 from emofuse.core.data.splits import SPLITS, check_speaker_independent, load_split, make_split, save_split
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.types import MODALITIES, Batch, Sample

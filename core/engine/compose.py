@@ -1,50 +1,17 @@
 """Turns a `RunConfig` into live components through the registry: the only place names become objects."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from emofuse.core.config import ComponentRef, DataConfig, RunConfig
+from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.data.readers import build_reader, default_data_dir, resolve_data_dir  # noqa: F401 (also importable from here)
 from emofuse.core.errors import ConfigError
-from emofuse.core.interfaces import BranchInfo, DatasetReader, Encoder, Fusion, Loss
+from emofuse.core.interfaces import BranchInfo, Encoder, Fusion, Loss
 from emofuse.core.registry import Registry, get_registry
 from emofuse.core.types import Batch, EncoderOutput
-
-#: Where the corpora live when no ``--data`` is given: ``../shared/data`` beside the project.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_data_dir() -> Path | None:
-    """``../shared/data`` beside the checkout (or beside the current folder), if it exists."""
-    for base in (PROJECT_ROOT, Path.cwd()):
-        candidate = base.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def resolve_data_dir(data: DataConfig) -> Path:
-    if data.data_dir is not None:
-        if not Path(data.data_dir).is_dir():
-            raise ConfigError(f"data.data_dir: {data.data_dir} is not a folder", hint="pass --data PATH to your corpora")
-        return Path(data.data_dir)
-    found = default_data_dir()
-    if found is None:
-        raise ConfigError(
-            "no data folder given and ../shared/data does not exist beside this checkout",
-            hint="pass --data PATH (a folder holding ravdess-speech/, meld/, ...) or set data.data_dir",
-        )
-    return found
-
-
-def build_reader(config: DataConfig, registry: Registry | None = None) -> DatasetReader:
-    registry = registry or get_registry()
-    cls = registry.cls("dataset", config.dataset)
-    cfg = cls.make_config(config.options, where=f"data.options[{config.dataset}]")
-    return cls(cfg, data_dir=resolve_data_dir(config))
 
 
 def build_encoder(ref: ComponentRef, num_classes: int, *, where: str, registry: Registry | None = None) -> Encoder:

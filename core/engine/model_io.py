@@ -5,13 +5,13 @@ a checkpoint made with a plugin that is no longer installed says which distribut
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from emofuse import __version__
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
 from emofuse.core.config import RunConfig, validate
 from emofuse.core.engine.compose import ComposedModel, build_model
@@ -64,7 +64,7 @@ def save_model(
     for k, v in (normalizer_state or {}).items():
         tensors[NORMALIZER_PREFIX + k] = v
     meta = {
-        "emofuse_version": __version__,
+        "emofuse_version": _emofuse_version(),
         "config": config.model_dump(mode="json"),
         "label_names": list(label_names),
         "components": components_of(config, registry),
@@ -161,3 +161,11 @@ def load_model(path: Path, registry: Registry | None = None) -> LoadedModel:
     model.eval()
     normalizer = {k[len(NORMALIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(NORMALIZER_PREFIX)}
     return LoadedModel(model, config, label_names, normalizer, meta)
+
+
+def _emofuse_version() -> str:
+    """The installed emofuse's version (0.0.0 in a source tree that is not installed)."""
+    try:
+        return md.version("emofuse")
+    except md.PackageNotFoundError:
+        return "0.0.0"

@@ -11,11 +11,20 @@ import re
 from pathlib import Path
 from typing import ClassVar, Iterator
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig, files_under
-from emofuse.core.data.tables import is_blank, read_table
-from emofuse.core.errors import DataError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.types import AUDIO, METADATA, TEXT, VIDEO, Sample
+from emofuse.core import (
+    AUDIO,
+    METADATA,
+    TEXT,
+    VIDEO,
+    CorpusReader,
+    CorpusReaderConfig,
+    DataError,
+    Sample,
+    files_under,
+    hookimpl,
+    is_blank,
+    read_table,
+)
 
 #: Emotion codes -> label names (named as in RAVDESS so label sets carry across corpora).
 EMOTIONS = {"NEU": "neutral", "HAP": "happy", "SAD": "sad", "ANG": "angry", "FEA": "fearful", "DIS": "disgust"}

@@ -14,11 +14,16 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig
-from emofuse.core.data.tables import load_feature_table
-from emofuse.core.errors import ConfigError, DataError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.types import MODALITIES, Sample
+from emofuse.core import (
+    MODALITIES,
+    ConfigError,
+    CorpusReader,
+    CorpusReaderConfig,
+    DataError,
+    Sample,
+    hookimpl,
+    load_feature_table,
+)
 
 log = logging.getLogger("emofuse.data")
 
@@ -48,7 +53,7 @@ class FeatureTableReader(CorpusReader):
     default_root: ClassVar[str] = ""
 
     def __init__(self, config: FeatureTableConfig, data_dir: Path | None = None):
-        from emofuse.core.registry import get_registry
+        from emofuse.core import get_registry
 
         cls = get_registry().cls("dataset", config.base)
         if cls is type(self):

@@ -16,11 +16,22 @@ import os
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig
-from emofuse.core.data.tables import feature_columns, is_blank, read_table, row_features
-from emofuse.core.errors import ConfigError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
+from emofuse.core import (
+    AUDIO,
+    FEATURES,
+    METADATA,
+    TEXT,
+    VIDEO,
+    ConfigError,
+    CorpusReader,
+    CorpusReaderConfig,
+    Sample,
+    feature_columns,
+    hookimpl,
+    is_blank,
+    read_table,
+    row_features,
+)
 
 FIELDS = ("id", "label", "speaker", "age", "gender", "text", "audio", "video", "dialogue", "utterance", "partition")
 

@@ -11,11 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Iterator
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig
-from emofuse.core.data.tables import is_blank, read_table
-from emofuse.core.errors import DataError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.types import AUDIO, TEXT, VIDEO, Sample
+from emofuse.core import (
+    AUDIO,
+    TEXT,
+    VIDEO,
+    CorpusReader,
+    CorpusReaderConfig,
+    DataError,
+    Sample,
+    hookimpl,
+    is_blank,
+    read_table,
+)
 
 EMOTIONS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 REQUIRED = ("Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")

@@ -13,11 +13,20 @@ import re
 from pathlib import Path
 from typing import ClassVar, Iterator, Literal
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig, files_under
-from emofuse.core.data.tables import load_feature_table
-from emofuse.core.errors import DataError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
+from emofuse.core import (
+    AUDIO,
+    FEATURES,
+    METADATA,
+    TEXT,
+    VIDEO,
+    CorpusReader,
+    CorpusReaderConfig,
+    DataError,
+    Sample,
+    files_under,
+    hookimpl,
+    load_feature_table,
+)
 
 log = logging.getLogger("emofuse.data")
 

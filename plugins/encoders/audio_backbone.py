@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emofuse.core.errors import MissingDependencyError
+from emofuse.core import MissingDependencyError
 from emofuse.plugins.encoders.pretrained import load_pretrained
 from emofuse.plugins.encoders.whisper import (
     CHUNK_SAMPLES,

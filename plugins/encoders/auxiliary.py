@@ -13,8 +13,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.types import GENDER_CODES, Batch
+from emofuse.core import GENDER_CODES, Batch, ComponentConfig
 
 #: The field read from `Batch.gender` rather than from the reader's extra fields.
 GENDER_FIELD = "gender"

@@ -20,13 +20,18 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.config import ComponentRef
-from emofuse.core.errors import ConfigError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Encoder
-from emofuse.core.types import MODALITIES, Batch, EncoderOutput
-from emofuse.core.data.dialogue import DialogueLayout, dialogue_layout
+from emofuse.core import (
+    MODALITIES,
+    Batch,
+    ComponentConfig,
+    ComponentRef,
+    ConfigError,
+    DialogueLayout,
+    Encoder,
+    EncoderOutput,
+    dialogue_layout,
+    hookimpl,
+)
 from emofuse.plugins.encoders.auxiliary import AuxiliaryHead, AuxTaskConfig
 from emofuse.plugins.encoders.layers import classifier_head
 
@@ -110,14 +115,14 @@ class DialogueContextEncoder(Encoder):
     @classmethod
     def modalities_for(cls, config: ContextConfig) -> tuple[str, ...]:  # type: ignore[override]
         """The inner encoder's modalities, primary first."""
-        from emofuse.core.registry import get_registry
+        from emofuse.core import get_registry
 
         inner = get_registry().cls("encoder", config.inner.name)
         return inner.modalities_for(inner.make_config(config.inner.options, where="dialogue-context.inner"))
 
     def __init__(self, config: ContextConfig, num_classes: int):
         super().__init__(config, num_classes)
-        from emofuse.core.engine.compose import build_encoder
+        from emofuse.core import build_encoder
 
         c = config
         self.inner = build_encoder(c.inner, num_classes, where="dialogue-context.inner")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emofuse.core.errors import DataError
+from emofuse.core import DataError
 
 #: The binary format versions this reader understands (CTranslate2 writes 6 since 3.0).
 SUPPORTED_VERSIONS = (5, 6)

@@ -14,12 +14,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.errors import ConfigError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Encoder
-from emofuse.core.types import FEATURES, METADATA, TEXT, Batch, EncoderOutput
-from emofuse.plugins.encoders.layers import BatchNorm1d, MetadataEmbedding, freeze, keep_frozen_in_eval, presence
+from emofuse.core import FEATURES, METADATA, TEXT, Batch, ComponentConfig, ConfigError, Encoder, EncoderOutput, hookimpl
+from emofuse.plugins.encoders.layers import BatchNorm1d, MetadataEmbedding, freeze, keep_frozen_in_eval
 from emofuse.plugins.encoders.text_backbone import TextBackbone
 
 
@@ -124,14 +120,14 @@ class FeatureVectorEncoder(Encoder):
 
     def forward(self, batch: Batch, extracted: dict[str, torch.Tensor] | None = None) -> EncoderOutput:
         x = self.input_norm(self._feature_matrix(batch).to(self.classifier.weight.device))
-        has_features = presence(batch, FEATURES)
+        has_features = batch.presence(FEATURES)
         x = x * has_features[:, None].to(x.dtype)
         inputs = [x]
         if self.metadata is not None:
             inputs.append(self.metadata(batch))
         if self.text_backbone is not None:
             ex = self.extracted_for(batch, extracted)
-            has_text = presence(batch, TEXT)[:, None].to(x.dtype)
+            has_text = batch.presence(TEXT)[:, None].to(x.dtype)
             inputs.append(ex["text_embedding"].to(x.dtype) * has_text)
         embedding = self.mlp(torch.cat(inputs, dim=-1))
         return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_features)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from emofuse.core.errors import ConfigError
+from emofuse.core import ConfigError
 from emofuse.plugins.encoders.fer_xception import FER_LABELS
 
 #: FER-2013 class -> the label names it answers to.

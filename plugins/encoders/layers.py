@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emofuse.core.types import METADATA_DIM, Batch
+from emofuse.core import METADATA_DIM, Batch
 
 
 def freeze(module: nn.Module | None) -> None:
@@ -58,14 +58,6 @@ class MetadataEmbedding(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.net(batch.metadata_tensor().to(self.net[0].weight.dtype))
-
-
-def presence(batch: Batch, modality: str) -> torch.Tensor:
-    """``[B]`` bool: where `modality` is present (all False when the batch does not carry it)."""
-    mask = batch.present.get(modality)
-    if mask is None:
-        return torch.zeros(len(batch), dtype=torch.bool, device=batch.labels.device)
-    return mask.to(batch.labels.device).bool()
 
 
 def classifier_head(in_dim: int, hidden: int, num_classes: int, dropout: float) -> tuple[nn.Sequential, nn.Linear]:

@@ -21,11 +21,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Encoder
-from emofuse.core.types import METADATA, TEXT, VIDEO, Batch, EncoderOutput
-from emofuse.core.errors import ConfigError
+from emofuse.core import METADATA, TEXT, VIDEO, Batch, ComponentConfig, ConfigError, Encoder, EncoderOutput, hookimpl
 from emofuse.plugins.encoders.fer_prior import PRIOR_FLOOR, fer_label_map, map_fer_probabilities
 from emofuse.plugins.encoders.frame_backbone import DEFAULT_FRAME_BACKBONE, FerFrameBackbone, make_frame_backbone
 from emofuse.plugins.encoders.layers import (
@@ -33,7 +29,6 @@ from emofuse.plugins.encoders.layers import (
     classifier_head,
     freeze,
     keep_frozen_in_eval,
-    presence,
 )
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone
 
@@ -180,7 +175,7 @@ class MimamoEncoder(Encoder):
             video, t, height, width = None, 8, 224, 224
         shape = self._feature_map_shape(height, width, device)
         maps = torch.zeros(b, t, *shape, device=device)
-        has_video = presence(batch, VIDEO)
+        has_video = batch.presence(VIDEO)
         if video is not None and bool(has_video.any()):
             idx = has_video.nonzero().flatten()
             frames = video[idx].flatten(0, 1)
@@ -202,7 +197,7 @@ class MimamoEncoder(Encoder):
         frames, _ = self.temporal(pooled.view(b, t, -1))
         h = frames.mean(dim=1)
         if self.film is not None and "text_embedding" in ex:
-            has_text = presence(batch, TEXT).to(h.dtype)[:, None]
+            has_text = batch.presence(TEXT).to(h.dtype)[:, None]
             scale, shift = self.film(ex["text_embedding"].to(h.dtype)).chunk(2, dim=-1)
             h = h * (1.0 + scale * has_text) + shift * has_text
         embedding = self.head(torch.cat([h, self.metadata(batch)], dim=-1))
@@ -213,13 +208,13 @@ class MimamoEncoder(Encoder):
         if self.prior_map is not None:
             frame_probs = self.fer_frame_probabilities(maps)
             prior = frame_probs.mean(dim=1).clamp_min(PRIOR_FLOOR).log().to(logits.dtype)
-            has_video = presence(batch, VIDEO).to(logits.dtype)[:, None]
+            has_video = batch.presence(VIDEO).to(logits.dtype)[:, None]
             logits = logits + self.prior_weight.to(logits.dtype) * prior * has_video
             extras["prior_frame_probabilities"] = frame_probs.detach()
         return EncoderOutput(
             logits=logits,
             embedding=embedding,
-            present=presence(batch, VIDEO),
+            present=batch.presence(VIDEO),
             extras=extras,
         )
 

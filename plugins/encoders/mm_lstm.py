@@ -33,10 +33,17 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Encoder
-from emofuse.core.types import AUDIO, METADATA, TEXT, Batch, EncoderOutput, lengths_to_mask
+from emofuse.core import (
+    AUDIO,
+    METADATA,
+    TEXT,
+    Batch,
+    ComponentConfig,
+    Encoder,
+    EncoderOutput,
+    hookimpl,
+    lengths_to_mask,
+)
 from emofuse.plugins.encoders.audio_backbone import DEFAULT_AUDIO_BACKBONE, make_audio_backbone
 from emofuse.plugins.encoders.layers import (
     BatchNorm1d,
@@ -47,7 +54,6 @@ from emofuse.plugins.encoders.layers import (
     freeze,
     keep_frozen_in_eval,
     masked_norm,
-    presence,
 )
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone, masked_mean
 from emofuse.plugins.encoders.turn_text import turn_context
@@ -367,7 +373,7 @@ class MultimodalLSTMEncoder(Encoder):
             tokens = self.text_backbone.token_embeddings(list(batch.text or [""] * b))
         if self.audio_backbone is None:
             return [{"text_tokens": t} for t in tokens]
-        has_audio = presence(batch, AUDIO)
+        has_audio = batch.presence(AUDIO)
         waves: list[torch.Tensor] = []
         for i in range(b):
             if batch.audio is None or not bool(has_audio[i]):
@@ -402,7 +408,7 @@ class MultimodalLSTMEncoder(Encoder):
         device = self.classifier.weight.device
         text = ex["text_tokens"].to(dtype)
         text_len = ex.get("text_tokens_lengths", torch.full((b,), text.shape[1], dtype=torch.long)).to(device)
-        has_text = presence(batch, TEXT)
+        has_text = batch.presence(TEXT)
         t = self.text_proj(text)
         text_summary = masked_mean(t, text_len) * has_text[:, None].to(dtype)
         if self.audio_backbone is None:
@@ -410,7 +416,7 @@ class MultimodalLSTMEncoder(Encoder):
 
         audio = ex["audio_frames"].to(dtype)
         audio_len = ex.get("audio_frames_lengths", torch.full((b,), audio.shape[1], dtype=torch.long)).to(device)
-        has_audio = presence(batch, AUDIO)
+        has_audio = batch.presence(AUDIO)
         if self.stats_norm is not None:
             layer_stats = self._layer_statistics(audio, audio_len, has_audio)
         if self.layer_mix is not None:

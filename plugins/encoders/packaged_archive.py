@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from emofuse.core.data.user_cache import user_cache_dir
-from emofuse.core.errors import ConfigError, MissingDependencyError
+from emofuse.core import ConfigError, MissingDependencyError, user_cache_dir
 
 _CHUNK = 1 << 20
 _DONE = ".unpacked"

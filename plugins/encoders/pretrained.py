@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
-from emofuse.core.errors import ConfigError, MissingDependencyError
+from emofuse.core import ConfigError, MissingDependencyError
 
 LOCAL = "local"
 PACKAGE = "package"

@@ -8,8 +8,7 @@ batches whole dialogues (`Encoder.batches_by_dialogue`); a clip alone has no con
 """
 from __future__ import annotations
 
-from emofuse.core.data.dialogue import dialogue_fields, group_dialogues
-from emofuse.core.types import Batch
+from emofuse.core import Batch, dialogue_fields, group_dialogues
 
 #: Between the past turns and the future ones in the context segment.
 FUTURE_MARK = " || "

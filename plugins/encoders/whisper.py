@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from emofuse.core.errors import CheckpointError, MissingDependencyError
+from emofuse.core import CheckpointError, MissingDependencyError
 from emofuse.plugins.encoders.ctranslate2_format import CTranslate2Model, read_ctranslate2_model
 
 SAMPLE_RATE = 16_000

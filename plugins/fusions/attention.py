@@ -15,11 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import BranchInfo, Fusion
-from emofuse.core.types import EncoderOutput
-from emofuse.plugins.fusions.late import stack_branches
+from emofuse.core import BranchInfo, ComponentConfig, EncoderOutput, Fusion, hookimpl
 
 
 class AttentionFusionConfig(ComponentConfig):
@@ -52,7 +48,7 @@ class AttentionFusion(Fusion):
 
     def branch_weights(self, outputs: Mapping[str, EncoderOutput]) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, N] weights summing to 1 over present branches, [B, N, C] masked logits)``."""
-        logits, present = stack_branches(self.ordered(outputs))
+        logits, present = self.stacked(outputs)
         log_probs = torch.where(present.unsqueeze(-1), F.log_softmax(logits.float(), dim=-1), 0.0)
         gate_in = torch.cat([log_probs.flatten(1), present.float()], dim=1).to(logits.dtype)
         scores = self.gate(gate_in).float().masked_fill(~present, float("-inf"))

@@ -13,10 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import BranchInfo, Fusion
-from emofuse.core.types import EncoderOutput
+from emofuse.core import BranchInfo, ComponentConfig, EncoderOutput, Fusion, hookimpl
 
 
 class FeatureLevelConfig(ComponentConfig):

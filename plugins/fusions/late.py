@@ -16,23 +16,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from emofuse.core.component import ComponentConfig
-from emofuse.core.errors import ConfigError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import BranchInfo, Fusion
-from emofuse.core.types import EncoderOutput
+from emofuse.core import BranchInfo, ComponentConfig, ConfigError, EncoderOutput, Fusion, hookimpl
 
 _EPS = 1e-8
-
-
-def stack_branches(outputs: Sequence[EncoderOutput]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([B, N, C] logits with absent rows zeroed, [B, N] bool presence)`` of N branch outputs
-    (in the fusion's branch order: `Fusion.ordered`)."""
-    present = torch.stack([o.presence() for o in outputs], dim=1)
-    logits = torch.stack([o.logits for o in outputs], dim=1)
-    # where() rather than a product: an absent branch's logits may be anything, NaN included.
-    logits = torch.where(present.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-    return logits, present
 
 
 def weight_shares(weights: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
@@ -71,7 +57,7 @@ class WeightedLateFusion(Fusion):
 
     def weighted_terms(self, outputs: Mapping[str, EncoderOutput]) -> torch.Tensor:
         """``[B, N, C]``: each branch's weighted logits, present branches' weights rescaled to the full total."""
-        logits, present = stack_branches(self.ordered(outputs))
+        logits, present = self.stacked(outputs)
         w = self.weights.to(logits.dtype)
         masked = present.to(logits.dtype) * w  # [B, N]
         present_total = masked.sum(dim=1, keepdim=True)

@@ -16,10 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from emofuse.core.engine.class_balance import class_weight_vector, log_prior_offsets
-from emofuse.core.component import ComponentConfig
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.interfaces import Loss
+from emofuse.core import ComponentConfig, Loss, class_weight_vector, hookimpl, log_prior_offsets
 
 
 class CrossEntropyConfig(ComponentConfig):
