@@ -2,6 +2,8 @@
 
 Thin on purpose: every command builds a `RunConfig` (preset -> --config -> flags -> --set) and hands
 it to an engine in `emofuse.core`. Errors the user can fix print as one line, exit code 2.
+Heavy modules (torch, the engine, the apps) are imported inside the commands that need them, so that
+`emofuse --help`, `emofuse presets` and a cached `emofuse plugins` answer without importing torch.
 """
 from __future__ import annotations
 
@@ -17,9 +19,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from emofuse.cli.options import describe_options
-from emofuse.cli.progress import RichReporter
-from emofuse.core.engine.progress import reporting
 from emofuse.core.errors import EmofuseError
 
 app = typer.Typer(
@@ -59,6 +58,9 @@ def friendly_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from emofuse.cli.progress import RichReporter
+        from emofuse.core.engine.progress import reporting
+
         try:
             with reporting(RichReporter(console)):
                 return fn(*args, **kwargs)
@@ -176,44 +178,36 @@ def plugins_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """List every registered component: kind, name, provider distribution and version, summary."""
-    from emofuse.core.registry import get_registry
+    from emofuse.core.apps.components import list_components
 
-    reg = get_registry()
-    rows = [r for r in reg.all() if kind is None or r.kind == kind]
+    listing = list_components()
+    rows = [c for c in listing.components if kind is None or c.kind == kind]
     if as_json:
-        out = [
-            {"kind": r.kind, "name": r.name, "distribution": r.provider.distribution, "version": r.provider.version,
-             "plugin": r.provider.plugin, "summary": r.cls.summary(), "options": _options_of(r.cls)}
-            for r in rows
-        ]
-        typer.echo(json.dumps({"components": out, "problems": [str(p) for p in reg.problems]}, indent=2))
+        out = [{k: v for k, v in vars(c).items()} for c in rows]
+        typer.echo(json.dumps({"components": out, "problems": listing.problems}, indent=2))
         return
     table = Table(title="emofuse components", show_lines=options)
     for col in ("kind", "name", "provider", "summary"):
         table.add_column(col, overflow="fold")
     if options:
         table.add_column("options (name: type = default; constraints; help)", overflow="fold")
-    for r in rows:
-        cells = [r.kind, r.name, f"{r.provider.distribution} {r.provider.version}", r.cls.summary()]
+    for c in rows:
+        cells = [c.kind, c.name, f"{c.distribution} {c.version}", c.summary]
         if options:
-            cells.append("\n".join(_option_line(o) for o in describe_options(r.cls)))
-        table.add_row(*(Text(c) for c in cells))  # plain text: a summary or help may hold [brackets]
+            cells.append("\n".join(_option_line(name, o) for name, o in c.options.items()))
+        table.add_row(*(Text(cell) for cell in cells))  # plain text: a summary or help may hold [brackets]
     console.print(table)
     if options and (kind in (None, "dataset")):
         console.print(Text("dataset options go under data.options in a config, or --set data.options.KEY=VALUE"))
-    for p in reg.problems:
-        err_console.print(Text.assemble(("skipped plugin ", "yellow"), str(p)), highlight=False)
+    for p in listing.problems:
+        err_console.print(Text.assemble(("skipped plugin ", "yellow"), p), highlight=False)
 
 
-def _option_line(option: dict[str, str]) -> str:
-    line = f"{option['name']}: {option['type']} = {option['default']}"
+def _option_line(name: str, option: dict[str, str]) -> str:
+    line = f"{name}: {option['type']} = {option['default']}"
     if option["constraints"]:
         line += f"; {option['constraints']}"
     return line + (f"; {option['help']}" if option["help"] else "")
-
-
-def _options_of(cls: type) -> dict[str, dict[str, str]]:
-    return {o["name"]: {k: v for k, v in o.items() if k != "name"} for o in describe_options(cls)}
 
 
 @app.command("new-plugin")

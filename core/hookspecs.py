@@ -8,6 +8,9 @@ from __future__ import annotations
 import pluggy
 
 PROJECT = "emofuse"
+ENTRY_POINT_GROUP = "emofuse"
+#: Comma-separated entry-point or distribution names: load only these plugins.
+ALLOW_ENV = "EMOFUSE_PLUGINS"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

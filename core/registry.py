@@ -18,10 +18,8 @@ import pluggy
 from emofuse.core import hookspecs
 from emofuse.core.component import Component
 from emofuse.core.errors import PluginError
+from emofuse.core.hookspecs import ALLOW_ENV, ENTRY_POINT_GROUP
 from emofuse.core.interfaces import DatasetReader, Encoder, Fusion, Loss
-
-ENTRY_POINT_GROUP = "emofuse"
-ALLOW_ENV = "EMOFUSE_PLUGINS"
 
 #: component kind -> (hook name, base class)
 KINDS: dict[str, tuple[str, type]] = {
