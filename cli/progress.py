@@ -76,3 +76,6 @@ class RichReporter(ProgressReporter):
                       transient=True, console=self.console) as bar:
             task = bar.add_task(description, total=total)
             yield lambda: bar.advance(task)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)

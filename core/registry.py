@@ -122,6 +122,7 @@ class Registry:
                 hint=f"uninstall one of them or restrict loading with {ALLOW_ENV}",
             )
         self.components[kind][cls.name] = Registered(kind, cls.name, cls, provider)
+        cls._emofuse_provider = provider  # read by the reuse keys (`emofuse.core.data.code_identity`)
 
     # -- lookup ----------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Registered:

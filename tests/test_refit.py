@@ -53,11 +53,14 @@ def test_refit_trains_branches_and_fusion_again_on_train_and_validation(tmp_path
     from emofuse.core.engine.fusion_stage import shared_branch_runs
 
     bundle = load_data(config.data, ["features", "metadata", "text"], split_dir=result.run_dir)
-    from emofuse.core.engine.run_files import branch_fingerprint, finished_result
+    from emofuse.core.engine.run_files import branch_fingerprint, components_code, finished_result
+    from emofuse.core.registry import get_registry
 
     planned = shared_branch_runs(config, bundle, result.branch_results)
     assert {cfg.name for cfg, _ in planned} == {n for n in names if "fold" in n}
-    assert all(finished_result(cfg.output_dir / cfg.name, branch_fingerprint(cfg, data)) for cfg, data in planned)
+    assert all(finished_result(cfg.output_dir / cfg.name,
+                               branch_fingerprint(cfg, data, components_code(cfg, get_registry())))
+               for cfg, data in planned)
 
     # a rerun reuses everything, refit branches included
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("model.safetensors")}

@@ -71,9 +71,9 @@ def test_a_config_file_name_cannot_lead_outside_output(tmp_path):
     assert result.exit_code == 2 and "name" in result.output and not (tmp_path / "escaped").exists()
 
 
-def test_settings_added_later_change_a_runs_fingerprint_only_away_from_their_defaults():
-    """Runs finished before `keep` and `lr_decay` existed keep their fingerprints (and are reused)."""
+def test_every_setting_that_shapes_a_result_is_in_its_fingerprint_defaults_included():
+    """No setting is left out of a run's identity to keep older runs reusable: only the machine-local
+    ones (device, loader workers) and ``refit`` (the selection run shares its folder) are."""
     plain = train_settings(TrainConfig())
-    assert "keep" not in plain and "lr_decay" not in plain
-    assert train_settings(TrainConfig(lr_decay="linear"))["lr_decay"] == "linear"
-    assert train_settings(TrainConfig(keep="last"))["keep"] == "last"
+    assert plain["keep"] == "best" and plain["lr_decay"] == "cosine"
+    assert set(TrainConfig.model_fields) - set(plain) == {"device", "num_workers", "refit"}

@@ -39,6 +39,8 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 from emofuse.core.apps.search_space import SearchSpace, default_space, focal_loss_key
 from emofuse.core.config import RunConfig, to_toml, validate
 from emofuse.core.data.cache import process_alive
+from emofuse.core.data.code_identity import what_changed
+from emofuse.core.engine.run_files import components_code
 from emofuse.core.engine import branch_stage, training
 from emofuse.core.errors import ConfigError, MissingDependencyError
 from emofuse.core.registry import Registry, get_registry
@@ -411,7 +413,7 @@ class Study:
 
     def _identity(self) -> dict[str, Any]:
         return {"space": self.space.to_dict(), "scope": self.scope, "monitor": self.monitor,
-                "config": _fingerprint(self.config)}
+                "config": _fingerprint(self.config), "code": components_code(self.config, self.registry)}
 
     def _open_study(self) -> optuna.Study:
         exists = self.name in optuna.get_all_study_names(self.storage)
@@ -432,7 +434,14 @@ class Study:
         if stored is None:
             study.set_user_attr(STUDY_ATTR, identity)
         else:
-            for key in ("space", "scope", "monitor", "config"):
+            for component, now in identity["code"].items():
+                change = what_changed(component, (stored.get("code") or {}).get(component), now)
+                if change:
+                    raise ConfigError(
+                        f"study {self.name!r} in {self.storage_url}: its trials were run with other code ({change})",
+                        hint="start another --study: trials of the old and the new code are not comparable",
+                    )
+            for key in ("space", "scope", "monitor", "config", "code"):
                 if stored.get(key) != identity[key]:
                     raise ConfigError(
                         f"study {self.name!r} in {self.storage_url} was started with a different {key}",

@@ -1,7 +1,12 @@
 """On-disk cache of frozen components' outputs, so a frozen backbone runs once per clip, ever.
 
-Layout: ``<root>/<namespace>/<shard>.safetensors``; a namespace is one component state (name plus
-`Encoder.fingerprint()`: options and frozen weights), a key is one clip's inputs (`sample_key`).
+Layout: ``<root>/<namespace>/<shard>.safetensors``; a namespace is one component state (name plus a
+hash of `Encoder.fingerprint()`, options and frozen weights, and of its code: provider, version and, for
+a local install, its source files, `code_identity`), a key is one clip's inputs (`sample_key`). Each
+namespace folder holds ``identity.json`` (what made it), so that an encoder whose code changed is
+recomputed with one line saying which component changed and how (`FeatureCache.notify`).
+Each entry carries a checksum of its tensor bytes (blake2b, in the shard's metadata), checked the
+first time a process reads it: flipped bytes mean the shard is set aside and its entries recomputed.
 Each `put_many` writes one new shard (tensors named ``<key>/<name>``): written to a temp file,
 fsynced, then renamed into place, so a crash never leaves a half shard that a later run trusts, and
 several processes (parallel Optuna trials) can add shards side by side. A changed config or weight
@@ -14,6 +19,7 @@ encoders are all cached: `extract` serves every batch from disk without decoding
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -24,12 +30,13 @@ import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from emofuse.core.data.code_identity import code_identity, what_changed
 from emofuse.core.data.collate import select
 from emofuse.core.data.keys import combine_keys, sample_key
 from emofuse.core.interfaces import Encoder, collate_extracted
@@ -42,8 +49,14 @@ __all__ = ["FeatureCache", "CacheStats", "CacheWriteError", "sample_key", "batch
 
 _SUFFIX = ".safetensors"
 _EMPTY_MARK = "__empty__"
+_FORMAT = "emofuse-feature-cache-2"
+_CHECKSUM = "blake2b/"
+#: What made a namespace (written when it is created; read by `emofuse cache` and on a code change).
+IDENTITY_FILE = "identity.json"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _fingerprints: "weakref.WeakKeyDictionary[Encoder, str]" = weakref.WeakKeyDictionary()
+#: namespace -> what made it (component, options-and-weights fingerprint, code), for `identity.json`.
+_identities: dict[str, dict[str, Any]] = {}
 
 
 class CacheWriteError(EmofuseError, OSError):
@@ -52,12 +65,27 @@ class CacheWriteError(EmofuseError, OSError):
 
 
 def encoder_namespace(encoder: Encoder) -> str:
-    """``<name>-<fingerprint>``; the fingerprint (a hash over frozen weights) is computed once per object."""
-    fp = _fingerprints.get(encoder)
-    if fp is None:
-        fp = encoder.fingerprint()
-        _fingerprints[encoder] = fp
-    return f"{encoder.name}-{fp}"
+    """``<name>-<hash>`` of the encoder's fingerprint (options, frozen weights) and its code identity;
+    computed once per object (the fingerprint hashes every frozen weight)."""
+    namespace = _fingerprints.get(encoder)
+    if namespace is None:
+        state, code = encoder.fingerprint(), code_identity(encoder)
+        digest = hashlib.sha256(json.dumps([state, code], sort_keys=True).encode()).hexdigest()[:16]
+        namespace = f"{encoder.name}-{digest}"
+        _identities[namespace] = {"component": f"encoder {encoder.name!r}", "state": state, "code": code}
+        _fingerprints[encoder] = namespace
+    return namespace
+
+
+def entry_checksum(value: Mapping[str, torch.Tensor]) -> str:
+    """blake2b of one entry's tensors: names, dtypes, shapes and raw bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(value):
+        tensor = value[name].detach().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
+        if tensor.numel():
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def batch_keys(batch: Batch, modalities: Iterable[str] = ()) -> list[str]:
@@ -90,12 +118,15 @@ class CacheStats:
 class FeatureCache:
     """Safetensors shards of per-sample tensor dicts, by namespace and key. Never pickle."""
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, notify: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = CacheStats()
+        #: Told, in one line each, why entries are recomputed (a changed component, damaged bytes).
+        self.notify = notify or log.warning
         self._index: dict[str, dict[str, Path]] = {}
         self._scanned: dict[str, set[str]] = {}
+        self._verified: set[tuple[Path, str]] = set()
         self._lock = threading.Lock()
 
     # -- raw storage -----------------------------------------------------------------------
@@ -111,7 +142,7 @@ class FeatureCache:
         for shard, positions in by_shard.items():
             try:
                 with safe_open(str(shard), framework="pt") as f:
-                    names = list(f.keys())
+                    names, meta = list(f.keys()), f.metadata() or {}
                     for i in positions:
                         prefix = keys[i] + "/"
                         out[i] = {
@@ -119,11 +150,35 @@ class FeatureCache:
                             for n in names
                             if n.startswith(prefix) and n[len(prefix):] != _EMPTY_MARK
                         }
+                        if (shard, keys[i]) not in self._verified:
+                            _check_entry(meta, keys[i], out[i])  # type: ignore[arg-type]
+                            self._verified.add((shard, keys[i]))
             except Exception as exc:  # damaged shard: forget it, recompute its entries
                 self._quarantine(namespace, shard, exc)
                 for i in positions:
                     out[i] = None
         return out
+
+    def verify(self, namespace: str, keys: Sequence[str]) -> None:
+        """Check the stored entries of `keys` against their checksums (once per process); a shard that
+        fails is set aside, so its entries count as missing and are recomputed."""
+        index = self._lookup(namespace, list(keys))
+        by_shard: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            shard = index.get(key)
+            if shard is not None and (shard, key) not in self._verified:
+                by_shard[shard].append(key)
+        for shard, shard_keys in by_shard.items():
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    names, meta = list(f.keys()), f.metadata() or {}
+                    for key in shard_keys:
+                        prefix = key + "/"
+                        _check_entry(meta, key, {n[len(prefix):]: f.get_tensor(n) for n in names
+                                                 if n.startswith(prefix) and n[len(prefix):] != _EMPTY_MARK})
+                        self._verified.add((shard, key))
+            except Exception as exc:
+                self._quarantine(namespace, shard, exc)
 
     def put_many(self, namespace: str, keys: list[str], values: list[dict[str, torch.Tensor]]) -> None:
         """Store one shard holding `values` under `keys` (keys already stored are not written again)."""
@@ -131,6 +186,7 @@ class FeatureCache:
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         index = self._lookup(namespace, keys)
         tensors: dict[str, torch.Tensor] = {}
+        checksums: dict[str, str] = {}
         new_keys = []
         for key, value in zip(keys, values):
             if key in index or key in new_keys:
@@ -140,14 +196,15 @@ class FeatureCache:
             new_keys.append(key)
             if not value:
                 tensors[f"{key}/{_EMPTY_MARK}"] = torch.zeros(0)
-            for name, tensor in value.items():
-                tensors[f"{key}/{name}"] = tensor.detach().to("cpu").contiguous().clone()
+            stored = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in value.items()}
+            tensors.update({f"{key}/{name}": tensor for name, tensor in stored.items()})
+            checksums[_CHECKSUM + key] = entry_checksum(stored)
         if not new_keys:
             return
         folder = self._folder(namespace)
         digest = hashlib.sha256("\n".join(new_keys).encode()).hexdigest()[:12]
         final = folder / f"{digest}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
-        data = safetensors_save(tensors, metadata={"format": "emofuse-feature-cache-1", "namespace": namespace})
+        data = safetensors_save(tensors, metadata={"format": _FORMAT, "namespace": namespace, **checksums})
         try:
             _atomic_write(final, data)
         except OSError as exc:
@@ -159,13 +216,15 @@ class FeatureCache:
             ns_index = self._index.setdefault(namespace, {})
             for key in new_keys:
                 ns_index[key] = final
+                self._verified.add((final, key))
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         namespace, key = item
         return key in self._lookup(namespace, [key])
 
     def missing(self, namespace: str, keys: Sequence[str]) -> list[str]:
-        """The keys with no stored entry."""
+        """The keys with no stored entry that passes its checksum."""
+        self.verify(namespace, keys)
         index = self._lookup(namespace, list(keys))
         return [k for k in keys if k not in index]
 
@@ -255,8 +314,30 @@ class FeatureCache:
         if not _NAMESPACE_RE.match(namespace):
             raise ValueError(f"cache namespace {namespace!r} must be letters, digits, '.', '_' or '-'")
         folder = self.root / namespace
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            identity = _identities.get(namespace)
+            if identity is not None:
+                _atomic_write(folder / IDENTITY_FILE, json.dumps({**identity, "created": time.time()}).encode())
+                self._explain_new(namespace, identity)
         return folder
+
+    def _explain_new(self, namespace: str, identity: Mapping[str, Any]) -> None:
+        """Say why a component's entries are computed again when an earlier namespace of the same
+        component, options and weights exists: its code changed."""
+        for other in sorted(self.root.glob(f"*/{IDENTITY_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if other.parent.name == namespace:
+                continue
+            try:
+                before = json.loads(other.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if before.get("component") != identity["component"] or before.get("state") != identity["state"]:
+                continue
+            change = what_changed(identity["component"], before.get("code"), identity["code"])
+            if change:
+                self.notify(f"{change}: computing its features again (not reusing {other.parent})")
+                return
 
     def _lookup(self, namespace: str, keys: Sequence[str]) -> dict[str, Path]:
         """The namespace index, rescanned for shards other processes added when a key is unknown."""
@@ -286,7 +367,7 @@ class FeatureCache:
                 index.setdefault(name.split("/", 1)[0], shard)
 
     def _quarantine(self, namespace: str, shard: Path, exc: BaseException, *, locked: bool = False) -> None:
-        log.warning("feature cache shard %s is unreadable (%s); its entries will be recomputed", shard, exc)
+        self.notify(f"feature cache shard {shard} is damaged ({exc}); its entries are computed again")
         try:
             os.replace(shard, shard.with_suffix(".corrupt"))
         except OSError:
@@ -302,6 +383,18 @@ class FeatureCache:
         else:
             with self._lock:
                 forget()
+
+
+class DamagedEntry(ValueError):
+    """A stored entry whose bytes do not match the checksum it was written with."""
+
+
+def _check_entry(meta: Mapping[str, str], key: str, value: Mapping[str, torch.Tensor]) -> None:
+    expected = meta.get(_CHECKSUM + key)
+    if expected is None:
+        raise DamagedEntry(f"entry {key!r} carries no checksum")
+    if entry_checksum(value) != expected:
+        raise DamagedEntry(f"entry {key!r} fails its checksum: its bytes changed on disk")
 
 
 #: A temp file older than this is abandoned even if a process with its pid is alive (pids are reused).

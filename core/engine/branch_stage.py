@@ -44,7 +44,8 @@ from emofuse.core.engine.run_files import (
     SPLITS,
     RunResult,
     branch_fingerprint,
-    finished_result,
+    components_code,
+    reuse_or_explain,
     write_result,
 )
 from emofuse.core.errors import CheckpointError
@@ -185,9 +186,10 @@ def train_branch(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Reg
                                 on_epoch=on_epoch if where == run_dir else None)
 
         return refit.refit_branch(config, bundle, run_dir, stage_one)
-    fingerprint = branch_fingerprint(config, bundle)
+    code = components_code(config, registry)
+    fingerprint = branch_fingerprint(config, bundle, code)
     if resume:
-        done = finished_result(run_dir, fingerprint)
+        done = reuse_or_explain(run_dir, fingerprint, code, "branch run" if run_dir.parent.name == BRANCHES_DIR else "run")
         if done is not None:
             return done
     (branch, _), = config.branches.items()
@@ -219,7 +221,7 @@ def train_branch(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Reg
     if ctx.is_main:
         save_model(run_dir / MODEL_FILE, model, config, label_names, normalizer_state=normalizer,
                    metrics={**metrics, "best_epoch": outcome.best_epoch}, registry=registry)
-        write_result(run_dir, result, fingerprint)
+        write_result(run_dir, result, fingerprint, code=code)
     ctx.barrier()
     return result
 

@@ -41,9 +41,10 @@ from emofuse.core.engine.run_files import (
     MODEL_FILE,
     SPLITS,
     RunResult,
-    finished_result,
-    recorded_fingerprint,
+    components_code,
     fusion_fingerprint,
+    recorded_fingerprint,
+    reuse_or_explain,
     write_result,
 )
 from emofuse.core.interfaces import Encoder, Fusion
@@ -151,9 +152,10 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
         on_epoch=on_epoch)) if refit.wanted(config) else None
     fit_bundle = plan.bundle if plan is not None else bundle
     fusion_cfg = plan.fusion_train if plan is not None else (config.fusion_train or config.train)
-    fingerprint = fusion_fingerprint(config.model_copy(update={"fusion_train": fusion_cfg}), shas, fit_bundle)
+    code = components_code(config, registry)
+    fingerprint = fusion_fingerprint(config.model_copy(update={"fusion_train": fusion_cfg}), shas, fit_bundle, code)
     if resume:
-        done = finished_result(run_dir, fingerprint)
+        done = reuse_or_explain(run_dir, fingerprint, code, "fused run")
         if done is not None:
             return done
     cache = open_cache(config)
@@ -219,7 +221,7 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
                    metrics={**metrics, "best_epoch": outcome.best_epoch,
                             "branches": {b: r.metrics for b, r in branch_results.items()}},
                    extra={"fusion_report": report}, registry=registry)
-        write_result(run_dir, result, fingerprint, branch_runs)
+        write_result(run_dir, result, fingerprint, branch_runs, code=code)
     ctx.barrier()
     return result
 

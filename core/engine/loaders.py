@@ -14,7 +14,7 @@ from emofuse.core.engine.distributed import (
     DistContext,
     ShardedBatchSampler,
 )
-from emofuse.core.engine.progress import reporter
+from emofuse.core.engine.progress import note, reporter
 from emofuse.core.interfaces import Encoder
 from emofuse.core.types import AUDIO, VIDEO
 
@@ -120,5 +120,5 @@ def open_cache(config: RunConfig) -> Any:
     from emofuse.core.data.cache import FeatureCache
 
     root = config.cache_dir if config.cache_dir is not None else Path(config.output_dir) / ".cache"
-    return FeatureCache(root)
+    return FeatureCache(root, notify=note)
 

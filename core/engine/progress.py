@@ -59,6 +59,15 @@ class ProgressReporter:
         """A counter of `total` steps: the context yields the function to call after each one."""
         yield lambda: None
 
+    def note(self, message: str) -> None:
+        """One line worth a person's attention: why something stored is not reused (recomputed)."""
+        log.warning("%s", message)
+
+
+def note(message: str) -> None:
+    """Tell the reporter in force (also the silent one: its notes go to the log)."""
+    _current.get().note(message)
+
 
 SILENT = ProgressReporter()
 _current: contextvars.ContextVar[ProgressReporter] = contextvars.ContextVar("emofuse_progress", default=SILENT)

@@ -4,8 +4,9 @@ A run folder (``<output_dir>/<name>``) holds ``model.safetensors`` + ``model.jso
 ``last.safetensors`` + ``last.json`` (the state a killed run resumes from), ``metrics.jsonl`` (one row
 per epoch), ``result.json`` (written last: the run finished), ``config.toml``, ``run.json`` (the
 config it was trained with, compared on a rerun) and ``.lock`` (held while a training writes it). A fingerprint covers
-everything that shapes a result, so a rerun, a second fusion or a search trial over the same branches
-reuses them instead of training again.
+everything that shapes a result, the code of every component included (`components_code`), so a rerun,
+a second fusion or a search trial over the same branches reuses them instead of training again, and a
+run whose components' code changed is trained again with one line saying which and how (`stale_note`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from emofuse.core.checkpoint import atomic_write_bytes
-from emofuse.core.config import RunConfig, TrainConfig
+from emofuse.core.config import ComponentRef, RunConfig, TrainConfig
+from emofuse.core.data.code_identity import code_identity, what_changed
+from emofuse.core.engine.progress import note
 
 SPLITS = ("train", "val", "test")
 
@@ -66,12 +69,32 @@ def config_hash(payload: Any) -> str:
 
 def train_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The training settings that shape the result (device and loader workers do not; nor does
-    ``refit``: a refit run's selection run is the very run trained without it, in the same folder).
-    ``keep`` and ``lr_decay`` count only when not at their defaults, so runs made before they existed are
-    still reused."""
-    exclude = {"device", "num_workers", "refit"} | ({"keep"} if cfg.keep == "best" else set()) | (
-        {"lr_decay"} if cfg.lr_decay == "cosine" else set())
-    return cfg.model_dump(mode="json", exclude=exclude)
+    ``refit``: a refit run's selection run is the very run trained without it, in the same folder)."""
+    return cfg.model_dump(mode="json", exclude={"device", "num_workers", "refit"})
+
+
+def components_code(config: RunConfig, registry: Any) -> dict[str, dict[str, Any]]:
+    """`code_identity` of every component `config` names (encoders, those nested in an encoder's
+    options such as a wrapper's inner one, fusion, losses, dataset reader), by ``"<kind> '<name>'"``."""
+    refs: list[tuple[str, Any]] = [("dataset", config.data.dataset), ("loss", config.loss.name)]
+    refs += [("fusion", config.fusion.name)] if config.fusion is not None else []
+    refs += [("loss", config.fusion_loss.name)] if config.fusion_loss is not None else []
+    for ref in config.branches.values():
+        refs += [("encoder", name) for name in _encoder_names(ref.model_dump(mode="json"), registry)]
+    return {f"{kind} {name!r}": code_identity(registry.cls(kind, name)) for kind, name in sorted(set(refs))}
+
+
+def _encoder_names(options: Any, registry: Any) -> list[str]:
+    """The encoder named by a component ref and by any ref nested in its options."""
+    if isinstance(options, ComponentRef):
+        options = options.model_dump(mode="json")
+    if isinstance(options, list):
+        return [n for item in options for n in _encoder_names(item, registry)]
+    if not isinstance(options, dict):
+        return []
+    name = options.get("name")
+    own = [name] if isinstance(name, str) and name in registry.names("encoder") else []
+    return own + [n for key, value in options.items() if key != "name" for n in _encoder_names(value, registry)]
 
 
 def split_digest(bundle: Any) -> str:
@@ -85,11 +108,12 @@ def split_digest(bundle: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def branch_fingerprint(config: RunConfig, bundle: Any = None) -> str:
+def branch_fingerprint(config: RunConfig, bundle: Any = None, code: Mapping[str, Any] | None = None) -> str:
     """Everything that shapes a branch run's result (not its name, folder or device); with `bundle`,
-    also its split."""
+    also its split; with `code` (`components_code`), the code of its components."""
     return config_hash({
         "stage": "branch",
+        "code": dict(code) if code is not None else None,
         "data": config.data.model_dump(mode="json"),
         "split": split_digest(bundle) if bundle is not None else None,
         "branches": {k: v.model_dump(mode="json") for k, v in config.branches.items()},
@@ -98,10 +122,12 @@ def branch_fingerprint(config: RunConfig, bundle: Any = None) -> str:
     })
 
 
-def fusion_fingerprint(config: RunConfig, branch_checkpoints: Mapping[str, str], bundle: Any) -> str:
+def fusion_fingerprint(config: RunConfig, branch_checkpoints: Mapping[str, str], bundle: Any,
+                       code: Mapping[str, Any] | None = None) -> str:
     fusion_train = config.fusion_train or config.train
     return config_hash({
         "stage": "fusion",
+        "code": dict(code) if code is not None else None,
         "data": config.data.model_dump(mode="json"),
         "split": split_digest(bundle),
         "branch_checkpoints": dict(branch_checkpoints),
@@ -132,6 +158,34 @@ def finished_result(run_dir: Path, fingerprint: str) -> RunResult | None:
                      data.get("fusion_report"), branches)  # type: ignore[arg-type]
 
 
+def reuse_or_explain(run_dir: Path, fingerprint: str, code: Mapping[str, Any], what: str) -> RunResult | None:
+    """The finished run in `run_dir` when its fingerprint matches; else None, after one line through
+    the progress reporter when it is the code of a component that changed (its resume state is then
+    removed too: it was made by the old code)."""
+    done = finished_result(run_dir, fingerprint)
+    if done is None:
+        line = stale_note(run_dir, what, code)
+        if line:
+            note(line)
+            for suffix in (".safetensors", ".json"):
+                (Path(run_dir) / f"{STATE_FILE}{suffix}").unlink(missing_ok=True)
+    return done
+
+
+def stale_note(run_dir: Path, what: str, code: Mapping[str, Any]) -> str | None:
+    """One line saying why the finished run in `run_dir` is not reused, when the code of one of its
+    components changed since it was trained (None when nothing there or no code change)."""
+    try:
+        recorded = json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8")).get("code") or {}
+    except (OSError, ValueError):
+        return None
+    for component in sorted(code):
+        change = what_changed(component, recorded.get(component), code[component])
+        if change:
+            return f"{what} {run_dir}: {change}; training it again"
+    return None
+
+
 def recorded_fingerprint(run_dir: Path) -> str | None:
     """The fingerprint a finished run recorded in its result file (None when there is none)."""
     try:
@@ -140,8 +194,10 @@ def recorded_fingerprint(run_dir: Path) -> str | None:
         return None
 
 
-def write_result(run_dir: Path, result: RunResult, fingerprint: str, branch_runs: Mapping[str, tuple[str, str]] | None = None) -> None:
-    payload = {**result.to_json(), "fingerprint": fingerprint, "finished": True, "branch_runs": dict(branch_runs or {})}
+def write_result(run_dir: Path, result: RunResult, fingerprint: str, branch_runs: Mapping[str, tuple[str, str]] | None = None,
+                 code: Mapping[str, Any] | None = None) -> None:
+    payload = {**result.to_json(), "fingerprint": fingerprint, "finished": True, "branch_runs": dict(branch_runs or {}),
+               "code": dict(code or {})}
     atomic_write_bytes(run_dir / RESULT_FILE, json.dumps(payload, indent=2, sort_keys=True).encode())
 
 

@@ -1,0 +1,155 @@
+"""Identity = config + data + code: an edited plugin is recomputed, with one line saying why.
+
+The plugin is a module on ``sys.path`` (as an editable install puts it), registered in a `Registry`;
+the test edits its source, reloads it, and trains again as a new process would.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from emofuse.core.config import validate
+from emofuse.core.data import code_identity as ci
+from emofuse.core.engine.progress import ProgressReporter, reporting
+from emofuse.core.engine.training import train_run
+from emofuse.core.registry import Provider, Registry
+
+PLUGIN = textwrap.dedent('''
+    """An outside encoder over the RAVDESS action units, with a frozen (cached) part."""
+    import torch
+    from torch import nn
+
+    from emofuse.core import FEATURES, ComponentConfig, Encoder, EncoderOutput, hookimpl
+
+    class Config(ComponentConfig):
+        pass
+
+    class EditedEncoder(Encoder):
+        name = "edited-au"
+        modalities = (FEATURES,)
+        Config = Config
+
+        def __init__(self, config, num_classes):
+            super().__init__(config, num_classes)
+            self.head = nn.Linear(35, num_classes)
+            self.embedding_dim = 0
+
+        def extract(self, batch):
+            return [{"au": row * SCALE} for row in batch.features["au"]]
+
+        def forward(self, batch, extracted=None):
+            x = self.extracted_for(batch, extracted)["au"]
+            return EncoderOutput(logits=self.head(x) * OUTPUT_SCALE)
+
+    @hookimpl
+    def register_encoders():
+        return [EditedEncoder]
+''')
+
+
+class Notes(ProgressReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.lines.append(message)
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    source = folder / "edited_plugin.py"
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(folder))
+
+    def write(scale: str, output_scale: str):
+        source.write_text(PLUGIN.replace("SCALE * ", "").replace("* SCALE", f"* {scale}")
+                          .replace("* OUTPUT_SCALE", f"* {output_scale}"))
+        ci.forget_hashes()  # a new process hashes the files it imports again
+        module = importlib.reload(sys.modules["edited_plugin"]) if "edited_plugin" in sys.modules \
+            else importlib.import_module("edited_plugin")
+        registry = Registry().load_entry_points()
+        registry.add_plugin(module, Provider("edited", "edited-plugin", "0.1"))
+        return registry
+
+    yield write
+    sys.modules.pop("edited_plugin", None)
+    ci.forget_hashes()
+
+
+def fused_config(tmp_path, shared_data):
+    return validate({
+        "name": "edited", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "split": "speaker", "limit": 120},
+        "branches": {"video": {"name": "edited-au"}, "audio": {"name": "features", "features": ["mfcc"]}},
+        "fusion": {"name": "weighted-late"},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "device": "cpu", "precision": "fp32"},
+    })
+
+
+def train(config, registry):
+    notes = Notes()
+    with reporting(notes):
+        result = train_run(config, registry=registry, progress=False)
+    return result, notes.lines
+
+
+def test_editing_a_plugins_extract_or_forward_recomputes_and_says_why(tmp_path, shared_data, plugin):
+    config = fused_config(tmp_path, shared_data)
+    first, lines = train(config, plugin("1.0", "1.0"))
+    assert lines == []
+
+    again, lines = train(config, plugin("1.0", "1.0"))  # same code: everything reused, nothing said
+    assert lines == [] and again.branch_results["video"].run_dir == first.branch_results["video"].run_dir
+    video_model = first.branch_results["video"].checkpoint
+    trained_at = video_model.stat().st_mtime_ns
+
+    edited, lines = train(config, plugin("0.0", "1.0"))  # extract now returns zeros
+    assert video_model.stat().st_mtime_ns != trained_at, "the branch over the edited encoder was not trained again"
+    said = "\n".join(lines)
+    assert "encoder 'edited-au': its source changed (edited_plugin.py): computing its features again" in said
+    assert "branch run" in said and "encoder 'edited-au': its source changed (edited_plugin.py); training it again" in said
+    assert "fused run" in said
+    assert not any("'features'" in line for line in lines), "the unedited branch is reused without a word"
+    assert sum("edited-au" in line for line in lines) == 3  # one line per reuse: features, branch, fusion
+
+    trained_at = video_model.stat().st_mtime_ns
+    _, lines = train(config, plugin("0.0", "2.0"))  # forward edited
+    assert video_model.stat().st_mtime_ns != trained_at
+    assert any("branch run" in line and "edited_plugin.py" in line for line in lines)
+
+
+def test_a_new_provider_version_is_a_change_too(tmp_path, monkeypatch):
+    old = {"provider": "edited-plugin 0.1", "sources": {}}
+    new = {"provider": "edited-plugin 0.2", "sources": {}}
+    assert ci.what_changed("encoder 'x'", old, new) == \
+        "encoder 'x': provided by edited-plugin 0.2 now, by edited-plugin 0.1 before"
+    assert ci.what_changed("encoder 'x'", old, dict(old)) is None
+
+
+def test_installed_code_is_identified_by_its_version_alone_and_local_code_by_its_files():
+    import torch.nn
+
+    from emofuse.core.registry import get_registry
+
+    identity = ci.code_identity(get_registry().cls("fusion", "weighted-late"))
+    assert identity["provider"].startswith("emofuse ")
+    assert list(identity["sources"]) == ["emofuse.plugins.fusions.late"]  # the framework is not hashed
+    assert ci.code_identity(torch.nn.Linear)["sources"] == {}  # in site-packages: its version says it all
+
+
+def test_the_code_hash_is_computed_once_per_process(monkeypatch):
+    from emofuse.core.registry import get_registry
+
+    cls = get_registry().cls("encoder", "features")
+    ci.code_identity(cls)
+    reads = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or original(self))
+    ci.code_identity(cls)
+    assert reads == []
