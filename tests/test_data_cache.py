@@ -204,3 +204,49 @@ def test_a_full_disk_while_caching_is_a_one_line_error_and_leaves_no_temp_file(t
     monkeypatch.undo()
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
     assert cache.get_many("enc-abc", ["k1"]) == [None]
+
+
+def _flip_tensor_bytes(shard, count=64):
+    """Invert `count` bytes in the middle of a safetensors file's tensor data (after its header)."""
+    import struct
+
+    raw = bytearray(shard.read_bytes())
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    middle = data_start + (len(raw) - data_start - count) // 2
+    for i in range(middle, middle + count):
+        raw[i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+def test_flipped_tensor_bytes_are_detected_and_the_entries_recomputed_with_one_line(corpus, tmp_path):
+    """A shard whose tensor bytes changed on disk (bit rot, a bad copy) still parses; its checksum
+    catches it, the shard is set aside and its entries computed again, and one line says so."""
+    _, bundle, samples = corpus
+    root = tmp_path / "cache"
+    enc = FrameEnergy(FrameEnergyConfig())
+    batch = make_batch(samples, {"audio"}, bundle.normalizer)
+    clean = FeatureCache(root).extract(enc, batch)
+    (shard,) = list(root.glob("*/*.safetensors"))
+    _flip_tensor_bytes(shard)
+
+    said = []
+    fresh = FeatureCache(root, notify=said.append)
+    namespace = fresh.namespaces()[0]
+    keys = batch_keys(batch, enc.modalities)
+    assert sorted(fresh.missing(namespace, keys)) == sorted(keys)  # the up-front check of a trainer
+    assert len(said) == 1 and "fails its checksum" in said[0] and shard.name in said[0]
+    enc.calls = 0
+    out = fresh.extract(enc, batch)
+    assert enc.calls == 1
+    for key in clean:
+        assert torch.equal(out[key], clean[key])
+    assert list(root.glob("*/*.corrupt"))
+
+
+def test_a_direct_read_of_flipped_bytes_returns_nothing_rather_than_the_damaged_tensors(tmp_path):
+    said = []
+    FeatureCache(tmp_path).put_many("ns", ["a", "b"], [{"x": torch.arange(64.0)}, {"x": torch.ones(64)}])
+    (shard,) = list(tmp_path.glob("ns/*.safetensors"))
+    _flip_tensor_bytes(shard)
+    assert FeatureCache(tmp_path, notify=said.append).get_many("ns", ["a", "b"]) == [None, None]
+    assert len(said) == 1 and "checksum" in said[0]

@@ -5,8 +5,8 @@ hash of `Encoder.fingerprint()`, options and frozen weights, and of its code: pr
 a local install, its source files, `code_identity`), a key is one clip's inputs (`sample_key`). Each
 namespace folder holds ``identity.json`` (what made it), so that an encoder whose code changed is
 recomputed with one line saying which component changed and how (`FeatureCache.notify`).
-Each entry carries a checksum of its tensor bytes (blake2b, in the shard's metadata), checked the
-first time a process reads it: flipped bytes mean the shard is set aside and its entries recomputed.
+Each entry carries a checksum of its tensor bytes (xxh3-128, about 10 GB/s, in the shard's metadata),
+checked the first time a process reads it: flipped bytes mean the shard is set aside and its entries recomputed.
 Each `put_many` writes one new shard (tensors named ``<key>/<name>``): written to a temp file,
 fsynced, then renamed into place, so a crash never leaves a half shard that a later run trusts, and
 several processes (parallel Optuna trials) can add shards side by side. A changed config or weight
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
@@ -50,7 +51,7 @@ __all__ = ["FeatureCache", "CacheStats", "CacheWriteError", "sample_key", "batch
 _SUFFIX = ".safetensors"
 _EMPTY_MARK = "__empty__"
 _FORMAT = "emofuse-feature-cache-2"
-_CHECKSUM = "blake2b/"
+_CHECKSUM = "xxh3_128/"
 #: What made a namespace (written when it is created; read by `emofuse cache` and on a code change).
 IDENTITY_FILE = "identity.json"
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -78,8 +79,8 @@ def encoder_namespace(encoder: Encoder) -> str:
 
 
 def entry_checksum(value: Mapping[str, torch.Tensor]) -> str:
-    """blake2b of one entry's tensors: names, dtypes, shapes and raw bytes."""
-    h = hashlib.blake2b(digest_size=16)
+    """xxh3-128 of one entry's tensors: names, dtypes, shapes and raw bytes."""
+    h = xxhash.xxh3_128()
     for name in sorted(value):
         tensor = value[name].detach().contiguous()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\0".encode())
