@@ -475,6 +475,48 @@ def zero_shot_cmd(
     zero_shot_cli(cfg.data, save=save, console=console)
 
 
+cache_app = typer.Typer(help="What the feature cache holds (size, components, age), and pruning it.",
+                        invoke_without_command=True, no_args_is_help=False)
+app.add_typer(cache_app, name="cache")
+CacheDirOpt = typer.Option(Path("runs/.cache"), "--cache-dir", help="The feature cache (default: runs/.cache).")
+
+
+@cache_app.callback()
+@friendly_errors
+def cache_cmd(ctx: typer.Context, cache_dir: Path = CacheDirOpt):
+    """List the cache's entries: one per component state, largest first."""
+    if ctx.invoked_subcommand is None:
+        from emofuse.core.data.cache_inventory import inventory
+
+        _print_cache_entries(inventory(cache_dir), f"feature cache {cache_dir}")
+
+
+@cache_app.command("prune")
+@friendly_errors
+def cache_prune_cmd(
+    cache_dir: Path = CacheDirOpt,
+    older_than: Optional[float] = typer.Option(None, "--older-than", help="Entries not written for DAYS days."),
+    component: Optional[str] = typer.Option(None, "--component", help="Entries of this component (e.g. mm-lstm)."),
+    everything: bool = typer.Option(False, "--all", help="Every entry."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
+):
+    """Delete cache entries (recomputed when next needed); --dry-run lists them first."""
+    from emofuse.core.data.cache_inventory import prune
+
+    chosen = prune(cache_dir, older_than_days=older_than, component=component, everything=everything, dry_run=dry_run)
+    _print_cache_entries(chosen, ("would delete from " if dry_run else "deleted from ") + str(cache_dir))
+
+
+def _print_cache_entries(entries: list, title: str) -> None:
+    table = Table(title=f"{title}: {len(entries)} entries, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB")
+    for column in ("component", "provider", "size MB", "shards", "age (days)", "folder"):
+        table.add_column(column, justify="right" if column in ("size MB", "shards", "age (days)") else "left")
+    for e in entries:
+        table.add_row(Text(e.component), Text(e.provider), f"{e.size_bytes / 1e6:.1f}", str(e.shards),
+                      f"{e.age_s / 86400:.1f}", Text(e.path.name))
+    console.print(table)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -73,9 +73,16 @@ def encoder_namespace(encoder: Encoder) -> str:
         state, code = encoder.fingerprint(), code_identity(encoder)
         digest = hashlib.sha256(json.dumps([state, code], sort_keys=True).encode()).hexdigest()[:16]
         namespace = f"{encoder.name}-{digest}"
-        _identities[namespace] = {"component": f"encoder {encoder.name!r}", "state": state, "code": code}
+        describe(namespace, {"component": f"encoder {encoder.name!r}", "name": encoder.name, "state": state,
+                             "code": code})
         _fingerprints[encoder] = namespace
     return namespace
+
+
+def describe(namespace: str, record: Mapping[str, Any]) -> None:
+    """What made `namespace` (``component``, ``name``, ``code``...), written to its ``identity.json`` when the
+    folder is created; with a ``state``, a changed code of the same component and state is said aloud."""
+    _identities[namespace] = dict(record)
 
 
 def entry_checksum(value: Mapping[str, torch.Tensor]) -> str:
@@ -320,7 +327,8 @@ class FeatureCache:
             identity = _identities.get(namespace)
             if identity is not None:
                 _atomic_write(folder / IDENTITY_FILE, json.dumps({**identity, "created": time.time()}).encode())
-                self._explain_new(namespace, identity)
+                if "state" in identity:
+                    self._explain_new(namespace, identity)
         return folder
 
     def _explain_new(self, namespace: str, identity: Mapping[str, Any]) -> None:

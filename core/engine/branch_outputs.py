@@ -52,9 +52,13 @@ class BranchOutputs:
 
 
 def outputs_namespace(branch: str, encoder: Encoder, checkpoint_sha: str) -> str:
-    from emofuse.core.data.cache import encoder_namespace
+    from emofuse.core.data.cache import describe, encoder_namespace
 
-    return f"outputs-{branch}-{encoder_namespace(encoder)}-{checkpoint_sha[:12]}"
+    inputs = encoder_namespace(encoder)
+    namespace = f"outputs-{branch}-{inputs}-{checkpoint_sha[:12]}"
+    describe(namespace, {"component": f"branch outputs {branch!r} of encoder {encoder.name!r}", "name": encoder.name,
+                         "inputs": inputs, "checkpoint_sha256": checkpoint_sha})
+    return namespace
 
 
 def compute_branch_outputs(
