@@ -43,7 +43,7 @@ from emofuse.core.engine.train_state import (
     restore_rng,
     save_training_state,
 )
-from emofuse.core.errors import ConfigError, DataError
+from emofuse.core.errors import ConfigError, DataError, PluginError
 from emofuse.core.interfaces import Encoder, Loss
 
 log = logging.getLogger("emofuse.training")
@@ -169,6 +169,7 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
             prepared = task.prepare(batch)
             with precision.autocast():
                 logits, labels = task.forward(module, prepared)
+            check_logits(logits, labels, num_classes, split)
             logits_parts.append(logits.detach().float().cpu())
             label_parts.append(labels.detach().cpu())
             counts = task.last_aux_counts
@@ -192,6 +193,18 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
             metrics["aux_loss"] = ce_sum / labelled
             metrics["aux_accuracy"] = correct / labelled
     return metrics, logits, labels
+
+
+def check_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Refuse logits that are not ``[B, num_classes]`` for ``B`` labels: a loss would broadcast, say,
+    ``[C]`` logits of a squeezed batch of one against its label and train on nonsense without a word."""
+    expected = (int(labels.shape[0]), num_classes)
+    if tuple(logits.shape) != expected:
+        squeezed = " (a .squeeze() without a dim drops the batch dimension of a batch of one)" \
+            if logits.dim() == 1 and expected[0] == 1 else ""
+        raise PluginError(f"{where}: the model returned logits of shape {tuple(logits.shape)} for {expected[0]} "
+                          f"labels; expected {expected}{squeezed}",
+                          hint="fix the component's forward to return [batch, classes] logits")
 
 
 def _materialize_lazy(task: FitTask) -> None:
@@ -338,6 +351,7 @@ def fit(
                 with sync:
                     with precision.autocast():
                         logits, labels = task.forward(model, prepared)
+                    check_logits(logits, labels, settings.num_classes, settings.stage)
                     loss = loss_fn(logits.float(), labels)
                     aux = task.last_aux_loss
                     total = loss + aux[1] * aux[0] if aux is not None else loss

@@ -1,7 +1,11 @@
-"""One check per component kind; each raises AssertionError naming what a component got wrong."""
+"""One check per component kind; each raises AssertionError naming what a component got wrong (the bug, in
+words: "ignores a missing modality", "breaks a batch of one", "ignores the presence mask"...), and one
+for a distribution (`check_distribution`): a plugin that does not load fails, it is never skipped."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,16 +16,46 @@ from emofuse.core.config import ComponentRef, RunConfig
 from emofuse.core.engine.compose import build_model
 from emofuse.core.engine.model_io import load_model, save_model
 from emofuse.core.interfaces import BranchInfo, collate_extracted
-from emofuse.core.registry import Registry, get_registry
+from emofuse.core.data.collate import select
+from emofuse.core.registry import ALLOW_ENV, Registry, get_registry
 from emofuse.core.testing.batches import make_batch
 from emofuse.core.types import EncoderOutput, Sample
 
 NUM_CLASSES = 7
 
 
+def check_distribution(distribution: str, registry: Registry | None = None) -> None:
+    """The distribution is installed, loads, and registers at least one component; else the
+    registry's reason (a failed import, a broken component, no entry point, a misspelled name)."""
+    registry = registry or get_registry()
+    want = normalise_distribution(distribution)
+    problems = [str(p) for p in registry.problems if normalise_distribution(p.provider.distribution) == want]
+    assert not problems, f"distribution {distribution!r} failed to load: {'; '.join(problems)}"
+    if any(normalise_distribution(r.provider.distribution) == want for r in registry.all()):
+        return
+    providers = {normalise_distribution(p.distribution) for p in registry._providers.values()}
+    assert want not in providers, (
+        f"distribution {distribution!r} registers no component: its hooks (register_encoders, register_fusions, "
+        f"register_losses, register_datasets) return nothing")
+    try:
+        md.distribution(distribution)
+    except md.PackageNotFoundError:
+        known = sorted({p.distribution for p in registry._providers.values()} | {p.provider.distribution for p in registry.problems})
+        raise AssertionError(f"distribution {distribution!r} is not installed (misspelled? emofuse plugins installed: "
+                             f"{', '.join(known) or 'none'})") from None
+    raise AssertionError(f"distribution {distribution!r} is installed but declares no 'emofuse' entry point "
+                         f"(add [project.entry-points.emofuse] to its pyproject.toml), or {ALLOW_ENV} leaves it out")
+
+
+def normalise_distribution(name: str) -> str:
+    """A distribution name as pip compares them (case, '-', '_' and '.' alike)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def check_encoder(name: str, tmp_path: Path, *, options: Mapping[str, Any] | None = None,
                   registry: Registry | None = None, num_classes: int = NUM_CLASSES) -> None:
-    """Forward and backward, a missing modality, the cached path with media stripped, save and reload."""
+    """Forward and backward, a missing modality marked absent, every clip's output independent of the
+    rest of its batch, a batch of one, the cached path with media stripped, save and reload."""
     registry = registry or get_registry()
     torch.manual_seed(0)
     config = RunConfig(branches={"b": ComponentRef(name=name, **dict(options or {}))})
@@ -44,16 +78,27 @@ def check_encoder(name: str, tmp_path: Path, *, options: Mapping[str, Any] | Non
     model.eval()
     gappy = make_batch(3, num_classes=num_classes, missing={m: [1] for m in enc.modalities})
     with torch.no_grad():
-        g_logits, _ = model(gappy)
+        g_logits, g_outputs = model(gappy)
     assert torch.isfinite(g_logits).all(), f"{name}: a missing modality gives non-finite logits"
+    seen = g_outputs["b"].presence()
+    assert seen.shape == (3,) and not bool(seen[1]), (
+        f"{name} ignores a missing modality: clip 1 has none of {list(enc.modalities)} (batch.present False), yet "
+        f"its EncoderOutput.present says the encoder saw it; return present=batch.present[...] of what it reads")
 
     with torch.no_grad():
         before, _ = model(batch)
+        _check_batch_independence(name, model, batch, before, num_classes)
         if enc.cacheable:  # the trainer's path: features from the cache, no media decoded
             per_sample = enc.extract(batch)
             assert per_sample is not None and len(per_sample) == len(batch), f"{name}: extract must give one dict per sample"
             stripped = dataclasses.replace(batch, video=None, audio=None, audio_lengths=None)
-            cached = enc(stripped, collate_extracted(per_sample)).logits
+            try:
+                cached = enc(stripped, collate_extracted(per_sample)).logits
+            except (AttributeError, TypeError) as exc:
+                raise AssertionError(
+                    f"{name} reads media in forward on the cached path: with features from the cache the batch "
+                    f"carries no video or audio (None), so read them only through self.extracted_for(batch, "
+                    f"extracted); it raised {type(exc).__name__}: {exc}") from exc
             torch.testing.assert_close(cached, before, msg=lambda m: f"{name}: cached path differs from direct: {m}")
     path = save_model(tmp_path / f"{name}-model", model, config, [f"c{i}" for i in range(num_classes)],
                       registry=registry)
@@ -61,6 +106,20 @@ def check_encoder(name: str, tmp_path: Path, *, options: Mapping[str, Any] | Non
     with torch.no_grad():
         after, _ = loaded.model(batch)
     torch.testing.assert_close(after, before, msg=lambda m: f"{name}: reloaded checkpoint differs: {m}")
+
+
+def _check_batch_independence(name: str, model: torch.nn.Module, batch: Any, together: torch.Tensor,
+                              num_classes: int) -> None:
+    """Each clip scored alone (a batch of one) gets logits ``[1, C]`` equal to its row in the batch."""
+    for i in range(len(batch)):
+        alone = dataclasses.replace(select(batch, [i]), audio=batch.audio[i:i + 1])  # same padding as together
+        logits, _ = model(alone)
+        assert logits.shape == (1, num_classes), (
+            f"{name} breaks a batch of one: its logits have shape {tuple(logits.shape)}, expected (1, {num_classes}) "
+            f"(a .squeeze() without a dim drops the batch dimension)")
+        torch.testing.assert_close(logits[0], together[i], rtol=1e-3, atol=1e-4, msg=lambda m: (
+            f"{name}: one clip's output depends on the rest of its batch (clip {i} alone differs from clip {i} in a "
+            f"batch of {len(batch)}; statistics over the batch dimension?): {m}"))
 
 
 def branch_outputs(n_branches: int, *, batch: int = 4, dim: int = 16, num_classes: int = NUM_CLASSES,
@@ -99,6 +158,7 @@ def check_fusion(name: str, n_branches: int, tmp_path: Path, *, options: Mapping
         before = fusion(outs)
         shuffled = dict(reversed(list(outs.items())))
         torch.testing.assert_close(fusion(shuffled), before, msg=lambda m: f"{name}: depends on branch order: {m}")
+        _check_absent_branches(name, fusion, outs, before)
     save_checkpoint(tmp_path / f"{name}-fusion", fusion.state_dict(), {"name": name})
     state, _ = load_checkpoint(tmp_path / f"{name}-fusion.safetensors")
     again = cls(cls.make_config(options or {}), num_classes, infos)
@@ -106,6 +166,34 @@ def check_fusion(name: str, n_branches: int, tmp_path: Path, *, options: Mapping
     again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(outs), before, msg=lambda m: f"{name}: reloaded fusion differs: {m}")
+
+
+def _check_absent_branches(name: str, fusion: Any, outs: Mapping[str, EncoderOutput], before: torch.Tensor) -> None:
+    """What an absent branch (present False) returned must not reach the fused logits: other values
+    change nothing, and NaN (a branch that could not run) does not leak."""
+    def absent_rows_filled(value: float | None) -> dict[str, EncoderOutput]:
+        g = torch.Generator().manual_seed(1)
+        out = {}
+        for b, o in outs.items():
+            absent = ~o.presence()
+
+            def fill(t: torch.Tensor | None) -> torch.Tensor | None:
+                if t is None:
+                    return None
+                other = torch.full_like(t, value) if value is not None else torch.randn(t.shape, generator=g) * 100
+                return torch.where(absent.unsqueeze(1), other, t)
+
+            out[b] = dataclasses.replace(o, logits=fill(o.logits), embedding=fill(o.embedding))
+        return out
+
+    changed = fusion(absent_rows_filled(None))
+    torch.testing.assert_close(changed, before, msg=lambda m: (
+        f"{name} ignores the presence mask: changing what an absent branch (EncoderOutput.present False) returned "
+        f"changed the fused logits; leave absent branches out: {m}"))
+    with_nan = fusion(absent_rows_filled(float("nan")))
+    assert torch.isfinite(with_nan).all(), (
+        f"{name} lets NaN from an absent branch leak into the fused output (0 * NaN is NaN: mask with "
+        f"torch.where(present, value, 0), not by multiplying with the presence mask)")
 
 
 def check_loss(name: str, tmp_path: Path, *, options: Mapping[str, Any] | None = None,

@@ -2,6 +2,10 @@
 
 The class parametrizes its own tests (pytest calls a test class's ``pytest_generate_tests``), so
 it needs no conftest and no plugin registration: import, subclass, set `distribution`.
+
+It fails closed: a distribution that is not installed (a misspelled name), fails to import, registers
+a broken component or registers nothing fails `test_distribution` with the registry's reason, rather
+than leaving every other test skipped and the run green.
 """
 from __future__ import annotations
 
@@ -29,8 +33,17 @@ class ConformanceSuite:
     @classmethod
     def component_names(cls, kind: str) -> list[str]:
         registry = get_registry()
+        want = checks.normalise_distribution(cls.distribution) if cls.distribution is not None else None
         return [r.name for r in registry.all()
-                if r.kind == kind and (cls.distribution is None or r.provider.distribution == cls.distribution)]
+                if r.kind == kind and (want is None or checks.normalise_distribution(r.provider.distribution) == want)]
+
+    def test_distribution(self) -> None:
+        """The distribution loads and registers something (every installed plugin loads, when None)."""
+        if self.distribution is not None:
+            checks.check_distribution(self.distribution)
+        else:
+            problems = get_registry().problems
+            assert not problems, f"plugins failed to load: {'; '.join(str(p) for p in problems)}"
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         for kind in ("encoder", "fusion", "loss", "dataset"):
