@@ -75,8 +75,9 @@ class ProductOfExpertsFusion(Fusion):
         temps = self.log_temperature.exp()
         total = 0
         for i, out in enumerate(self.ordered(outputs)):
-            mask = out.presence().to(out.logits.dtype).unsqueeze(1)
-            total = total + mask * F.log_softmax(out.logits / temps[i], dim=1)
+            present = out.presence().unsqueeze(1)
+            # torch.where, not `mask * ...`: an absent branch's logits may be NaN, and 0 * NaN is NaN
+            total = total + torch.where(present, F.log_softmax(out.logits / temps[i], dim=1), 0.0)
         return total
 
     def report(self) -> dict:
