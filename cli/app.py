@@ -65,7 +65,8 @@ def friendly_errors(fn: Callable) -> Callable:
             with reporting(RichReporter(console)):
                 return fn(*args, **kwargs)
         except EmofuseError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # The message is data, never markup: a plugin's text may hold `[/x]`, which rich would parse.
+            err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted: the last checkpoint is kept; rerun the same command to resume[/]")
@@ -81,7 +82,7 @@ EncoderOpt = typer.Option(None, "--encoder", "-e", help="Branch encoder, as NAME
 FusionOpt = typer.Option(None, "--fusion", "-f", help="Fusion over the branches, or 'none'.")
 LossOpt = typer.Option(None, "--loss", "-l", help="Loss component.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override any config key: key.path=value (repeatable).")
-DataOpt = typer.Option(None, "--data", "-d", help="Folder holding the corpora (default: ../shared/data beside the project).")
+DataOpt = typer.Option(None, "--data", "-d", help="Folder holding the corpora (default: $EMOFUSE_DATA, else shared/data in the current folder or the nearest one above it).")
 DatasetOpt = typer.Option(None, "--dataset", help="Dataset reader (see `emofuse plugins`).")
 LabelsOpt = typer.Option(None, "--labels", help="Explicit label set, comma-separated, in class-index order.")
 OutputOpt = typer.Option(None, "--output", "-o", help="Folder for runs (default: runs/).")
@@ -166,6 +167,12 @@ def compose_run_config(
     if train_over and cfg.branch_train:  # ... and win over per-branch settings
         cfg = cfg.model_copy(update={"branch_train": {b: {**o, **train_over} for b, o in cfg.branch_train.items()}})
     check_components(cfg)
+    if encoder and (preset or config):
+        from emofuse.core.engine.compose import encoder_replacement_note
+
+        note = encoder_replacement_note(compose_config(preset=preset, config_file=config), cfg, name_given=bool(name))
+        if note:
+            err_console.print(Text(note, style="yellow"), highlight=False, soft_wrap=True)
     return cfg
 
 
@@ -300,12 +307,12 @@ def _print_run_result(result: Any) -> None:
         table.add_row(split, *[f"{values[m]:.4f}" if m in values else "" for m in metric_names])
     console.print(table)
     if result.fusion_report:
-        console.print("[bold]fusion learned:[/]", json.dumps(result.fusion_report, indent=2))
-    console.print(f"best checkpoint: {result.checkpoint}")
+        console.print(Text.assemble(("fusion learned: ", "bold"), json.dumps(result.fusion_report, indent=2)))
+    console.print(f"best checkpoint: {result.checkpoint}", markup=False, highlight=False)
     if result.skipped:
         from emofuse.core.data.pipeline import skipped_report
 
-        err_console.print(f"[yellow]{skipped_report(result.skipped)}[/]", highlight=False, markup=False)
+        err_console.print(Text(skipped_report(result.skipped), style="yellow"), highlight=False)
 
 
 @app.command("evaluate")

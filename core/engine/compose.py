@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.config import ComponentRef, RunConfig, TrainConfig
 from emofuse.core.data.readers import build_reader, default_data_dir, resolve_data_dir  # noqa: F401 (also importable from here)
 from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import BranchInfo, Encoder, Fusion, Loss
@@ -132,3 +132,36 @@ def branch_modalities(config: RunConfig, registry: Registry | None = None) -> di
 def required_modalities(config: RunConfig, registry: Registry | None = None) -> set[str]:
     """The union of modalities the configured encoders read, so the data side decodes only those."""
     return {m for mods in branch_modalities(config, registry).values() for m in mods}
+
+
+def encoder_replacement_note(before: RunConfig, after: RunConfig, *, name_given: bool) -> str | None:
+    """One line saying what ``--encoder`` replaced in a preset or config file (`before`) and what of it
+    the run keeps (`after`): its run name and its stage settings, which were tuned for other branches."""
+    old = {b: ref.name for b, ref in before.branches.items()}
+    new = {b: ref.name for b, ref in after.branches.items()}
+    if not old or old == new:
+        return None
+    source = f"preset {before.preset!r}" if before.preset else "the config"
+    parts = [f"--encoder replaced the branches of {source} ({_pairs(old)}) with {_pairs(new)}"]
+    if before.fusion is not None and after.fusion is None:
+        parts[-1] += f", and its fusion {before.fusion.name!r} (one branch is trained alone)"
+    kept = []
+    if not name_given and after.name == before.name:
+        kept.append(f"the run name {after.name!r} (--name to change it)")
+    tuned = {k: v for k, v in after.train.model_dump(mode="json").items()
+             if v != TrainConfig.model_fields[k].get_default(call_default_factory=True)
+             and k not in ("device", "num_workers")}
+    if tuned:
+        kept.append("train settings " + ", ".join(f"{k}={v}" for k, v in sorted(tuned.items())))
+    if after.fusion is not None and after.fusion_train is not None:
+        kept.append("its fusion_train settings")
+    unused = sorted(set(before.branch_train) - set(new))
+    if kept:
+        parts.append("kept " + "; ".join(kept))
+    if unused:
+        parts.append(f"its branch_train settings for {', '.join(unused)} no longer apply")
+    return "; ".join(parts)
+
+
+def _pairs(branches: Mapping[str, str]) -> str:
+    return ", ".join(f"{b}={n}" for b, n in branches.items())
