@@ -94,7 +94,7 @@ class Encoder(Component, nn.Module):
         return {k: v.to(device) for k, v in collate_extracted(per_sample).items()}
 
     def fingerprint(self) -> str:
-        """Hash of what determines `extract`'s output: name, options and frozen weights."""
+        """Hash of name, options and frozen weights; reuse keys add the code (`data.code_identity`)."""
         h = hashlib.sha256()
         h.update(self.name.encode())
         h.update(json.dumps(self.config.model_dump(mode="json"), sort_keys=True).encode())

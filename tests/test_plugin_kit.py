@@ -53,7 +53,8 @@ def installed(tmp_path):
         copy = tmp_path / folder.name
         if not copy.exists():
             shutil.copytree(folder, copy)
-        _run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(copy), cwd=tmp_path)
+        pip = _run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(copy), cwd=tmp_path)
+        assert pip.returncode == 0, f"pip could not install {folder.name}: {pip.stderr[-2000:]}"
         done.append(dist)
         return copy
 

@@ -413,6 +413,25 @@ def test_resume_refuses_a_changed_study(tmp_path, registry, features):
         Study(narrowed, options(tmp_path), registry=registry, trainer=FeatureTrainer(registry))
 
 
+def test_resume_refuses_a_study_whose_components_code_changed(tmp_path, registry, features, monkeypatch):
+    """Trials of an edited (or upgraded) component are not comparable with the study's earlier ones."""
+    from emofuse.core.apps import search
+
+    cfg = base_config(tmp_path)
+    run_search(cfg, options(tmp_path, n_trials=1), registry=registry, trainer=FeatureTrainer(registry), data=features)
+    real = search.components_code
+
+    def edited(config, reg):
+        code = real(config, reg)
+        code["encoder 'test-feature-linear'"] = {**code["encoder 'test-feature-linear'"], "provider": "emofuse-tests 1"}
+        return code
+
+    monkeypatch.setattr(search, "components_code", edited)
+    with pytest.raises(ConfigError, match="its trials were run with other code \\(encoder 'test-feature-linear': "
+                                          "provided by emofuse-tests 1 now, by emofuse-tests 0 before\\)"):
+        Study(cfg, options(tmp_path), registry=registry, trainer=FeatureTrainer(registry))
+
+
 def test_unpromising_trials_are_pruned_from_their_validation_scores(tmp_path, registry, features):
     cfg = base_config(tmp_path, epochs=6).model_copy(update={"search": {
         "fusion_train.lr": {"type": "float", "low": 1e-5, "high": 1.0, "log": True}}})
