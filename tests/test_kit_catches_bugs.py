@@ -208,3 +208,18 @@ def test_the_scaffold_templates_components_pass_the_stronger_kit(tmp_path, monke
     check_encoder("kit-scaffold-audio", tmp_path, registry=registry)
     for branches in (1, 2, 3):
         check_fusion("kit-scaffold-mean", branches, tmp_path, registry=registry)
+
+
+def test_training_an_encoder_that_reads_media_on_the_cached_path_is_one_clear_error(tmp_path, monkeypatch, shared_data):
+    from emofuse.core.engine.training import train_run
+
+    registry = plugin_registry(tmp_path, monkeypatch, BUGS["media in forward"][1], "kit_media_trained")
+    config = validate({
+        "name": "media", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "split": "speaker", "limit": 24},
+        "branches": {"audio": {"name": "energy"}},
+        "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "precision": "fp32"},
+    })
+    with pytest.raises(PluginError, match="encoder 'energy' reads media in forward, but its features come from the "
+                                          "cache, so the batch carries no audio"):
+        train_run(config, registry=registry, progress=False)

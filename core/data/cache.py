@@ -6,7 +6,8 @@ a local install, its source files, `code_identity`), a key is one clip's inputs 
 namespace folder holds ``identity.json`` (what made it), so that an encoder whose code changed is
 recomputed with one line saying which component changed and how (`FeatureCache.notify`).
 Each entry carries a checksum of its tensor bytes (xxh3-128, about 10 GB/s, in the shard's metadata),
-checked the first time a process reads it: flipped bytes mean the shard is set aside and its entries recomputed.
+checked the first time an open `FeatureCache` reads it (`missing` checks up front, so a trainer learns of
+damage before it stops decoding media): flipped bytes mean the shard is set aside and its entries recomputed.
 Each `put_many` writes one new shard (tensors named ``<key>/<name>``): written to a temp file,
 fsynced, then renamed into place, so a crash never leaves a half shard that a later run trusts, and
 several processes (parallel Optuna trials) can add shards side by side. A changed config or weight

@@ -48,10 +48,10 @@ from emofuse.core.engine.run_files import (
     reuse_or_explain,
     write_result,
 )
-from emofuse.core.errors import CheckpointError
+from emofuse.core.errors import CheckpointError, PluginError
 from emofuse.core.interfaces import Encoder, Loss
 from emofuse.core.registry import Registry
-from emofuse.core.types import Batch, EncoderOutput
+from emofuse.core.types import AUDIO, VIDEO, Batch, EncoderOutput
 
 
 class BranchTask:
@@ -121,7 +121,17 @@ class BranchTask:
 
     def forward(self, module: nn.Module, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
         batch, extracted = prepared
-        logits, outputs = module(batch, extracted)
+        try:
+            logits, outputs = module(batch, extracted)
+        except (AttributeError, TypeError) as exc:
+            stripped = [m for m in (VIDEO, AUDIO) if m in self.encoder.modalities and getattr(batch, m) is None]
+            if extracted is None or not stripped:
+                raise
+            raise PluginError(
+                f"encoder {self.encoder.name!r} reads media in forward, but its features come from the cache, so the "
+                f"batch carries no {' or '.join(stripped)} (None); it raised {type(exc).__name__}: {exc}",
+                hint="read media only through self.extracted_for(batch, extracted) (see docs/plugins.md, Encoders)",
+            ) from exc
         self.last_aux_loss = auxiliary_loss(outputs[self.branch], self.encoder)
         self.last_aux_counts = auxiliary_counts(outputs[self.branch], self.encoder) if not module.training else None
         return logits, batch.labels
