@@ -81,3 +81,19 @@ def test_encoder_over_a_preset_says_what_it_replaced_and_kept():
     assert named.exit_code == 0 and "--encoder replaced" in named.output and "run name" not in named.output
     plain = CliRunner().invoke(app, ["train", "--encoder", "video=features", "--dry-run"])
     assert "--encoder replaced" not in plain.output
+
+
+def test_the_cli_reporter_prints_an_engines_note_as_written():
+    """Why something stored is recomputed reaches the terminal as one plain line (markup-like text too)."""
+    import io
+
+    from rich.console import Console
+
+    from emofuse.cli.progress import RichReporter
+    from emofuse.core.engine.progress import note, reporting
+
+    out = io.StringIO()
+    with reporting(RichReporter(Console(file=out, width=80))):
+        note("encoder 'x[/y]': its source changed (plugin.py): computing its features again (not reusing runs/.cache/x-1)")
+    assert out.getvalue() == ("encoder 'x[/y]': its source changed (plugin.py): computing its features again "
+                              "(not reusing runs/.cache/x-1)\n")
