@@ -153,3 +153,16 @@ def test_the_code_hash_is_computed_once_per_process(monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or original(self))
     ci.code_identity(cls)
     assert reads == []
+
+
+def test_a_run_stored_without_a_record_of_its_code_is_trained_again_with_a_line(tmp_path):
+    import json
+
+    from emofuse.core.engine.run_files import RESULT_FILE, stale_note
+
+    code = {"encoder 'x'": {"provider": "p 1", "sources": {}}}
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"finished": True, "fingerprint": "old"}))
+    assert "kept no record of its components' code" in stale_note(tmp_path, "branch run", code)
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"finished": True, "fingerprint": "old", "code": code}))
+    assert stale_note(tmp_path, "branch run", code) is None  # same code: another setting differs, said elsewhere
+    assert stale_note(tmp_path / "absent", "branch run", code) is None

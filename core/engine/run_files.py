@@ -176,9 +176,14 @@ def stale_note(run_dir: Path, what: str, code: Mapping[str, Any]) -> str | None:
     """One line saying why the finished run in `run_dir` is not reused, when the code of one of its
     components changed since it was trained (None when nothing there or no code change)."""
     try:
-        recorded = json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8")).get("code") or {}
+        result = json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(result, dict) or not result.get("finished"):
+        return None
+    if "code" not in result:
+        return f"{what} {run_dir}: made by an older emofuse that kept no record of its components' code; training it again"
+    recorded = result.get("code") or {}
     for component in sorted(code):
         change = what_changed(component, recorded.get(component), code[component])
         if change:
