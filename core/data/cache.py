@@ -38,6 +38,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from emofuse.core.data.cache_inventory import IDENTITY_FILE
 from emofuse.core.data.code_identity import code_identity, what_changed
 from emofuse.core.data.collate import select
 from emofuse.core.data.keys import combine_keys, sample_key
@@ -53,8 +54,7 @@ _SUFFIX = ".safetensors"
 _EMPTY_MARK = "__empty__"
 _FORMAT = "emofuse-feature-cache-2"
 _CHECKSUM = "xxh3_128/"
-#: What made a namespace (written when it is created; read by `emofuse cache` and on a code change).
-IDENTITY_FILE = "identity.json"
+
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _fingerprints: "weakref.WeakKeyDictionary[Encoder, str]" = weakref.WeakKeyDictionary()
 #: namespace -> what made it (component, options-and-weights fingerprint, code), for `identity.json`.

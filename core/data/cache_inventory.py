@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emofuse.core.data.cache import IDENTITY_FILE
 from emofuse.core.errors import ConfigError
 
-__all__ = ["CacheEntry", "inventory", "prune"]
+__all__ = ["CacheEntry", "inventory", "prune", "IDENTITY_FILE"]
+
+#: What made a namespace (written by the cache when it creates one; read here and on a code change).
+#: Kept here so that listing a cache imports no torch.
+IDENTITY_FILE = "identity.json"
 
 DAY_S = 86400.0
 
