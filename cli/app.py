@@ -451,17 +451,49 @@ def serve_cmd(
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     workers: int = typer.Option(1, "--workers", min=1, help="Worker processes, each with its own copy of the model."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest upload accepted (MB)."),
-    max_seconds: float = typer.Option(60.0, "--max-seconds", min=0.1, help="Longest clip accepted (seconds)."),
+    max_seconds: float = typer.Option(60.0, "--max-seconds", min=0.1,
+                                      help="Longest clip accepted (seconds); also where the model's audio and the "
+                                           "transcription stop."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most clips scored together; 1 turns batching off."),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", min=0.0,
                                           help="How long a batch waits for more requests (ms)."),
+    max_queue: int = typer.Option(32, "--max-queue", min=1,
+                                  help="Most uploads in the service at once; more are answered 503 with Retry-After."),
+    max_transcribing: int = typer.Option(4, "--max-transcribing", min=1,
+                                         help="Most uploads waiting for transcription at once; more that need it: 503."),
+    transcribe_budget: float = typer.Option(20.0, "--transcribe-budget", min=0.1,
+                                            help="Seconds of transcription per clip at most."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1,
+                                       help="Seconds within which an upload's body must arrive (else 408)."),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", min=0.1,
+                                          help="Seconds within which an upload must be answered (else 503)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", metavar="VAR",
+                                              help="Require the API key held in this environment variable in the "
+                                                   "X-API-Key header of /v1/ requests (default: EMOFUSE_API_KEY if "
+                                                   "set)."),
+    cors_origins: Optional[List[str]] = typer.Option(None, "--cors-origin",
+                                                     help="An origin whose pages may call the API (repeatable)."),
+    allowed_hosts: Optional[List[str]] = typer.Option(None, "--allowed-host",
+                                                      help="A Host name answered (repeatable; '*.example.com' "
+                                                           "allowed); default: loopback names only."),
 ):
-    """Serve a checkpoint over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a page at /."""
-    from emofuse.core.apps.serve import ServeSettings, serve
+    """Serve a checkpoint over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs and a page at /."""
+    from emofuse.core.apps.serve import LOOPBACK_HOSTS, ServeSettings, serve
+    from emofuse.core.errors import ConfigError
 
+    key_var = api_key_env or "EMOFUSE_API_KEY"
+    api_key = os.environ.get(key_var) or None
+    if api_key_env and api_key is None:
+        raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty",
+                          hint=f"export {api_key_env}=<a long random key>")
     settings = ServeSettings(max_upload_mb=max_upload_mb, max_seconds=max_seconds, max_batch=max_batch,
-                             batch_window_ms=batch_window_ms)
-    serve(checkpoint, host=host, port=port, workers=workers, settings=settings)
+                             batch_window_ms=batch_window_ms, max_queue=max_queue, max_transcribing=max_transcribing,
+                             transcribe_budget_s=transcribe_budget, body_timeout_s=body_timeout,
+                             request_timeout_s=request_timeout, api_key=api_key,
+                             cors_origins=tuple(cors_origins or ()),
+                             allowed_hosts=tuple(allowed_hosts or LOOPBACK_HOSTS))
+    serve(checkpoint, host=host, port=port, workers=workers, settings=settings,
+          warn=lambda line: err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True))
 
 
 @app.command("zero-shot")

@@ -18,6 +18,8 @@ from emofuse.core.apps.serve import BatchingQueue, ServeSettings, create_app, di
 from emofuse.core.data.decode import media_duration
 
 STATEMENT = "Kids are talking by the door"
+#: The service answers loopback host names only (by default): the test client must use one.
+LOCAL = "http://localhost"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def temp_root(tmp_path) -> Path:
 @pytest.fixture
 def client(predictor, temp_root):
     with TestClient(create_app(predictor, ServeSettings(max_upload_mb=0.3, max_seconds=4.0,
-                                                        temp_dir=str(temp_root)))) as c:
+                                                        temp_dir=str(temp_root))), base_url=LOCAL) as c:
         yield c
 
 
@@ -86,7 +88,7 @@ def test_concurrent_requests_are_batched_without_changing_answers(predictor, cli
     async def run() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://serve.test") as http:
+            async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as http:
                 return await asyncio.gather(*(
                     http.post("/v1/predict", files={"file": (f"{k}.{k[:3]}", clips[k].read_bytes())},
                               data={"transcript": STATEMENT}) for k in names))
@@ -164,14 +166,22 @@ def test_no_request_can_name_a_server_path(client, clips):
 def test_model_card_health_and_page(client, predictor):
     card = client.get("/v1/model").json()
     assert card["name"] == "speech-fusion" and card["classes"] == predictor.label_names
-    assert card["branches"] == {"speech": {"encoder": "mm-lstm", "modalities": ["audio", "metadata", "text"]},
-                                "words": {"encoder": "mm-lstm", "modalities": ["metadata", "text"]}}
+    assert {name: (b["encoder"], b["modalities"], b["title"], b["uploads_feed_it"], b["note"])
+            for name, b in card["branches"].items()} == {
+        "speech": ("mm-lstm", ["audio", "metadata", "text"], "the voice and the words", True, None),
+        "words": ("mm-lstm", ["metadata", "text"], "the words", True, None)}
+    # each branch's own accuracy, from the run's stage 1, beside the fused model's
+    trained = predictor.loaded.meta["metrics"]
+    for name, branch in card["branches"].items():
+        assert branch["accuracy"]["test"] == trained["branches"][name]["test"]["accuracy"]
+    assert card["accuracy"]["test"] == trained["test"]["accuracy"] and card["upload_warnings"] == []
     assert {(c["role"], c["distribution"]) for c in card["components"]} >= {("branches.speech", "emofuse"),
                                                                            ("fusion", "emofuse")}
     assert all(c["version"] for c in card["components"])
     assert 0.0 <= card["metrics"]["test"]["accuracy"] <= 1.0  # the training run's own figures
     assert card["limits"] == {"max_upload_mb": 0.3, "max_seconds": 4.0, "max_transcript_chars": 2000}
-    assert client.get("/healthz").json() == {"status": "ok", "model": "speech-fusion", "max_batch": 8}
+    assert client.get("/healthz").json() == {"status": "ok", "model": "speech-fusion", "max_batch": 8,
+                                             "api_key_required": False}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="predict-form"' in page.text and "v1/predict" in page.text
@@ -190,7 +200,7 @@ def test_the_predictors_explanation_and_transcription_pass_through(predictor, cl
         return records
 
     monkeypatch.setattr(predictor, "score", score_and_explain)
-    with TestClient(create_app(predictor)) as c:
+    with TestClient(create_app(predictor), base_url=LOCAL) as c:
         got = c.post("/v1/predict", files={"file": ("a.ogg", clips["ogg"].read_bytes())}).json()
     assert got["explanation"] == "data:image/png;base64,iVBORw0KGgo="
     assert got["transcript"] == "what the transcriber heard"
@@ -265,8 +275,9 @@ def test_each_worker_builds_its_app_from_the_environment(speech_fusion_checkpoin
 
     monkeypatch.setenv(SETTINGS_ENV, json.dumps({"checkpoint": str(speech_fusion_checkpoint), "max_upload_mb": 5.0,
                                                  "max_seconds": 30.0, "max_batch": 4}))
-    with TestClient(app_from_environment()) as c:
-        assert c.get("/healthz").json() == {"status": "ok", "model": "speech-fusion", "max_batch": 4}
+    with TestClient(app_from_environment(), base_url=LOCAL) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "model": "speech-fusion", "max_batch": 4,
+                                            "api_key_required": False}
         assert c.get("/v1/model").json()["limits"]["max_upload_mb"] == 5.0
 
 

@@ -1,24 +1,44 @@
 """The prediction service behind `emofuse serve`: an HTTP API and a page over one loaded checkpoint.
 
 FastAPI + uvicorn: the Python ecosystem's standard pair for a typed JSON API, with an OpenAPI schema
-generated from the same type hints that validate each request. The model loads once per worker
-process; uploads go through the same `Predictor.decode`/`Predictor.score` route as `emofuse predict`,
-so a clip gets the same probabilities either way. Requests that arrive within a few milliseconds of
-each other are scored as one batch on one model thread (`BatchingQueue`).
+generated from the same type hints that validate each request (its `/docs` page is served from the
+`fastapi-offline` package, so it works without a network). The model loads once per worker process;
+uploads go through the same `Predictor.decode`/`Predictor.score` route as `emofuse predict`, so a clip gets
+the same probabilities either way. Requests that arrive within a few milliseconds of each other are
+scored as one batch on one model thread (`BatchingQueue`).
+
+Speech is transcribed (for a model that reads text, when no transcript comes with the clip) on a thread
+of its own (`TranscriptionService`), never on the model thread: a request that brings its transcript, or
+needs none, never waits behind a transcription. Transcription skips silence and windows Whisper itself
+finds speechless, stops at loops and at a token cap by length, has a time budget, and stops when its
+client leaves. Its results are kept in memory only (a bounded table), never in a file.
+
+Overload is refused, not queued without end: at most `max_queue` requests are admitted at once (more get
+503 with Retry-After), a body must arrive within `body_timeout_s`, a request is answered within
+`request_timeout_s`. `/healthz` says the process lives; `/readyz` says whether it takes work and how deep
+its queues are. Requests must name an allowed host (DNS rebinding), may need an API key (``X-API-Key``),
+and get CORS headers only for the origins allowed.
 
 An upload is stored, under a neutral name, in a temporary folder of its own that is removed when its
 request ends; what it is (audio or video, how long) is found by opening it with PyAV, never from its
-name; nothing a request sends names a file on the server.
+name; nothing a request sends names a file on the server; face crops of uploads are not cached.
 """
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
 import math
 import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -29,13 +49,18 @@ from typing import Any, Awaitable, Callable, Generic, Literal, Sequence, TypeVar
 from emofuse.core.errors import DataError, EmofuseError, MissingDependencyError
 
 try:
-    from fastapi import FastAPI, File, Form, UploadFile
+    from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.routing import APIRoute
+    from fastapi_offline import FastAPIOffline
     from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 except ImportError as exc:  # pragma: no cover - the `serve` extra is not installed
     raise MissingDependencyError(f"emofuse serve needs FastAPI ({exc.name} is not installed)",
                                  hint="pip install 'emofuse[serve]'") from None
@@ -43,22 +68,30 @@ except ImportError as exc:  # pragma: no cover - the `serve` extra is not instal
 from emofuse import __version__
 from emofuse.core.apps.predict import Predictor, load, sample_from_media
 from emofuse.core.data.decode import media_duration, probe
-from emofuse.core.types import Sample
+from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
 
 #: Where `app_from_environment` finds the checkpoint and settings in each uvicorn worker process.
 SETTINGS_ENV = "EMOFUSE_SERVE_SETTINGS"
+#: The header that carries the API key, when the service has one.
+API_KEY_HEADER = "X-API-Key"
+#: Host names a service answers by default: loopback only (a page on another site cannot rebind a name to it).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+#: What an upload can give the model: its media, the transcript field (or its speech), age and gender.
+UPLOAD_MODALITIES = frozenset({AUDIO, VIDEO, TEXT, METADATA})
 #: Room for the multipart framing and the form fields around the uploaded file.
 _FORM_OVERHEAD_BYTES = 64 * 1024
 _COPY_CHUNK = 1 << 20
+_PREDICT_PATH = "/v1/predict"
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What one service accepts and how it batches; every field is a `emofuse serve` option."""
+    """What one service accepts, how it batches and whom it answers; every field is a `emofuse serve` option."""
 
     #: Largest upload accepted, in megabytes (10^6 bytes).
     max_upload_mb: float = 20.0
-    #: Longest clip accepted, in seconds, measured from the file's packets.
+    #: Longest clip accepted, in seconds, measured from the file's packets; also where the model's audio
+    #: and the transcription stop (one setting: what is accepted is what is read).
     max_seconds: float = 60.0
     #: Longest transcript accepted, in characters.
     max_transcript_chars: int = 2000
@@ -66,6 +99,24 @@ class ServeSettings:
     batch_window_ms: float = 5.0
     #: Most clips in one batch; 1 scores each request alone (no batching).
     max_batch: int = 8
+    #: Most prediction requests in the service at once (uploading, transcribing, queued, scored); more: 503.
+    max_queue: int = 32
+    #: Most requests waiting for or in transcription at once; more of those that need it: 503.
+    max_transcribing: int = 4
+    #: Seconds of transcription per clip; what was heard until then is used (with a warning).
+    transcribe_budget_s: float = 20.0
+    #: Seconds within which a request's whole body must arrive; a slower client is cut off (408).
+    body_timeout_s: float = 30.0
+    #: Seconds within which an admitted upload must be answered (after its body arrived); else 503.
+    request_timeout_s: float = 120.0
+    #: Transcripts of recent clips kept in memory (by content hash), never on disk.
+    transcript_memory: int = 256
+    #: When set, /v1/ requests must carry it in the ``X-API-Key`` header.
+    api_key: str | None = None
+    #: Origins whose pages may call the API from a browser (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+    #: Host header values answered (``*.example.com`` patterns allowed); loopback names by default.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     #: Parent of the per-request upload folders (default: the system's temporary folder).
     temp_dir: str | None = None
 
@@ -75,11 +126,16 @@ class ServeSettings:
 
 
 class UploadError(EmofuseError):
-    """An upload the service refuses; `status` is the HTTP status it answers with."""
+    """An upload the service refuses; `status` is the HTTP status it answers with (with `headers`)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         self.status = status
+        self.headers = headers
         super().__init__(message)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 # --- the batching queue ----------------------------------------------------------------------------
@@ -104,6 +160,11 @@ class BatchingQueue(Generic[Item, Result]):
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for a batch (not counting the batch being scored)."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -160,6 +221,107 @@ class BatchingQueue(Generic[Item, Result]):
                     future.set_result(result)
 
 
+# --- transcription, off the model thread --------------------------------------------------------------
+#: (stored clip, seconds to read, cancel flag) -> its transcript; the default reads the clip's sound track
+#: and runs the packaged Whisper (`emofuse.plugins.transcription`); tests pass another.
+TranscribeClip = Callable[[Path, float, threading.Event], Any]
+
+
+def whisper_clip_transcriber(budget_s: float) -> TranscribeClip:
+    """Decode at most `max_seconds` of the clip's sound and transcribe it with `budget_s` seconds at most."""
+    def transcribe_clip(path: Path, max_seconds: float, cancel: threading.Event):
+        from emofuse.core.data.decode import decode_audio
+        from emofuse.plugins.transcription import Limits, transcriber
+
+        wav = decode_audio(path, max_seconds=max_seconds)
+        return transcriber().transcribe(wav, Limits(budget_s=budget_s), cancel=cancel)
+
+    return transcribe_clip
+
+
+class TranscriptionService:
+    """Transcriptions on one thread of their own, at most `max_waiting` at once, each cancelled when its
+    caller stops waiting; recent clips' transcripts kept in memory (at most `memory` of them), by content."""
+
+    def __init__(self, transcribe_clip: TranscribeClip, *, max_waiting: int, memory: int):
+        self.transcribe_clip = transcribe_clip
+        self.max_waiting = max_waiting
+        self.memory = memory
+        self._known: OrderedDict[str, Any] = OrderedDict()
+        self._known_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self.depth = 0
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emofuse-transcribe")
+
+    def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = None
+
+    @property
+    def full(self) -> bool:
+        return self.depth >= self.max_waiting
+
+    async def transcribe(self, path: Path, max_seconds: float) -> Any:
+        """The clip's transcript; raises `UploadError` 503 when `max_waiting` are already waiting. Cancelling
+        the caller sets the job's cancel flag: a job not started is dropped, a running one stops at its next token."""
+        if self._executor is None:
+            raise RuntimeError("TranscriptionService.start() was not called")
+        if self.full:
+            raise UploadError(503, "the transcriber is busy: retry later, or send the clip's transcript "
+                                   "(a request with one is not delayed)", headers={"Retry-After": "5"})
+        cancel = threading.Event()
+        self.depth += 1
+        job = self._executor.submit(self._run, path, max_seconds, cancel)
+        try:
+            return await asyncio.wrap_future(job)
+        finally:
+            self.depth -= 1
+            if not job.done():
+                cancel.set()
+                job.cancel()
+
+    def _run(self, path: Path, max_seconds: float, cancel: threading.Event) -> Any:
+        from emofuse.plugins.transcription import TranscriptionCancelled
+
+        if cancel.is_set():  # its caller left while it waited
+            raise TranscriptionCancelled
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(_COPY_CHUNK):
+                digest.update(chunk)
+        key = f"{digest.hexdigest()}|{max_seconds}"
+        with self._known_lock:
+            if key in self._known:
+                self._known.move_to_end(key)
+                return self._known[key]
+        heard = self.transcribe_clip(path, max_seconds, cancel)
+        if self.memory > 0 and not heard.warnings:  # a clip cut by the time budget may be heard whole later
+            with self._known_lock:
+                self._known[key] = heard
+                while len(self._known) > self.memory:
+                    self._known.popitem(last=False)
+        return heard
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[Any], poll_s: float = 0.2) -> Any:
+    """`work`'s result; cancels it (and raises `ClientGone`) as soon as the request's client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 # --- uploads -----------------------------------------------------------------------------------------
 @dataclass
 class Upload:
@@ -169,6 +331,8 @@ class Upload:
     name: str
     kind: Literal["audio", "video"]
     seconds: float
+    #: The clip comes without a transcript to a model that reads text: its speech is to be transcribed.
+    needs_transcript: bool = False
 
 
 def display_name(filename: str | None) -> str:
@@ -195,23 +359,33 @@ async def store_upload(upload: UploadFile, folder: Path, settings: ServeSettings
 
 def inspect_upload(stored: Path, name: str, sample_id: str, predictor: Predictor, settings: ServeSettings, *,
                    transcript: str | None, age: float | None, gender: str | None) -> Upload:
-    """Open the stored file with PyAV: refuse what is not media, is too long, or has nothing the model reads."""
+    """Open the stored file with PyAV: refuse what is not media, is too long, or has nothing the model reads.
+
+    The length is measured from the packets and the measuring stops at the limit: a clip far over it is
+    refused after reading only that much."""
     try:
-        seconds = media_duration(stored)
+        seconds = media_duration(stored, stop_after=settings.max_seconds)
     except DataError as exc:
         raise UploadError(415, f"{name}: {_scrub(exc.message, stored, name)} (upload an audio or video file)") from None
     if seconds > settings.max_seconds:
-        raise UploadError(413, f"{name}: the clip lasts {seconds:.1f} s; this service takes at most "
+        raise UploadError(413, f"{name}: the clip lasts more than {settings.max_seconds:g} s; this service takes at most "
                                f"{settings.max_seconds:g} s")
     try:
         sample = sample_from_media(stored, text=transcript, modalities=predictor.media_modalities(transcript),
-                                   sample_id=sample_id,
-                                   by_content=True)
+                                   sample_id=sample_id, by_content=True)
     except DataError as exc:
         raise UploadError(422, f"{name}: {_scrub(exc.message, stored, name)}") from None
     sample.age = age
     sample.gender = gender
-    return Upload(sample, name, "video" if probe(stored).has_video else "audio", seconds)
+    needs = predictor.transcribe and transcript is None and sample.audio_path is not None
+    return Upload(sample, name, "video" if probe(stored).has_video else "audio", seconds, needs_transcript=needs)
+
+
+def with_transcript(sample: Sample, text: str | None, model_modalities: Sequence[str]) -> Sample:
+    """`sample` with the text heard in it (None: no speech), marked as transcribed; its sound track dropped
+    again where the model reads no audio (it was kept only to be transcribed)."""
+    audio = sample.audio_path if AUDIO in model_modalities else None
+    return dataclasses.replace(sample, text=text, audio_path=audio, extra={**sample.extra, "transcribed": True})
 
 
 def _scrub(message: str, stored: Path, name: str) -> str:
@@ -225,8 +399,10 @@ class Timings(BaseModel):
     """Milliseconds spent on each step of one request."""
 
     upload_ms: float = Field(description="receiving, storing and inspecting the upload")
+    transcribe_ms: float | None = Field(None, description="waiting for and running the transcriber (on its own "
+                                                          "thread); null when the clip needed no transcription")
     queue_ms: float = Field(description="waiting for the model thread and for the batch to fill")
-    decode_ms: float = Field(description="decoding the batch this clip was scored in")
+    decode_ms: float = Field(description="decoding the batch this clip was scored in (no transcription)")
     model_ms: float = Field(description="running the model on that batch")
     total_ms: float = Field(description="the whole request, as the service saw it")
     batch_size: int = Field(description="clips scored together with this one (itself included)")
@@ -242,12 +418,15 @@ class Prediction(BaseModel):
         description="branch -> its own class probabilities; null for a branch whose modalities the clip lacks")
     modalities: list[str] = Field(description="what the model read from this clip")
     transcript: str | None = Field(description="the transcript the model read: the one given, or the clip's "
-                                               "speech transcribed (Whisper tiny.en) when none was; null if none")
-    transcribed: bool = Field(False, description="true when `transcript` was transcribed from the clip's speech")
+                                               "speech transcribed (Whisper tiny.en) when none was; null if none "
+                                               "(a clip without speech gets none)")
+    transcribed: bool = Field(False, description="true when the clip's speech was transcribed (none was given)")
     explanation: str | None = Field(None, description="an image explaining a video prediction, as a data: URL, "
                                                       "when the predictor provides one; null otherwise")
     media: Literal["audio", "video"] = Field(description="what the upload's content turned out to be")
     seconds: float = Field(description="the clip's length, measured from its packets")
+    warnings: list[str] = Field(default_factory=list, description="what was cut or left out of this clip "
+                                                                  "(audio past the limit, transcription stopped)")
     timings: Timings
 
 
@@ -264,6 +443,10 @@ class Limits(BaseModel):
 class BranchCard(BaseModel):
     encoder: str
     modalities: list[str]
+    title: str = Field(description="what the branch reads, in plain words")
+    accuracy: dict[str, float | None] = Field(description="split -> this branch's own accuracy in training")
+    uploads_feed_it: bool = Field(description="false when an upload can never give this branch its input")
+    note: str | None = Field(description="why uploads cannot feed it; null when they can")
 
 
 class ModelCard(BaseModel):
@@ -274,6 +457,9 @@ class ModelCard(BaseModel):
     modalities: list[str] = Field(description="what the model reads from a clip and the form")
     branches: dict[str, BranchCard]
     fusion: str | None
+    accuracy: dict[str, float | None] = Field(description="split -> the fused model's accuracy in training "
+                                                          "(with every branch fed)")
+    upload_warnings: list[str] = Field(description="what uploads cannot give this model, in one line each")
     components: list[dict[str, str]] = Field(
         description="each part of the model with the plugin distribution and version that made it")
     metrics: dict[str, Any] = Field(description="the training run's metrics, per split (null where undefined)")
@@ -287,21 +473,69 @@ class Health(BaseModel):
     status: Literal["ok"]
     model: str
     max_batch: int
+    api_key_required: bool = Field(description="whether /v1/ requests need the X-API-Key header")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "full"]
+    in_flight: int = Field(description="prediction requests in the service now")
+    max_queue: int
+    queue_depth: int = Field(description="clips waiting for the model thread")
+    transcribing: int = Field(description="requests waiting for or in transcription")
+    max_transcribing: int
+
+
+MODALITY_WORDS = {AUDIO: "the voice", VIDEO: "the face", TEXT: "the words", METADATA: "the speaker's age and gender",
+                  FEATURES: "precomputed features from a table"}
+
+
+def branch_title(modalities: Sequence[str]) -> str:
+    """A branch in plain words: ``["audio", "text"]`` -> "the voice and the words"."""
+    words = [MODALITY_WORDS.get(m, m) for m in sorted(modalities, key=lambda m: list(MODALITY_WORDS).index(m)
+                                                       if m in MODALITY_WORDS else 99) if m != METADATA]
+    words = words or [MODALITY_WORDS[METADATA]]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _accuracy(metrics: Any) -> dict[str, float | None]:
+    if not isinstance(metrics, dict):
+        return {}
+    return {split: m.get("accuracy") for split, m in metrics.items() if isinstance(m, dict) and "accuracy" in m}
 
 
 def model_card(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
-    """Classes, branches, the components with the plugin versions that made them, and training metrics."""
+    """Classes, branches (each with its own accuracy and whether uploads can feed it), the components with
+    the plugin versions that made them, and training metrics."""
     meta = predictor.loaded.meta
     config = predictor.loaded.config
+    metrics = meta.get("metrics", {}) or {}
+    branch_metrics = metrics.get("branches", {}) if isinstance(metrics.get("branches"), dict) else {}
+    single = len(config.branches) == 1
+    branches, warnings = {}, []
+    for name, ref in config.branches.items():
+        modalities = sorted(predictor.model.branches[name].modalities)
+        unfed = [m for m in modalities if m not in UPLOAD_MODALITIES]
+        note = None
+        if unfed:
+            note = (f"reads {', '.join(MODALITY_WORDS.get(m, m) for m in unfed)}, which an upload cannot give: "
+                    "it is left out of every prediction")
+            warnings.append(f"branch {name!r} ({ref.name}) {note}")
+        branches[name] = {"encoder": ref.name, "modalities": modalities, "title": branch_title(modalities),
+                          "accuracy": _accuracy(metrics if single else branch_metrics.get(name)),
+                          "uploads_feed_it": not unfed, "note": note}
+    if warnings and len(warnings) < len(branches):
+        warnings.append("the fused accuracy was measured with every branch fed; uploads are predicted without "
+                        "the branches above, so expect that of the branches they feed")
     return _finite({
         "name": config.name,
         "classes": list(predictor.label_names),
         "modalities": list(predictor.modalities),
-        "branches": {name: {"encoder": ref.name, "modalities": sorted(predictor.model.branches[name].modalities)}
-                     for name, ref in config.branches.items()},
+        "branches": branches,
         "fusion": config.fusion.name if config.fusion is not None else None,
+        "accuracy": _accuracy({k: v for k, v in metrics.items() if k != "branches"}),
+        "upload_warnings": warnings,
         "components": meta.get("components", []),
-        "metrics": meta.get("metrics", {}),
+        "metrics": metrics,
         "fusion_report": meta.get("fusion_report"),
         "emofuse_version": meta.get("emofuse_version"),
         "served_by": __version__,
@@ -321,37 +555,174 @@ def _finite(value: Any) -> Any:
     return value
 
 
-# --- the app -----------------------------------------------------------------------------------------
-class BodySizeLimit:
-    """Refuses a request body over `max_bytes`: by its Content-Length before reading it, else as it streams in.
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_warnings(card: dict[str, Any], settings: ServeSettings, host: str) -> list[str]:
+    """What `emofuse serve` says before it listens: branches uploads cannot feed, and an exposed bind."""
+    lines = list(card["upload_warnings"])
+    if not is_loopback(host):
+        if settings.api_key is None:
+            lines.append(f"listening on {host}, beyond this machine, without an API key: anyone who reaches the "
+                         "port can use the service (set EMOFUSE_API_KEY or --api-key-env)")
+        if tuple(settings.allowed_hosts) == LOOPBACK_HOSTS:
+            lines.append(f"only the Host names {', '.join(LOOPBACK_HOSTS)} are answered: add the name clients use "
+                         "with --allowed-host")
+    return lines
+
+
+# --- the guards in front of the app --------------------------------------------------------------------
+def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class BodyLimits:
+    """Refuses a request body over `max_bytes` (by its Content-Length before reading it, else as it streams
+    in) and one that does not arrive within `timeout_s` (408, and the connection is closed): a client that
+    sends headers and then trickles, or stops, holds nothing for long.
 
     FastAPI's own route limit answers plain text; this answers with the same JSON ``detail`` line as
     every other refusal, naming the limit.
     """
 
-    def __init__(self, app: Any, max_bytes: int, detail: str):
+    def __init__(self, app: Any, max_bytes: int, detail: str, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
         self.detail = detail
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
+            return await _json(413, self.detail, {"Connection": "close"})(scope, receive, send)
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout_s
 
-        async def counted() -> dict:
-            nonlocal received
-            message = await receive()
+        async def guarded() -> dict:
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                    headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, self.detail)
+                    raise HTTPException(413, self.detail, headers={"Connection": "close"})
+                complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, counted, send)
+        await self.app(scope, guarded, send)
+
+
+class Admission:
+    """At most `limit` prediction requests in the service at once; more are answered 503 at once, before
+    their body is read, with a Retry-After from how long recent requests took."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+        self.recent_s = 1.0  # a moving average of request durations
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != _PREDICT_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            wait = max(1, min(60, math.ceil(self.recent_s)))
+            return await _json(503, f"the service is at its limit of {self.limit} requests at once: retry in {wait} s",
+                               {"Retry-After": str(wait), "Connection": "close"})(scope, receive, send)
+        self.in_flight += 1
+        start = time.monotonic()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.recent_s = 0.8 * self.recent_s + 0.2 * (time.monotonic() - start)
+
+
+class RequireKey:
+    """/v1/ requests must carry the service's key in ``X-API-Key`` (compared in constant time); the page,
+    the docs and the health checks stay open."""
+
+    def __init__(self, app: Any, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            given = Headers(scope=scope).get(API_KEY_HEADER, "").encode()
+            if not hmac.compare_digest(given, self.key):
+                return await _json(401, f"this service needs its API key in the {API_KEY_HEADER} header")(
+                    scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class StrictFormParser(MultiPartParser):
+    """Starlette's multipart parser with this service's rules for text fields: each must be UTF-8 (or the
+    charset the request names), never silently read as Latin-1, and at most `max_chars` characters, refused
+    with the same line as a transcript one character too long. Relies on the parser's `_current_part`."""
+
+    max_chars = 2000
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > 4 * self.max_chars:  # 4 bytes per character at most
+            raise MultiPartException(f"{part.field_name}: String should have at most {self.max_chars} characters")
+        super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise MultiPartException(f"{part.field_name}: not UTF-8 text (send form fields as UTF-8)") from None
+        super().on_part_end()
+
+
+def strict_form_route(max_chars: int) -> type[APIRoute]:
+    """A route class whose requests parse forms with `StrictFormParser` and refuse a body that is not a form."""
+    parser = type("ServiceFormParser", (StrictFormParser,), {"max_chars": max_chars})
+
+    class StrictFormRequest(Request):
+        async def _get_form(self, **limits: Any):  # type: ignore[override]
+            content_type, _ = parse_options_header(self.headers.get("Content-Type"))
+            if self._form is None and content_type == b"multipart/form-data":
+                try:
+                    self._form = await parser(self.headers, self.stream(), max_files=4, max_fields=16).parse()
+                except MultiPartException as exc:
+                    status = 422 if "should have at most" in exc.message or "UTF-8" in exc.message else 400
+                    raise HTTPException(status, exc.message) from None
+            return await super()._get_form(**limits)
+
+    class StrictFormRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+            takes_form = self.body_field is not None
+
+            async def strict(request: Request) -> Response:
+                if takes_form:
+                    content_type, _ = parse_options_header(request.headers.get("Content-Type"))
+                    if content_type != b"multipart/form-data":
+                        return _json(415, f"send the clip as multipart/form-data with a `file` field, not "
+                                          f"{content_type.decode('latin-1') or 'a body without a content type'}")
+                return await handler(StrictFormRequest(request.scope, request.receive))
+
+            return strict
+
+    return StrictFormRoute
 
 
 def page_html() -> str:
@@ -359,16 +730,21 @@ def page_html() -> str:
     return resources.files("emofuse.core.apps").joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
-def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
-    """The service over an already loaded `predictor` (tests and `emofuse serve` build it the same way)."""
+# --- the app -----------------------------------------------------------------------------------------
+def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
+               transcribe_clip: TranscribeClip | None = None) -> FastAPI:
+    """The service over an already loaded `predictor` (tests and `emofuse serve` build it the same way).
+
+    `transcribe_clip` replaces the packaged Whisper (tests)."""
     settings = settings or ServeSettings()
     ids = itertools.count()
+    predictor = copy.copy(predictor)  # this service's decoding settings, not the caller's
+    # one length setting: what is accepted is what the model reads; no face crops of uploads are kept on disk
+    predictor.spec = dataclasses.replace(predictor.spec, max_audio_seconds=settings.max_seconds, crop_cache=None)
 
     def run_batch(samples: list[Sample]) -> list[tuple[dict[str, Any], dict[str, float]]]:
         start = time.perf_counter()
-        if predictor.transcribe:  # clips without a transcript: their speech, transcribed (cached per clip)
-            samples = predictor.with_transcripts(list(samples))  # one Sample back per Sample given
-        clips = predictor.decode(samples)
+        clips = predictor.decode(samples)  # transcripts were filled before: decoding only
         decoded = time.perf_counter()
         records = predictor.score(clips)
         scored = time.perf_counter()
@@ -378,75 +754,144 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
 
     queue: BatchingQueue[Sample, tuple[dict[str, Any], dict[str, float]]] = BatchingQueue(
         run_batch, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1e3)
+    transcription = TranscriptionService(transcribe_clip or whisper_clip_transcriber(settings.transcribe_budget_s),
+                                         max_waiting=settings.max_transcribing, memory=settings.transcript_memory)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await queue.start()
+        transcription.start()
         try:
             yield
         finally:
+            transcription.stop()
             await queue.stop()
 
-    app = FastAPI(title="emofuse", version=__version__, lifespan=lifespan,
-                  description="Emotion recognition from an audio or video clip, with an optional transcript "
-                              "and speaker metadata, by one trained emofuse checkpoint.")
+    app = FastAPIOffline(title="emofuse", version=__version__, lifespan=lifespan,
+                         description="Emotion recognition from an audio or video clip, with an optional transcript "
+                                     "and speaker metadata, by one trained emofuse checkpoint.")
+    app.router.route_class = strict_form_route(settings.max_transcript_chars)
     card = model_card(predictor, settings)
     page = page_html()
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES
+    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes + _FORM_OVERHEAD_BYTES
                        + 4 * settings.max_transcript_chars,
-                       detail=f"upload is over this service's {settings.max_upload_mb:g} MB limit")
+                       detail=f"upload is over this service's {settings.max_upload_mb:g} MB limit",
+                       timeout_s=settings.body_timeout_s)
+    app.add_middleware(Admission, limit=settings.max_queue)
+    if settings.api_key:
+        app.add_middleware(RequireKey, key=settings.api_key)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=[API_KEY_HEADER], max_age=600)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts), www_redirect=False)
+    admission: list[Admission] = []  # found once the middleware stack is built (for /readyz)
+
+    def in_flight() -> int:
+        if not admission:
+            layer = app.middleware_stack
+            while layer is not None and not isinstance(layer, Admission):
+                layer = getattr(layer, "app", None)
+            if layer is not None:
+                admission.append(layer)
+        return admission[0].in_flight if admission else 0
 
     @app.exception_handler(UploadError)
     async def _refused(_, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        return _json(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+        return _json(422, "; ".join(parts))
 
     refusals = {code: {"model": ErrorDetail, "description": why} for code, why in (
-        (400, "empty upload"), (413, "upload too large or clip too long"),
-        (415, "not an audio or video file PyAV can read"),
-        (422, "missing or invalid field, no stream the model reads, or a clip that fails to decode"))}
+        (400, "empty upload, more than one file, or a malformed form"), (401, "missing or wrong API key"),
+        (408, "the body did not arrive in time"), (413, "upload too large or clip too long"),
+        (415, "not a multipart form, or not an audio or video file PyAV can read"),
+        (422, "missing or invalid field, no stream the model reads, or a clip that fails to decode"),
+        (503, "the service or its transcriber is full, or the request took too long: retry after Retry-After"))}
 
-    @app.post("/v1/predict", response_model=Prediction, responses=refusals)
+    @app.post(_PREDICT_PATH, response_model=Prediction, responses=refusals)
     async def predict(
+        request: Request,
         file: UploadFile = File(description="an audio or video clip in any container PyAV reads"),
         transcript: str | None = Form(None, max_length=settings.max_transcript_chars,
                                       description="what is said in the clip; used by models that read text"),
         age: float | None = Form(None, ge=0, le=130, description="the speaker's age in years"),
         gender: Literal["male", "female", "unknown"] | None = Form(None, description="the speaker's gender"),
-    ) -> Prediction:
+    ) -> Prediction | Response:
         received = time.perf_counter()
         name = display_name(file.filename)
+        files = (await request.form()).getlist("file")
+        if len(files) > 1:
+            raise UploadError(400, f"the form has {len(files)} `file` parts: send one clip per request")
         with tempfile.TemporaryDirectory(prefix="emofuse-upload-", dir=settings.temp_dir) as folder:
             stored = await store_upload(file, Path(folder), settings)
             upload = await run_in_threadpool(
                 inspect_upload, stored, name, f"upload-{next(ids)}", predictor, settings,
                 transcript=(transcript or None), age=age, gender=gender)
             inspected = time.perf_counter()
-            record, timing = await queue.submit(upload.sample)
+            try:
+                record, timing, heard, transcribed_at = await asyncio.wait_for(
+                    unless_client_leaves(request, answer(upload, stored)), settings.request_timeout_s)
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it: the client has gone
+            except asyncio.TimeoutError:
+                raise UploadError(503, f"{name}: not answered within this service's {settings.request_timeout_s:g} s",
+                                  headers={"Retry-After": "10"}) from None
             if "error" in record:
                 raise UploadError(422, f"{name}: {_scrub(record['error'], stored, name)}")
         done = time.perf_counter()
+        warnings = [*(heard.warnings if heard is not None else []), *([record["warning"]] if "warning" in record else [])]
         return Prediction(
             id=name, label=record["label"], probabilities=record["probabilities"], branches=record["branches"],
             modalities=record["modalities"], transcript=record.get("transcript"),
             transcribed=bool(record.get("transcribed")),
             explanation=record.get("explanation"), media=upload.kind, seconds=round(upload.seconds, 3),
-            timings=Timings(upload_ms=(inspected - received) * 1e3, queue_ms=(timing["started"] - inspected) * 1e3,
+            warnings=warnings,
+            timings=Timings(upload_ms=(inspected - received) * 1e3,
+                            transcribe_ms=(transcribed_at - inspected) * 1e3 if heard is not None else None,
+                            queue_ms=(timing["started"] - transcribed_at) * 1e3,
                             decode_ms=timing["decode_ms"], model_ms=timing["model_ms"], total_ms=(done - received) * 1e3,
                             batch_size=timing["batch_size"]))
 
+    async def answer(upload: Upload, stored: Path) -> tuple[dict[str, Any], dict[str, Any], Any, float]:
+        """Transcribe (when needed, on the transcription thread), then score on the model thread."""
+        sample, heard = upload.sample, None
+        if upload.needs_transcript:
+            try:
+                heard = await transcription.transcribe(stored, settings.max_seconds)
+            except DataError as exc:  # its sound track cannot be read
+                raise UploadError(422, f"{upload.name}: {_scrub(exc.message, stored, upload.name)}") from None
+            sample = with_transcript(sample, heard.text, predictor.modalities)
+            if not (sample.audio_path or sample.video_path or sample.text):
+                raise UploadError(422, f"{upload.name}: no speech was heard in the clip, and this model reads only "
+                                       "its words: send the transcript")
+        transcribed_at = time.perf_counter()
+        record, timing = await queue.submit(sample)
+        return record, timing, heard, transcribed_at
+
     @app.get("/v1/model", response_model=ModelCard)
     async def model() -> dict[str, Any]:
-        """The model card: classes, branches, components with their plugin versions, training metrics, limits."""
+        """The model card: classes, branches (each with its own accuracy and whether uploads feed it),
+        components with their plugin versions, training metrics, limits."""
         return card
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
-        return Health(status="ok", model=card["name"], max_batch=settings.max_batch)
+        """Liveness: the process answers."""
+        return Health(status="ok", model=card["name"], max_batch=settings.max_batch,
+                      api_key_required=bool(settings.api_key))
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "full"}})
+    async def readyz() -> JSONResponse:
+        """Readiness: whether a new upload would be admitted, and how deep the queues are."""
+        busy = in_flight()
+        full = busy >= settings.max_queue
+        body = Readiness(status="full" if full else "ready", in_flight=busy, max_queue=settings.max_queue,
+                         queue_depth=queue.depth, transcribing=transcription.depth,
+                         max_transcribing=settings.max_transcribing)
+        return JSONResponse(body.model_dump(), status_code=503 if full else 200)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -463,24 +908,40 @@ def app_from_environment() -> FastAPI:
         import torch
 
         torch.set_num_threads(int(threads))
+    for field in ("cors_origins", "allowed_hosts"):
+        if field in options:
+            options[field] = tuple(options[field])
     return create_app(load(options.pop("checkpoint")), ServeSettings(**options))
 
 
+#: Seconds a worker process may take to answer the supervisor's health check (loading a model on a busy
+#: machine can starve it); uvicorn's default of 5 s kills workers still loading, in a loop.
+WORKER_HEALTHCHECK_S = 300
+
+
 def serve(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          settings: ServeSettings | None = None, log_level: str = "info") -> None:
-    """Run the service until interrupted; the checkpoint is loaded (and any error raised) before it listens."""
+          settings: ServeSettings | None = None, log_level: str = "info",
+          warn: Callable[[str], None] = lambda line: None) -> None:
+    """Run the service until interrupted; the checkpoint is loaded (and any error raised) before it listens,
+    and each of `startup_warnings` is handed to `warn` (the CLI prints them)."""
+    import inspect
+
     import uvicorn
 
     settings = settings or ServeSettings()
     predictor = load(checkpoint)
+    for line in startup_warnings(model_card(predictor, settings), settings, host):
+        warn(line)
     if workers == 1:
         uvicorn.run(create_app(predictor, settings), host=host, port=port, log_level=log_level)
         return
     del predictor  # it loaded: each worker process now loads its own copy
     os.environ[SETTINGS_ENV] = json.dumps({"checkpoint": str(Path(checkpoint).resolve()), **asdict(settings)})
+    patience = ({"timeout_worker_healthcheck": WORKER_HEALTHCHECK_S}
+                if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters else {})
     uvicorn.run("emofuse.core.apps.serve:app_from_environment", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level)
+                workers=workers, log_level=log_level, **patience)
 
 
-__all__ = ["BatchingQueue", "Prediction", "ServeSettings", "UploadError", "app_from_environment", "create_app",
-           "model_card", "serve"]
+__all__ = ["BatchingQueue", "Prediction", "ServeSettings", "TranscriptionService", "UploadError",
+           "app_from_environment", "create_app", "model_card", "serve", "startup_warnings"]

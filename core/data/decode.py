@@ -56,11 +56,13 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         )
 
 
-def media_duration(path: str | os.PathLike) -> float:
+def media_duration(path: str | os.PathLike, *, stop_after: float | None = None) -> float:
     """Seconds from the first to the last audio/video packet of `path`, read by demuxing (no decoding).
 
     A header's declared duration can understate what a file holds (or be absent), so a limit on
-    clip length must measure the packets themselves.
+    clip length must measure the packets themselves. With `stop_after`, demuxing stops at the first
+    packet past that many seconds (the result is then over `stop_after`, not the whole length): a
+    limit check need not read an hour of packets to refuse a file.
     """
     with _open(path) as container:
         streams = list(container.streams.audio) + _moving_video(container)
@@ -74,6 +76,8 @@ def media_duration(path: str | os.PathLike) -> float:
                 start = float(packet.pts * packet.time_base)
                 first = start if first is None else min(first, start)
                 last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+                if stop_after is not None and last - first > stop_after:
+                    break
         except _DECODE_ERRORS as exc:
             raise DataError(path, f"not a readable media file: {_reason(exc)}", hint=_BAD_HINT) from None
     if first is None:
