@@ -121,7 +121,7 @@ def test_bad_uploads_get_one_line_4xx_and_the_service_keeps_answering(client, cl
         ("truncated", ("cut.ogg", ogg[:3000]), {}, 422, "truncated"),
         ("oversized", ("big.ogg", ogg + b"\0" * 300_000), {}, 413, "0.3 MB limit"),
         ("too long", ("long.ogg", long_clip.read_bytes()), {}, 413, "at most 4 s"),
-        ("no file", None, {"transcript": "hi"}, 422, "file: Field required"),
+        ("no file", None, {"transcript": "hi"}, 415, "multipart/form-data"),  # a urlencoded form holds no file
         ("bad metadata", ("a.ogg", ogg), {"age": "-4"}, 422, "age: Input should be greater than or equal to 0"),
         ("long transcript", ("a.ogg", ogg), {"transcript": "x" * 2001}, 422, "transcript: String should have at most"),
     ]
