@@ -2,6 +2,11 @@
 ``empty_text = "transcribe"``, and the cache that transcribes each clip once (real RAVDESS clips, offline)."""
 from __future__ import annotations
 
+import stat
+import threading
+import time
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +16,7 @@ from emofuse.core.config import validate
 from emofuse.core.engine.compose import build_model
 from emofuse.core.engine.model_io import save_model
 from emofuse.core.registry import get_registry
+from emofuse.core.types import Sample
 from emofuse.plugins.encoders.whisper import PACKAGED_SHA256
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
@@ -70,3 +76,67 @@ def test_transcripts_are_kept_where_every_user_cache_is(tmp_path, monkeypatch):
     monkeypatch.setenv("EMOFUSE_CACHE_DIR", str(tmp_path))
     path = transcription.default_transcript_cache()
     assert path.parent == tmp_path / "transcripts" and PACKAGED_SHA256[:12] in path.name
+
+
+# --- decoding that is safe to serve --------------------------------------------------------------------------
+RATE = 16_000
+
+
+def tone(seconds: float, hz: float = 440.0) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * hz * np.arange(int(seconds * RATE)) / RATE)).astype(np.float32)
+
+
+def test_silence_and_noise_give_no_text_and_cost_little():
+    model = transcription.transcriber()
+    started = time.perf_counter()
+    quiet = model.transcribe(np.zeros(59 * RATE, np.float32))
+    assert quiet.text is None and (quiet.windows, quiet.skipped) == (2, 2)
+    assert time.perf_counter() - started < 0.5  # the energy gate: no encoder run at all
+    # noise passes the energy gate; Whisper's own no-speech probability skips it (greedy decoding says "You")
+    noise = model.transcribe(np.random.default_rng(0).standard_normal(5 * RATE).astype(np.float32) * 0.01)
+    assert noise.text is None and noise.skipped == 1
+    assert model(np.zeros(RATE, np.float32)) == ""
+
+
+def test_a_loop_is_stopped_and_tokens_are_capped_by_length():
+    model = transcription.transcriber()
+    started = time.perf_counter()
+    looped = model.transcribe(tone(5.0))  # greedy decoding ran to its 224-token cap ("Aaaa...") before
+    assert any("repeat itself" in w or "cap of" in w for w in looped.warnings), looped
+    assert len(looped.text or "") < 60 and time.perf_counter() - started < 10
+    capped = model.transcribe(tone(5.0), transcription.Limits(repeats=1000, tokens_per_second=0.4, base_tokens=1))
+    assert "cap of 3 tokens" in capped.warnings[0]
+    assert transcription.Limits().max_tokens(30 * RATE) == 224 and transcription.Limits().max_tokens(RATE) == 16
+    assert transcription.loop_start([5, 1, 2, 1, 2, 1, 2, 1, 2], repeats=4, max_block=8) == 3
+    assert transcription.loop_start([1, 2, 3, 4], repeats=4, max_block=8) is None
+
+
+def test_the_time_budget_and_the_cancel_flag_stop_a_transcription(clips):
+    from emofuse.core.data.decode import decode_audio
+
+    model = transcription.transcriber()
+    wav = decode_audio(clips[0])
+    spent = model.transcribe(np.concatenate([wav] * 12), transcription.Limits(budget_s=0.0))
+    assert spent.text is None and "time budget" in spent.warnings[0]
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(transcription.TranscriptionCancelled):
+        model.transcribe(wav, cancel=cancel)
+    assert model.transcribe(wav).text == KIDS
+
+
+def test_the_transcript_cache_file_is_the_users_alone(tmp_path, clips, monkeypatch):
+    cache = tmp_path / "fresh" / "transcripts.json"
+    monkeypatch.setattr(transcription, "transcribe", lambda waveforms: ["some words" for _ in waveforms])
+    transcription.TranscriptCache(cache).transcripts([clips[0]])
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600 and cache.read_text().count("some words") == 1
+    assert stat.S_IMODE(cache.parent.stat().st_mode) & 0o077 == 0  # the folder it makes: the user's alone too
+
+
+def test_a_silent_clip_gets_no_transcript_in_predict(tmp_path):
+    import soundfile as sf
+
+    clip = tmp_path / "quiet.flac"
+    sf.write(clip, np.zeros(3 * RATE, np.float32), RATE)
+    (filled,) = transcription.fill_missing_transcripts([Sample(id="q", audio_path=str(clip))], cache=tmp_path / "t.json")
+    assert filled.text is None and filled.extra["transcribed"]
