@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import httpx
 
@@ -90,17 +91,19 @@ def train_tiny_model(folder: Path, threads: int) -> Path:
 class Server:
     """`emofuse serve` in a child process on a free loopback port, stopped on exit."""
 
-    def __init__(self, checkpoint: Path, *, log: Path, max_batch: int = 8, window_ms: float = 5.0, threads: int = 1):
+    def __init__(self, checkpoint: Path, *, log: Path, max_batch: int = 8, window_ms: float = 5.0, threads: int = 1,
+                 options: Sequence[str] = (), env: dict[str, str] | None = None):
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.command = [sys.executable, "-m", "emofuse.cli.app", "--threads", str(threads), "serve", str(checkpoint),
                         "--host", "127.0.0.1", "--port", str(self.port), "--max-batch", str(max_batch),
-                        "--batch-window-ms", str(window_ms)]
+                        "--batch-window-ms", str(window_ms), *options]
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 180
