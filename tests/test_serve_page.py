@@ -99,7 +99,24 @@ def test_a_clip_uploaded_through_the_page_shows_the_bars_of_emofuse_predict(page
     assert "audio" in page.text_content("#timings") and page.text_content("#error") == ""
 
 
-def test_a_bad_file_shows_one_line_and_the_page_still_works(page, shared_data, tmp_path):
+def test_the_card_shows_accuracy_and_branches_in_plain_words(page, speech_fusion_checkpoint):
+    from emofuse.core.apps.predict import load
+
+    card = page.text_content("#model")
+    test_accuracy = load(speech_fusion_checkpoint, device="cpu").loaded.meta["metrics"]["test"]["accuracy"]
+    assert f"Accuracy on its test clips: {100 * test_accuracy:.1f} %" in card
+    speech = page.text_content('#model-branches li[data-branch="speech"]')
+    assert speech.startswith('The voice and the words (branch "speech"): accuracy') and "on its own" in speech
+    assert page.locator("#model-warnings").is_hidden() and page.locator("#key-box").is_hidden()
+
+
+def test_a_refused_upload_clears_the_previous_result(page, shared_data, tmp_path):
+    clip = sorted((shared_data / "ravdess-speech" / "Actor_04").glob("*.ogg"))[6]
+    page.set_input_files("#file", str(clip))
+    page.fill("#transcript", STATEMENT)
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    assert page.text_content("#label")
     junk = tmp_path / "holiday.mp4"
     junk.write_bytes(b"this is not a video" * 100)
     page.set_input_files("#file", str(junk))
@@ -107,7 +124,9 @@ def test_a_bad_file_shows_one_line_and_the_page_still_works(page, shared_data, t
     page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
     error = page.text_content("#error")
     assert "holiday.mp4: not a readable media file" in error and "\n" not in error
-    clip = sorted((shared_data / "ravdess-speech" / "Actor_04").glob("*.ogg"))[6]
+    # the old prediction is gone, not left on screen under the new error
+    assert page.locator("#result").is_hidden() and page.text_content("#label") == ""
+    assert page.locator("#bars .row").count() == 0
     page.set_input_files("#file", str(clip))
     page.click("#submit")
     page.wait_for_selector("#result:not([hidden])", timeout=60_000)
@@ -115,17 +134,44 @@ def test_a_bad_file_shows_one_line_and_the_page_still_works(page, shared_data, t
     assert sum(bars_of(page, "#bars").values()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_a_recording_from_the_microphone_is_predicted(page):
+def test_the_page_shows_it_is_busy_and_hides_the_old_result_meanwhile(page, shared_data):
+    clip = sorted((shared_data / "ravdess-speech" / "Actor_04").glob("*.ogg"))[7]
+    page.set_input_files("#file", str(clip))
+    page.fill("#transcript", STATEMENT)
+    assert page.locator("#preview").is_visible()  # the chosen clip can be played before it is sent
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    held = []
+    page.route("**/v1/predict", lambda route: held.append(route))  # the next request waits until released
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Predicting')", timeout=10_000)
+    assert page.is_disabled("#submit") and page.get_attribute("#predict-form", "aria-busy") == "true"
+    assert page.locator("#status.busy").count() == 1 and page.locator("#result").is_hidden()
+    for _ in range(200):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    held[0].continue_()
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    assert page.text_content("#status") == "" and not page.is_disabled("#submit")
+
+
+def test_a_recording_from_the_microphone_is_stopped_by_the_user_and_predicted(page):
+    page.click("#record")
+    page.wait_for_function("document.getElementById('record').textContent === 'Stop'", timeout=20_000)
+    page.wait_for_timeout(1500)
     page.click("#record")
     page.wait_for_function("document.getElementById('record-status').textContent.startsWith('Recorded')",
                            timeout=20_000)
+    assert page.locator("#preview").is_visible() and page.get_attribute("#preview", "src").startswith("blob:")
     page.click("#submit")
     page.wait_for_function("!document.getElementById('result').hidden || "
                            "document.getElementById('error').textContent.length > 0", timeout=60_000)
     assert page.text_content("#error") == ""
     used = page.text_content("#transcript-used")  # a fake microphone's tone may transcribe to a word or to none
-    assert used == "(none)" or used.endswith("(transcribed from the speech)")
+    assert used == "(no speech heard)" or used.endswith("(transcribed from the speech)")
     bars = bars_of(page, "#bars")
     assert len(bars) == 8 and sum(bars.values()) == pytest.approx(1.0, abs=1e-4)
-    # Chromium's fake microphone gives a few seconds of audio in WebM/Opus, sniffed and measured by content
-    assert "audio, 3." in page.text_content("#timings") or "audio, 4." in page.text_content("#timings")
+    # stopped after about 1.5 s (not a fixed 4 s); WebM/Opus sniffed and measured by content
+    seconds = float(page.text_content("#timings").split("audio, ")[1].split(" s.")[0])
+    assert 0.8 < seconds < 3.5
