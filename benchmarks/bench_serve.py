@@ -1,14 +1,20 @@
 """Load test of `emofuse serve` on loopback: requests/s and p50/p95 latency for 1, 4 and 16 concurrent
-clients, with batching (the default queue) and without (``--max-batch 1``).
+clients, with batching (the default queue) and without (``--max-batch 1``), then a mixed load where one
+upload in ``--transcribe-every`` comes without its transcript (so the service transcribes its speech, on
+its own thread) and the others bring theirs: p95 of each kind, to show that transcriptions do not delay
+the requests that need none.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_serve.py [--checkpoint runs/x/model.safetensors]
-        [--requests 96] [--concurrency 1,4,16] [--time-cap 60] [--threads 1] [--markdown out.md]
+        [--requests 96] [--concurrency 1,4,16] [--time-cap 60] [--threads 1] [--transcribe-every 4]
+        [--markdown out.md]
 
 Bounded on purpose: the script starts the server itself on a free port of 127.0.0.1 (and nowhere
 else), sends a fixed number of requests per level, stops a level when its time cap is reached, stops
 the server, and exits. Each request uploads one real RAVDESS clip (cycled over 24 clips of 4 actors)
 with its transcript, the way a client of the service would. Without ``--checkpoint`` it first trains
-the same tiny `mm-lstm` model as `run_all.py`'s predict stage (48 clips, 1 epoch: seconds).
+the same tiny `mm-lstm` model as `run_all.py`'s predict stage (48 clips, 1 epoch: seconds). In the mixed
+load the server keeps no transcripts in memory (``--transcript-memory 0``), so every clip sent without
+its transcript is really transcribed.
 
 Latency is measured at the client, from sending the upload to reading the whole answer. "mean batch"
 is the number of clips the service scored together with each request, from its own timings.
@@ -41,20 +47,31 @@ class Level:
 
     mode: str
     clients: int
+    #: Every n-th upload is sent without its transcript (None: all bring it).
+    transcribe_every: int | None = None
     sent: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
+    #: The latencies of the uploads sent without a transcript (mixed load only).
+    transcribed_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     capped: bool = False
 
-    def row(self) -> dict[str, object]:
-        ok = len(self.latencies_ms)
-        q = statistics.quantiles(self.latencies_ms, n=20, method="inclusive") if ok >= 2 else [float("nan")] * 19
-        return {"mode": self.mode, "clients": self.clients, "ok": ok, "errors": len(self.errors),
+    def rows(self) -> list[dict[str, object]]:
+        """One row; in a mixed load, one per kind of upload (with its transcript, transcribed)."""
+        if self.transcribe_every is None:
+            return [self._row(self.mode, self.latencies_ms, self.batch_sizes)]
+        return [self._row(f"{self.mode}: with transcript", self.latencies_ms, self.batch_sizes),
+                self._row(f"{self.mode}: transcribed", self.transcribed_ms, [])]
+
+    def _row(self, mode: str, latencies: list[float], batch_sizes: list[int]) -> dict[str, object]:
+        ok = len(latencies)
+        q = statistics.quantiles(latencies, n=20, method="inclusive") if ok >= 2 else [float("nan")] * 19
+        return {"mode": mode, "clients": self.clients, "ok": ok, "errors": len(self.errors),
                 "rps": ok / self.wall_s if self.wall_s else float("nan"),
-                "p50_ms": statistics.median(self.latencies_ms) if ok else float("nan"), "p95_ms": q[18],
-                "mean_batch": statistics.fmean(self.batch_sizes) if self.batch_sizes else float("nan"),
+                "p50_ms": statistics.median(latencies) if ok else float("nan"), "p95_ms": q[18],
+                "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else float("nan"),
                 "capped": self.capped}
 
 
@@ -143,15 +160,20 @@ async def run_level(url: str, level: Level, clips: list[tuple[str, bytes, str]],
                     level.capped = True
                     return
                 name, data, text = clips[i % len(clips)]
+                transcribed = level.transcribe_every is not None and i % level.transcribe_every == 0
                 level.sent += 1
                 sent = time.perf_counter()
                 try:
-                    response = await http.post("/v1/predict", files={"file": (name, data)}, data={"transcript": text})
+                    response = await http.post("/v1/predict", files={"file": (name, data)},
+                                               data={} if transcribed else {"transcript": text})
                 except httpx.HTTPError as exc:
                     level.errors.append(f"{type(exc).__name__}: {exc}")
                     continue
                 if response.status_code != 200:
                     level.errors.append(f"{response.status_code}: {response.text[:200]}")
+                    continue
+                if transcribed:
+                    level.transcribed_ms.append((time.perf_counter() - sent) * 1e3)
                     continue
                 level.latencies_ms.append((time.perf_counter() - sent) * 1e3)
                 level.batch_sizes.append(response.json()["timings"]["batch_size"])
@@ -161,11 +183,15 @@ async def run_level(url: str, level: Level, clips: list[tuple[str, bytes, str]],
     return level
 
 
-def warm_up(url: str, clips: list[tuple[str, bytes, str]]) -> None:
-    """A few requests first, so lazy imports and first-call allocations are not measured."""
+def warm_up(url: str, clips: list[tuple[str, bytes, str]], transcribe: bool = False) -> None:
+    """A few requests first, so lazy imports and first-call allocations are not measured (the transcriber's
+    model too, for a mixed load)."""
     for name, data, text in clips[:3]:
         httpx.post(f"{url}/v1/predict", files={"file": (name, data)}, data={"transcript": text},
                    timeout=120).raise_for_status()
+    if transcribe:
+        name, data, _ = clips[-1]
+        httpx.post(f"{url}/v1/predict", files={"file": (name, data)}, timeout=120).raise_for_status()
 
 
 def markdown(rows: list[dict[str, object]], header: str) -> str:
@@ -188,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     parser.add_argument("--max-batch", type=int, default=8, help="the batching mode's largest batch")
     parser.add_argument("--window-ms", type=float, default=5.0, help="the batching mode's window")
+    parser.add_argument("--transcribe-every", type=int, default=4,
+                        help="mixed load: every n-th upload comes without its transcript (0: no mixed load)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -198,22 +226,28 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(work)
         checkpoint = args.checkpoint or train_tiny_model(work_dir / "runs", args.threads)
         rows = []
-        modes = [(f"batching (max {args.max_batch}, {args.window_ms:g} ms window)", args.max_batch, args.window_ms),
-                 ("no batching (max 1)", 1, 0.0)]
-        for mode, max_batch, window in modes:
-            with Server(checkpoint, max_batch=max_batch, window_ms=window, threads=args.threads,
-                        log=work_dir / f"server-{max_batch}.log") as server:
-                warm_up(server.url, clips)
+        modes = [(f"batching (max {args.max_batch}, {args.window_ms:g} ms window)", args.max_batch, args.window_ms, None),
+                 ("no batching (max 1)", 1, 0.0, None)]
+        if args.transcribe_every > 0:
+            modes.append((f"mixed (1 in {args.transcribe_every} transcribed)", args.max_batch, args.window_ms,
+                          args.transcribe_every))
+        for mode, max_batch, window, every in modes:
+            options = ["--transcript-memory", "0"] if every else []
+            with Server(checkpoint, max_batch=max_batch, window_ms=window, threads=args.threads, options=options,
+                        log=work_dir / f"server-{max_batch}-{every}.log") as server:
+                warm_up(server.url, clips, transcribe=every is not None)
                 for clients in levels:
-                    level = asyncio.run(run_level(server.url, Level(mode, clients), clips, args.requests,
+                    level = asyncio.run(run_level(server.url, Level(mode, clients, every), clips, args.requests,
                                                   args.time_cap))
-                    rows.append(level.row())
-                    print(markdown([rows[-1]], "").splitlines()[-1], flush=True)
+                    rows += level.rows()
+                    for row in level.rows():
+                        print(markdown([row], "").splitlines()[-1], flush=True)
                     for error in level.errors[:3]:
                         print(f"  error: {error}", file=sys.stderr)
     load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (f"`emofuse serve` on 127.0.0.1, {os.cpu_count()} cores, torch threads {args.threads}, 1 worker; "
-              f"{args.requests} uploads of real RAVDESS .ogg clips (with transcript) per row; "
+              f"{args.requests} uploads of real RAVDESS .ogg clips per level (with transcript, but for the mixed load's "
+              f"transcribed ones); "
               f"load average {load_before} at the start, {load_after} at the end; {time.strftime('%d %b %Y')}.")
     table = markdown(rows, header)
     print("\n" + table)

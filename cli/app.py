@@ -463,6 +463,8 @@ def serve_cmd(
                                          help="Most uploads waiting for transcription at once; more that need it: 503."),
     transcribe_budget: float = typer.Option(20.0, "--transcribe-budget", min=0.1,
                                             help="Seconds of transcription per clip at most."),
+    transcript_memory: int = typer.Option(256, "--transcript-memory", min=0,
+                                          help="Recent clips' transcripts kept in memory (never on disk); 0: none."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1,
                                        help="Seconds within which an upload's body must arrive (else 408)."),
     request_timeout: float = typer.Option(120.0, "--request-timeout", min=0.1,
@@ -488,7 +490,8 @@ def serve_cmd(
                           hint=f"export {api_key_env}=<a long random key>")
     settings = ServeSettings(max_upload_mb=max_upload_mb, max_seconds=max_seconds, max_batch=max_batch,
                              batch_window_ms=batch_window_ms, max_queue=max_queue, max_transcribing=max_transcribing,
-                             transcribe_budget_s=transcribe_budget, body_timeout_s=body_timeout,
+                             transcribe_budget_s=transcribe_budget, transcript_memory=transcript_memory,
+                             body_timeout_s=body_timeout,
                              request_timeout_s=request_timeout, api_key=api_key,
                              cors_origins=tuple(cors_origins or ()),
                              allowed_hosts=tuple(allowed_hosts or LOOPBACK_HOSTS))
