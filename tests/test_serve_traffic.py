@@ -349,3 +349,19 @@ def test_branches_uploads_cannot_feed_are_named_with_each_branchs_accuracy():
     keyed = startup_warnings(card, ServeSettings(api_key="k", allowed_hosts=("emo.example",)), "0.0.0.0")
     assert keyed == card["upload_warnings"]
     assert startup_warnings(card, ServeSettings(), "::1") == said
+
+
+def test_a_request_not_answered_in_time_is_refused_and_its_transcription_stopped(predictor, speech):
+    held = HeldTranscriber()
+    app = create_app(predictor, ServeSettings(request_timeout_s=0.5), transcribe_clip=held)
+
+    async def scenario(http):
+        started = time.perf_counter()
+        late = await http.post("/v1/predict", files={"file": ("a.ogg", speech)})
+        return late, time.perf_counter() - started, await http.post(
+            "/v1/predict", files={"file": ("b.ogg", speech)}, data={"transcript": STATEMENT})
+
+    late, waited, next_one = run_with_client(app, scenario)
+    assert late.status_code == 503 and "not answered within this service's 0.5 s" in late.json()["detail"]
+    assert late.headers["retry-after"] and waited < 3 and held.cancelled.wait(2)
+    assert next_one.status_code == 200

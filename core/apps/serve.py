@@ -29,7 +29,6 @@ import asyncio
 import copy
 import dataclasses
 import hashlib
-import hmac
 import ipaddress
 import itertools
 import json
@@ -52,13 +51,9 @@ try:
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from fastapi.routing import APIRoute
     from fastapi_offline import FastAPIOffline
     from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import Headers
-    from starlette.exceptions import HTTPException
-    from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
     from starlette.middleware.cors import CORSMiddleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 except ImportError as exc:  # pragma: no cover - the `serve` extra is not installed
@@ -67,13 +62,13 @@ except ImportError as exc:  # pragma: no cover - the `serve` extra is not instal
 
 from emofuse import __version__
 from emofuse.core.apps.predict import Predictor, load, sample_from_media
+from emofuse.core.apps.serve_guards import (API_KEY_HEADER, Admission, BodyLimits, RequireKey, json_refusal,
+                                            strict_form_route)
 from emofuse.core.data.decode import media_duration, probe
 from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
 
 #: Where `app_from_environment` finds the checkpoint and settings in each uvicorn worker process.
 SETTINGS_ENV = "EMOFUSE_SERVE_SETTINGS"
-#: The header that carries the API key, when the service has one.
-API_KEY_HEADER = "X-API-Key"
 #: Host names a service answers by default: loopback only (a page on another site cannot rebind a name to it).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 #: What an upload can give the model: its media, the transcript field (or its speech), age and gender.
@@ -368,8 +363,8 @@ def inspect_upload(stored: Path, name: str, sample_id: str, predictor: Predictor
     except DataError as exc:
         raise UploadError(415, f"{name}: {_scrub(exc.message, stored, name)} (upload an audio or video file)") from None
     if seconds > settings.max_seconds:
-        raise UploadError(413, f"{name}: the clip lasts more than {settings.max_seconds:g} s; this service takes at most "
-                               f"{settings.max_seconds:g} s")
+        raise UploadError(413, f"{name}: the clip lasts more than {settings.max_seconds:g} s; this service takes "
+                               f"at most {settings.max_seconds:g} s")
     try:
         sample = sample_from_media(stored, text=transcript, modalities=predictor.media_modalities(transcript),
                                    sample_id=sample_id, by_content=True)
@@ -577,154 +572,6 @@ def startup_warnings(card: dict[str, Any], settings: ServeSettings, host: str) -
     return lines
 
 
-# --- the guards in front of the app --------------------------------------------------------------------
-def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-class BodyLimits:
-    """Refuses a request body over `max_bytes` (by its Content-Length before reading it, else as it streams
-    in) and one that does not arrive within `timeout_s` (408, and the connection is closed): a client that
-    sends headers and then trickles, or stops, holds nothing for long.
-
-    FastAPI's own route limit answers plain text; this answers with the same JSON ``detail`` line as
-    every other refusal, naming the limit.
-    """
-
-    def __init__(self, app: Any, max_bytes: int, detail: str, timeout_s: float):
-        self.app = app
-        self.max_bytes = max_bytes
-        self.detail = detail
-        self.timeout_s = timeout_s
-
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await _json(413, self.detail, {"Connection": "close"})(scope, receive, send)
-        received = 0
-        complete = False
-        deadline = time.monotonic() + self.timeout_s
-
-        async def guarded() -> dict:
-            nonlocal received, complete
-            if complete:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
-                                    headers={"Connection": "close"}) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, self.detail, headers={"Connection": "close"})
-                complete = not message.get("more_body", False)
-            return message
-
-        await self.app(scope, guarded, send)
-
-
-class Admission:
-    """At most `limit` prediction requests in the service at once; more are answered 503 at once, before
-    their body is read, with a Retry-After from how long recent requests took."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app = app
-        self.limit = limit
-        self.in_flight = 0
-        self.recent_s = 1.0  # a moving average of request durations
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] != _PREDICT_PATH or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        if self.in_flight >= self.limit:
-            wait = max(1, min(60, math.ceil(self.recent_s)))
-            return await _json(503, f"the service is at its limit of {self.limit} requests at once: retry in {wait} s",
-                               {"Retry-After": str(wait), "Connection": "close"})(scope, receive, send)
-        self.in_flight += 1
-        start = time.monotonic()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-            self.recent_s = 0.8 * self.recent_s + 0.2 * (time.monotonic() - start)
-
-
-class RequireKey:
-    """/v1/ requests must carry the service's key in ``X-API-Key`` (compared in constant time); the page,
-    the docs and the health checks stay open."""
-
-    def __init__(self, app: Any, key: str):
-        self.app = app
-        self.key = key.encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
-            given = Headers(scope=scope).get(API_KEY_HEADER, "").encode()
-            if not hmac.compare_digest(given, self.key):
-                return await _json(401, f"this service needs its API key in the {API_KEY_HEADER} header")(
-                    scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class StrictFormParser(MultiPartParser):
-    """Starlette's multipart parser with this service's rules for text fields: each must be UTF-8 (or the
-    charset the request names), never silently read as Latin-1, and at most `max_chars` characters, refused
-    with the same line as a transcript one character too long. Relies on the parser's `_current_part`."""
-
-    max_chars = 2000
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self._current_part
-        if part.file is None and len(part.data) + end - start > 4 * self.max_chars:  # 4 bytes per character at most
-            raise MultiPartException(f"{part.field_name}: String should have at most {self.max_chars} characters")
-        super().on_part_data(data, start, end)
-
-    def on_part_end(self) -> None:
-        part = self._current_part
-        if part.file is None:
-            try:
-                bytes(part.data).decode(self._charset or "utf-8")
-            except (UnicodeDecodeError, LookupError):
-                raise MultiPartException(f"{part.field_name}: not UTF-8 text (send form fields as UTF-8)") from None
-        super().on_part_end()
-
-
-def strict_form_route(max_chars: int) -> type[APIRoute]:
-    """A route class whose requests parse forms with `StrictFormParser` and refuse a body that is not a form."""
-    parser = type("ServiceFormParser", (StrictFormParser,), {"max_chars": max_chars})
-
-    class StrictFormRequest(Request):
-        async def _get_form(self, **limits: Any):  # type: ignore[override]
-            content_type, _ = parse_options_header(self.headers.get("Content-Type"))
-            if self._form is None and content_type == b"multipart/form-data":
-                try:
-                    self._form = await parser(self.headers, self.stream(), max_files=4, max_fields=16).parse()
-                except MultiPartException as exc:
-                    status = 422 if "should have at most" in exc.message or "UTF-8" in exc.message else 400
-                    raise HTTPException(status, exc.message) from None
-            return await super()._get_form(**limits)
-
-    class StrictFormRoute(APIRoute):
-        def get_route_handler(self) -> Callable:
-            handler = super().get_route_handler()
-            takes_form = self.body_field is not None
-
-            async def strict(request: Request) -> Response:
-                if takes_form:
-                    content_type, _ = parse_options_header(request.headers.get("Content-Type"))
-                    if content_type != b"multipart/form-data":
-                        return _json(415, f"send the clip as multipart/form-data with a `file` field, not "
-                                          f"{content_type.decode('latin-1') or 'a body without a content type'}")
-                return await handler(StrictFormRequest(request.scope, request.receive))
-
-            return strict
-
-    return StrictFormRoute
-
-
 def page_html() -> str:
     """The one page served at ``/`` (shipped as package data)."""
     return resources.files("emofuse.core.apps").joinpath("static", "index.html").read_text(encoding="utf-8")
@@ -777,7 +624,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
                        + 4 * settings.max_transcript_chars,
                        detail=f"upload is over this service's {settings.max_upload_mb:g} MB limit",
                        timeout_s=settings.body_timeout_s)
-    app.add_middleware(Admission, limit=settings.max_queue)
+    app.add_middleware(Admission, limit=settings.max_queue, path=_PREDICT_PATH)
     if settings.api_key:
         app.add_middleware(RequireKey, key=settings.api_key)
     if settings.cors_origins:
@@ -797,12 +644,12 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
 
     @app.exception_handler(UploadError)
     async def _refused(_, exc: UploadError) -> JSONResponse:
-        return _json(exc.status, exc.message, exc.headers)
+        return json_refusal(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in exc.errors()]
-        return _json(422, "; ".join(parts))
+        return json_refusal(422, "; ".join(parts))
 
     refusals = {code: {"model": ErrorDetail, "description": why} for code, why in (
         (400, "empty upload, more than one file, or a malformed form"), (401, "missing or wrong API key"),
@@ -842,7 +689,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
             if "error" in record:
                 raise UploadError(422, f"{name}: {_scrub(record['error'], stored, name)}")
         done = time.perf_counter()
-        warnings = [*(heard.warnings if heard is not None else []), *([record["warning"]] if "warning" in record else [])]
+        warnings = [*(heard.warnings if heard is not None else []),
+                    *([record["warning"]] if "warning" in record else [])]
         return Prediction(
             id=name, label=record["label"], probabilities=record["probabilities"], branches=record["branches"],
             modalities=record["modalities"], transcript=record.get("transcript"),
@@ -852,7 +700,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
             timings=Timings(upload_ms=(inspected - received) * 1e3,
                             transcribe_ms=(transcribed_at - inspected) * 1e3 if heard is not None else None,
                             queue_ms=(timing["started"] - transcribed_at) * 1e3,
-                            decode_ms=timing["decode_ms"], model_ms=timing["model_ms"], total_ms=(done - received) * 1e3,
+                            decode_ms=timing["decode_ms"], model_ms=timing["model_ms"],
+                            total_ms=(done - received) * 1e3,
                             batch_size=timing["batch_size"]))
 
     async def answer(upload: Upload, stored: Path) -> tuple[dict[str, Any], dict[str, Any], Any, float]:
