@@ -28,13 +28,11 @@ def speech(shared_data) -> bytes:
     return sorted((shared_data / "ravdess-speech" / "Actor_02").glob("*.ogg"))[0].read_bytes()
 
 
-@pytest.fixture
-def listening(speech_fusion_checkpoint):
-    """The service (body timeout 1 s) under uvicorn in a thread of this process, on a free loopback port."""
+def running(app):
+    """`app` under uvicorn in a thread of this process, on a free loopback port: (port, stop)."""
     import uvicorn
 
     port = free_loopback_port()
-    app = create_app(load(speech_fusion_checkpoint, device="cpu"), ServeSettings(body_timeout_s=1.0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -42,11 +40,27 @@ def listening(speech_fusion_checkpoint):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    return port, stop
+
+
+@pytest.fixture(scope="module")
+def predictor(speech_fusion_checkpoint):
+    return load(speech_fusion_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def listening(predictor):
+    """The service with a body timeout of 1 s."""
+    port, stop = running(create_app(predictor, ServeSettings(body_timeout_s=1.0)))
     try:
         yield port
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        stop()
 
 
 def test_a_client_that_trickles_its_body_is_cut_off(listening):
@@ -62,6 +76,24 @@ def test_a_client_that_trickles_its_body_is_cut_off(listening):
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
     assert 0.8 < waited < 5
     assert httpx.get(f"http://127.0.0.1:{listening}/healthz", timeout=10).status_code == 200
+
+
+def test_a_client_that_hangs_up_stops_its_transcription(predictor, speech):
+    """Over a real socket: the request is sent whole, then the connection is closed while it is transcribed."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_serve_traffic import HeldTranscriber
+
+    held = HeldTranscriber()
+    port, stop = running(create_app(predictor, ServeSettings(), transcribe_clip=held))
+    try:
+        request = httpx.Request("POST", f"http://127.0.0.1:{port}/v1/predict", files={"file": ("a.ogg", speech)})
+        head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(f"POST /v1/predict HTTP/1.1\r\n{head}\r\n".encode() + request.read())
+            assert held.started.wait(10)
+        assert held.cancelled.wait(3)  # stopped within a poll of the hang-up, not run to its 10 s end
+    finally:
+        stop()
 
 
 def test_two_workers_answer_under_load(speech_fusion_checkpoint, tmp_path, speech):

@@ -690,7 +690,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
                 raise UploadError(422, f"{name}: {_scrub(record['error'], stored, name)}")
         done = time.perf_counter()
         warnings = [*(heard.warnings if heard is not None else []),
-                    *([record["warning"]] if "warning" in record else [])]
+                    *([record["warning"].replace("--max-audio-seconds", "--max-seconds")] if "warning" in record else [])]
         return Prediction(
             id=name, label=record["label"], probabilities=record["probabilities"], branches=record["branches"],
             modalities=record["modalities"], transcript=record.get("transcript"),
