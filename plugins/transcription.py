@@ -9,7 +9,9 @@ is used anyway so that no second runtime is a dependency.
 
 Greedy Whisper invents text where there is no speech ("you", ". . .", "Aaaa..." over a tone) and can loop
 until its token cap, so every window goes through the checks openai-whisper applies, in order of cost:
-an energy gate (a window quieter than `Limits.silence_dbfs` is skipped before the encoder runs), Whisper's
+an energy gate (a window quieter than `Limits.silence_dbfs` is skipped before the encoder runs), the Silero
+voice-activity detector when the `silero-vad` package is installed (its small model ships inside it, so it
+runs offline; a window where it hears no voice is skipped: a tone or hum, which Whisper hears as "Aaaa"), Whisper's
 own no-speech probability (the ``<|nocaptions|>`` token's probability right after start of transcript;
 over `Limits.no_speech_threshold` the window is skipped before any token is decoded), a token cap by the
 window's length, a stop at the first loop (a block of tokens repeated `Limits.repeats` times), and a
@@ -27,9 +29,10 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -56,12 +59,41 @@ MAX_NEW_TOKENS = 224
 DECODING = "gated1"
 
 
+def voice_detector() -> Callable[[torch.Tensor], bool] | None:
+    """Silero VAD (the `silero-vad` package, MIT, its model shipped in the package) as ``wav -> any voice?``,
+    or None when the package is not installed (Whisper's no-speech probability then decides alone)."""
+    try:
+        from silero_vad import get_speech_timestamps, load_silero_vad
+    except ImportError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its loader's torch.jit.load and importlib notices
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = load_silero_vad()
+
+    def has_voice(wav: torch.Tensor) -> bool:
+        return bool(get_speech_timestamps(wav.float(), model, sampling_rate=SAMPLE_RATE))
+
+    return has_voice
+
+
+def decoding_rules() -> str:
+    """`DECODING`, with ``-silero`` when the voice detector takes part (it can change what is transcribed)."""
+    try:
+        import silero_vad  # noqa: F401
+    except ImportError:
+        return DECODING
+    return f"{DECODING}-silero"
+
+
 @dataclass(frozen=True)
 class Limits:
     """When a window is skipped or its decoding stopped; the defaults are openai-whisper's where it has one."""
 
     #: A window whose RMS level is below this (dB relative to full scale) is silence: skipped unheard.
     silence_dbfs: float = -60.0
+    #: Skip a window where the voice detector (when installed) hears no voice.
+    use_voice_detector: bool = True
     #: A window whose no-speech probability is above this is skipped (openai-whisper's threshold).
     no_speech_threshold: float = 0.6
     #: Tokens allowed per second of audio, plus `base_tokens`: fast English speech is about 4 tokens/s.
@@ -126,6 +158,7 @@ class WhisperTranscriber:
         self.suppress = suppress
         self.suppress_first = suppress.clone()
         self.suppress_first[list(self.weights.suppress_ids_begin)] = True
+        self.has_voice = voice_detector()
 
     def __call__(self, waveform: np.ndarray | torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
         """One 16 kHz mono clip -> its text, stripped ("" when it holds no speech)."""
@@ -162,6 +195,8 @@ class WhisperTranscriber:
                deadline: float | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, str | None]:
         """Greedy decoding of at most 30 s of audio -> (text, None) or (text, why it was skipped or cut)."""
         if level_dbfs(wav) < limits.silence_dbfs:
+            return "", "skipped"
+        if limits.use_voice_detector and self.has_voice is not None and not self.has_voice(wav):
             return "", "skipped"
         audio = self.weights.encoder(self.mel(wav, pad_to_chunk=True)[None])[-1]
         audio_kv = self.weights.decoder.audio_keys_values(audio)
@@ -247,7 +282,7 @@ class TranscriptCache:
 def default_transcript_cache() -> Path:
     """``$EMOFUSE_CACHE_DIR/transcripts`` (else ``$XDG_CACHE_HOME/emofuse/transcripts``), the rule every user
     cache follows; one file per model and decoding rules so text made otherwise is never served."""
-    return user_cache_dir("transcripts") / f"whisper-tiny.en-{PACKAGED_SHA256[:12]}-{DECODING}.json"
+    return user_cache_dir("transcripts") / f"whisper-tiny.en-{PACKAGED_SHA256[:12]}-{decoding_rules()}.json"
 
 
 def fill_missing_transcripts(samples: Sequence[Sample], cache: Path | str | None = None) -> list[Sample]:

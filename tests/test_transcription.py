@@ -101,14 +101,33 @@ def test_silence_and_noise_give_no_text_and_cost_little():
 def test_a_loop_is_stopped_and_tokens_are_capped_by_length():
     model = transcription.transcriber()
     started = time.perf_counter()
-    looped = model.transcribe(tone(5.0))  # greedy decoding ran to its 224-token cap ("Aaaa...") before
+    whisper_alone = transcription.Limits(use_voice_detector=False)  # (the voice detector skips a tone: below)
+    looped = model.transcribe(tone(5.0), whisper_alone)  # greedy decoding ran to its 224-token cap before
     assert any("repeat itself" in w or "cap of" in w for w in looped.warnings), looped
     assert len(looped.text or "") < 60 and time.perf_counter() - started < 10
-    capped = model.transcribe(tone(5.0), transcription.Limits(repeats=1000, tokens_per_second=0.4, base_tokens=1))
+    capped = model.transcribe(tone(5.0), transcription.Limits(repeats=1000, tokens_per_second=0.4, base_tokens=1,
+                                                                      use_voice_detector=False))
     assert "cap of 3 tokens" in capped.warnings[0]
     assert transcription.Limits().max_tokens(30 * RATE) == 224 and transcription.Limits().max_tokens(RATE) == 16
     assert transcription.loop_start([5, 1, 2, 1, 2, 1, 2, 1, 2], repeats=4, max_block=8) == 3
     assert transcription.loop_start([1, 2, 3, 4], repeats=4, max_block=8) is None
+
+
+def test_the_voice_detector_skips_a_tone_and_keeps_speech(clips):
+    """Silero VAD (the `serve` extra's `silero-vad`, offline): a 5 s tone holds no voice."""
+    import os
+
+    from emofuse.core.data.decode import decode_audio
+
+    model = transcription.transcriber()
+    if model.has_voice is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("silero-vad is not installed: scripts/setup.sh installs the serve extra")
+        pytest.skip("silero-vad is not installed (pip install 'emofuse[serve]')")
+    hum = model.transcribe(tone(5.0))
+    assert hum.text is None and hum.skipped == 1 and hum.warnings == []
+    assert model.transcribe(decode_audio(clips[1])).text == DOGS
+    assert transcription.default_transcript_cache().name.endswith("-silero.json")
 
 
 def test_the_time_budget_and_the_cancel_flag_stop_a_transcription(clips):
