@@ -101,9 +101,13 @@ def test_a_silent_minute_neither_delays_the_next_request_nor_becomes_a_transcrip
             "/v1/predict", files={"file": ("heard.ogg", speech)})
 
     second, latency, first, heard = run_with_client(app, scenario)
-    assert second.status_code == 200 and latency < 2.0, latency
-    assert second.json()["timings"]["transcribe_ms"] is None
     got = first.json()
+    # The second waits for no transcription. It may wait for the model thread while that scores the first
+    # clip's 59 s of audio (seconds on a busy 2-core machine): that is the model's cost, not the transcriber's
+    # (test_a_request_with_its_transcript_passes_a_transcription_in_progress holds a transcription open).
+    scoring_first_s = (got["timings"]["decode_ms"] + got["timings"]["model_ms"]) / 1e3
+    assert second.status_code == 200 and latency < 2.0 + scoring_first_s, (latency, scoring_first_s)
+    assert second.json()["timings"]["transcribe_ms"] is None
     assert first.status_code == 200 and 58 < got["seconds"] <= 59.1
     # silence is not a transcript: the model read no text, and the words branch had nothing to read
     assert got["transcribed"] and got["transcript"] is None and got["branches"]["words"] is None
