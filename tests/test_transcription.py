@@ -159,3 +159,19 @@ def test_a_silent_clip_gets_no_transcript_in_predict(tmp_path):
     sf.write(clip, np.zeros(3 * RATE, np.float32), RATE)
     (filled,) = transcription.fill_missing_transcripts([Sample(id="q", audio_path=str(clip))], cache=tmp_path / "t.json")
     assert filled.text is None and filled.extra["transcribed"]
+
+
+def test_the_user_cache_folder_is_the_users_alone(tmp_path, monkeypatch):
+    """Every user cache (transcripts, face crops, models, the plugin listing) lives under one 0700 folder."""
+    from emofuse.core.data.user_cache import user_cache_dir
+
+    monkeypatch.delenv("EMOFUSE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_cache_dir("face-crops") == tmp_path / "emofuse" / "face-crops"
+    assert stat.S_IMODE((tmp_path / "emofuse").stat().st_mode) == 0o700
+    (tmp_path / "emofuse").chmod(0o755)  # as an older emofuse left it
+    user_cache_dir("transcripts")
+    assert stat.S_IMODE((tmp_path / "emofuse").stat().st_mode) == 0o700
+    monkeypatch.setenv("EMOFUSE_CACHE_DIR", str(tmp_path / "chosen"))
+    assert user_cache_dir("models") == tmp_path / "chosen" / "models"
+    assert stat.S_IMODE((tmp_path / "chosen").stat().st_mode) == 0o700
