@@ -1,7 +1,8 @@
 """The ``emofuse`` command line: parse, compose through the registry, call the core, print with rich.
 
-Thin on purpose: every command builds a `RunConfig` (preset -> --config -> flags -> --set) and hands
-it to an engine in `emofuse.core`. Errors the user can fix print as one line, exit code 2.
+Thin on purpose: train, evaluate, compare and search are calls of the Python API (`emofuse.compose`,
+`emofuse.train`, ...) with their results printed here. Errors the user can fix print as one line,
+exit code 2.
 Heavy modules (torch, the engine, the apps) are imported inside the commands that need them, so that
 `emofuse --help`, `emofuse presets` and a cached `emofuse plugins` answer without importing torch.
 """
@@ -46,11 +47,20 @@ def _global_options(
         help="CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a busy machine)."),
 ):
     """Multimodal emotion recognition: compose encoders, fusions and losses from plugins."""
-    if threads:
+    if threads:  # applied when a command that computes starts (`_use_threads`): help and listings skip torch
+        os.environ["EMOFUSE_THREADS"] = str(threads)  # the trainer then keeps this choice
+
+
+#: Commands that compute nothing: they run without importing torch, so `--threads` waits for the others.
+LISTING_COMMANDS = frozenset({"plugins_cmd", "presets_cmd", "new_plugin_cmd"})
+
+
+def _use_threads(command: Callable) -> None:
+    threads = os.environ.get("EMOFUSE_THREADS")
+    if threads and command.__name__ not in LISTING_COMMANDS:
         import torch
 
-        torch.set_num_threads(threads)
-        os.environ["EMOFUSE_THREADS"] = str(threads)  # the trainer then keeps this choice
+        torch.set_num_threads(int(threads))
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -61,6 +71,7 @@ def friendly_errors(fn: Callable) -> Callable:
         from emofuse.cli.progress import RichReporter
         from emofuse.core.engine.progress import reporting
 
+        _use_threads(fn)
         try:
             with reporting(RichReporter(console)):
                 return fn(*args, **kwargs)
@@ -94,83 +105,17 @@ BadSampleOpt = typer.Option(None, "--on-bad-sample", help="error (default) or sk
 LimitOpt = typer.Option(None, "--limit", help="Use at most N samples, N >= 1 (quick runs; leave it out for all).")
 
 
-def compose_run_config(
-    *,
-    preset: str | None,
-    config: Path | None,
-    encoder: list[str] | None,
-    fusion: str | None,
-    loss: str | None,
-    sets: list[str] | None,
-    data: Path | None,
-    dataset: str | None,
-    labels: str | None,
-    output: Path | None,
-    name: str | None,
-    seed: int | None,
-    epochs: int | None,
-    precision: str | None,
-    on_bad_sample: str | None,
-    limit: int | None,
-):
-    """Flags -> one validated `RunConfig` (the layering is in `emofuse.core.presets.compose_config`), every
-    component's options checked by the component before anything runs."""
-    from emofuse.core.engine.compose import check_components
-    from emofuse.core.errors import ConfigError
-    from emofuse.core.presets import compose_config
+def compose_run_config(*, encoder: list[str] | None = None, sets: list[str] | None = None, **flags: Any):
+    """The command's flags -> `emofuse.compose` (one validated `RunConfig`)."""
+    import emofuse
 
-    overrides: dict[str, Any] = {}
-    replace: dict[str, Any] = {}
-    if encoder:
-        branches = {}
-        for item in encoder:
-            branch, _, enc = item.partition("=") if "=" in item else (item, "", item)
-            if not enc or not branch:
-                raise ConfigError(f"--encoder {item!r}: expected NAME or BRANCH=NAME")
-            branches[branch.replace("-", "_")] = {"name": enc}
-        replace["branches"] = branches
-        if len(branches) == 1 and not fusion:
-            replace["fusion"] = None
-    if fusion:
-        replace["fusion"] = None if fusion.lower() == "none" else {"name": fusion}
-    if loss:
-        replace["loss"] = {"name": loss}
-    data_over: dict[str, Any] = {}
-    if data is not None:
-        data_over["data_dir"] = str(data)
-    if dataset:
-        data_over["dataset"] = dataset
-    if labels:
-        data_over["options"] = {"labels": [s.strip() for s in labels.split(",") if s.strip()]}
-    if on_bad_sample:
-        data_over["on_bad_sample"] = on_bad_sample
-    if limit is not None:
-        data_over["limit"] = limit
-    if data_over:
-        overrides["data"] = data_over
-    train_over: dict[str, Any] = {}
-    if seed is not None:
-        train_over["seed"] = seed
-    if epochs is not None:
-        train_over["epochs"] = epochs
-    if precision:
-        train_over["precision"] = precision
-    if train_over:
-        overrides["train"] = train_over
-    if output is not None:
-        overrides["output_dir"] = str(output)
-    if name:
-        overrides["name"] = name
-    cfg = compose_config(preset=preset, config_file=config, overrides=overrides, replace=replace, sets=sets or [])
-    if train_over and cfg.fusion_train is not None:  # the flags apply to the fusion stage too
-        cfg = cfg.model_copy(update={"fusion_train": cfg.fusion_train.model_copy(update=train_over)})
-    if train_over and cfg.branch_train:  # ... and win over per-branch settings
-        cfg = cfg.model_copy(update={"branch_train": {b: {**o, **train_over} for b, o in cfg.branch_train.items()}})
-    check_components(cfg)
-    if encoder and (preset or config):
+    cfg = emofuse.compose(encoders=encoder, sets=sets or [], **flags)
+    if encoder and (flags.get("preset") or flags.get("config")):  # say what --encoder replaced and kept
         from emofuse.core.engine.compose import encoder_replacement_note
+        from emofuse.core.presets import compose_config
 
-        note = encoder_replacement_note(compose_config(preset=preset, config_file=config), cfg, name_given=bool(name))
+        before = compose_config(preset=flags.get("preset"), config_file=flags.get("config"))
+        note = encoder_replacement_note(before, cfg, name_given=bool(flags.get("name")))
         if note:
             err_console.print(Text(note, style="yellow"), highlight=False, soft_wrap=True)
     return cfg
@@ -286,9 +231,9 @@ def train_cmd(
     if dry_run:
         typer.echo(to_toml(cfg))
         return
-    from emofuse.core.engine import training
-    result = training.train_run(cfg, resume=resume, progress=True, overwrite=overwrite)
-    _print_run_result(result)
+    import emofuse
+
+    _print_run_result(emofuse.train(cfg, resume=resume, overwrite=overwrite))
 
 
 def _compose_args(values: dict[str, Any]) -> dict[str, Any]:
@@ -329,11 +274,26 @@ def evaluate_cmd(
     baseline: bool = typer.Option(False, "--baseline", help="Also fit logistic-regression and majority baselines on the run's split and show the model's paired difference to each."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
-    from emofuse.core.apps import evaluation
+    import emofuse
+    from emofuse.core.apps.report import Column, evaluation_tables, rich_table
 
-    evaluation.evaluate_cli(checkpoint, split=split, data_dir=data, out_dir=out, bootstrap=bootstrap,
-                            drop=tuple(without or ()), console=console, on_bad_sample=on_bad_sample,
-                            explain=explain, baseline=baseline)
+    result = emofuse.evaluate(checkpoint, split=split, data=data, out=out, bootstrap=bootstrap,
+                              without=tuple(without or ()), on_bad_sample=on_bad_sample, explain=explain,
+                              baseline=baseline)
+    if result.unexplained:
+        console.print(f"{result.unexplained} of {explain} clips could not be explained (unreadable)")
+    if result.baselines is not None:
+        console.print(rich_table(result.baselines, [Column("model", "Baseline (same clips)", justify="left"),
+                                                    Column("accuracy", "Acc %", ".1f", pct=True),
+                                                    Column("text", "Model minus baseline, points (95% CI)")],
+                                 title=f"model: {100 * result.report.metrics['accuracy']:.1f}% accuracy"))
+    for table in evaluation_tables(result.report, title=result.title):
+        console.print(table)
+    console.print(f"written: {', '.join(str(p) for p in result.files.values())}", markup=False, highlight=False)
+    if result.skipped:
+        from emofuse.core.data.pipeline import skipped_report
+
+        console.print(skipped_report(result.skipped), markup=False, highlight=False)
 
 
 @app.command("compare")
@@ -371,9 +331,21 @@ def compare_cmd(
     cfg = compose_run_config(**values)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     fusion_list = [f.strip() for f in fusions.split(",")] if fusions else None
-    from emofuse.core.apps import compare
-    compare.compare_cli(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,
-                        robustness=robustness, console=console, out_dir=out, overwrite=overwrite)
+    import time
+
+    import emofuse
+    from emofuse.core.apps.compare import comparison_columns, runs_text
+    from emofuse.core.apps.report import rich_table
+
+    started = time.perf_counter()
+    result = emofuse.compare(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,
+                             robustness=robustness, out=out, overwrite=overwrite)
+    console.print(rich_table(result.rows, comparison_columns(result.ablations, folds=bool(folds)),
+                             title=f"{cfg.data.dataset}: test clips, {runs_text(result)}"))
+    for f in result.failures:
+        console.print(Text.assemble((f"fusion {f['fusion']} (seed {f['seed']}) failed: ", "yellow"), str(f["error"])))
+    console.print(f"{time.perf_counter() - started:.0f} s; written to {result.out_dir}: comparison.md, "
+                  "comparison.csv, comparison.json, comparison.png, confusion/", markup=False, highlight=False)
 
 
 @app.command("search")
@@ -404,14 +376,42 @@ def search_cmd(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
 ):
     """Tune a composed variant with Optuna (resumable SQLite study by default, any storage URL)."""
+    import emofuse
     from emofuse.core.errors import ConfigError
 
     if scope not in ("auto", "fusion", "full") or pruner not in ("median", "hyperband", "none"):
         raise ConfigError(f"--scope {scope!r} / --pruner {pruner!r}: expected auto|fusion|full and median|hyperband|none")
     cfg = compose_run_config(**_compose_args(locals()))
-    from emofuse.core.apps import search
-    search.search_cli(cfg, trials=trials, storage=storage, study_name=study, resume=resume, scope=scope,
-                      pruner=pruner, seed=seed, timeout=timeout, console=console)
+    result = emofuse.search(cfg, trials=trials, storage=storage, study=study, resume=resume, scope=scope,
+                            pruner=pruner, seed=seed, timeout=timeout)
+    _print_search_summary(result)
+
+
+def _print_search_summary(result: Any) -> None:
+    """The study's outcome: counts, best value, parameters with their importances, where it was written."""
+    from emofuse.core.apps.search import format_value
+
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    console.print(Text.assemble((f"study {result.study_name}", "bold"),
+                                f" ({result.storage}, scope {result.scope}): {counts or 'no trials'}"))
+    for note in result.summary.get("notes", []):
+        console.print(Text.assemble(("note: ", "yellow"), note))
+    if result.best_number is None:
+        console.print("[yellow]no trial completed: nothing to export[/]")
+        return
+    table = Table(title=f"best trial {result.best_number}: val {result.monitor} = {result.best_value:.4f}")
+    table.add_column("parameter")
+    table.add_column("value", justify="right")
+    table.add_column("importance", justify="right")
+    for name, value in result.best_params.items():
+        importance = (result.importances or {}).get(name)
+        table.add_row(name, format_value(value), "" if importance is None else f"{importance:.3f}")
+    console.print(table)
+    if result.importances is None and result.summary.get("importance_note"):
+        console.print(Text(result.summary["importance_note"], style="dim"))
+    console.print(f"best config: {result.best_config_path}  (emofuse train --config {result.best_config_path})",
+                  markup=False, highlight=False)
+    console.print(f"summary: {result.summary_path}", markup=False, highlight=False)
 
 
 @app.command("predict")
@@ -509,12 +509,21 @@ def zero_shot_cmd(
     save: Optional[Path] = typer.Option(None, "--save", help="Also write the zero-shot model as a checkpoint for `emofuse predict`."),
 ):
     """Score the FER-2013 expression classifier, mapped onto the corpus's labels by name, on its video clips (no training)."""
-    from emofuse.core.apps.zero_shot import zero_shot_cli
+    from emofuse.core.apps.zero_shot import zero_shot
 
-    cfg = compose_run_config(preset=None, config=None, encoder=None, fusion=None, loss=None, sets=sets, data=data,
-                             dataset=dataset, labels=labels, output=None, name=None, seed=None, epochs=None,
-                             precision=None, on_bad_sample=None, limit=None)
-    zero_shot_cli(cfg.data, save=save, console=console)
+    cfg = compose_run_config(sets=sets, data=data, dataset=dataset, labels=labels)
+    report = zero_shot(cfg.data, save=save)
+    table = Table(title=f"FER-2013 zero-shot on {cfg.data.dataset} video")
+    for col in ("unit", "count", "accuracy"):
+        table.add_column(col, justify="right" if col != "unit" else "left")
+    table.add_row("clip (frames averaged)", str(len(report.clip_ids)), f"{report.clip_accuracy:.3f}")
+    table.add_row("sampled frame", str(len(report.frame_labels)), f"{report.frame_accuracy:.3f}")
+    console.print(table)
+    if report.without_face:
+        console.print(f"{len(report.without_face)} clip(s) without a face (not scored): "
+                      f"{', '.join(report.without_face[:10])}", markup=False, highlight=False)
+    if save is not None:
+        console.print(f"zero-shot checkpoint: {save}", markup=False, highlight=False)
 
 
 cache_app = typer.Typer(help="What the feature cache holds (size, components, age), and pruning it.",

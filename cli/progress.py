@@ -1,11 +1,12 @@
 """The engine's progress drawn with rich: a bar over each epoch's batches on a terminal, one line per
-epoch always, and step counters while features or branch outputs are computed."""
+epoch always, step counters while features or branch outputs are computed, and dim notes."""
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Callable, Iterator, Mapping
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -79,3 +80,6 @@ class RichReporter(ProgressReporter):
 
     def note(self, message: str) -> None:
         self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def status(self, message: str) -> None:
+        self.console.print(Text(message, style="dim"))

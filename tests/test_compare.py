@@ -242,11 +242,12 @@ def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_pat
         {k: r["accuracy"] for k, r in by_key.items() if r["kind"] == "branch"}
 
     # `evaluate --baseline` on one fold's fusion: the same baselines, paired with that model's test clips
-    from emofuse.core.apps.evaluation import evaluate_cli
+    import emofuse
 
     row = next(r for r in result.per_seed if r["key"] == "fusion:weighted-late" and r["fold"] == 0)
-    evaluated = evaluate_cli(row["checkpoint"], out_dir=tmp_path / "eval", bootstrap=50, baseline=True)
+    evaluated = emofuse.evaluate(row["checkpoint"], out=tmp_path / "eval", bootstrap=50, baseline=True)
     rows = json.loads((tmp_path / "eval" / "baselines.json").read_text())["baselines"]
+    assert rows == json.loads(json.dumps(evaluated.baselines)) and evaluated.files["baselines"].exists()
     assert [r["key"] for r in rows] == ["baseline:faces", "baseline:voice", "baseline:concatenated", "baseline:averaged",
                                         "baseline:majority"]
     fold_baselines = {r["key"]: r["accuracy"] for r in result.per_seed if r["fold"] == 0 and r["kind"] == "baseline"}
@@ -254,7 +255,7 @@ def test_compare_cross_validates_by_speaker_and_reuses_finished_branches(tmp_pat
         assert r["accuracy"] == pytest.approx(fold_baselines[r["key"]], abs=1e-6)
         assert r["model_minus_baseline"] == pytest.approx(evaluated.report.metrics["accuracy"] - r["accuracy"], abs=1e-6)
     with pytest.raises(ConfigError, match="--baseline"):
-        evaluate_cli(row["checkpoint"], split="val", baseline=True)
+        emofuse.evaluate(row["checkpoint"], split="val", baseline=True)
 
 
 def test_compare_passes_overwrite_to_every_training(monkeypatch):

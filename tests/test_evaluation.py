@@ -3,17 +3,20 @@ scikit-learn and with what the trainer recorded, report files, and modalities re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
 from rich.console import Console
+from typer.testing import CliRunner
 from sklearn.metrics import accuracy_score, f1_score
 
+from emofuse.cli import app as cli_app
 from emofuse.core.config import validate
 from emofuse.core.errors import ConfigError
-from emofuse.core.apps.evaluation import drop_modalities, evaluate_checkpoint, evaluate_cli
+from emofuse.core.apps.evaluation import drop_modalities, evaluate_checkpoint, evaluate_and_write
 from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO
 
 
@@ -58,11 +61,16 @@ def test_removing_the_only_informative_modality_hurts(checkpoint):
     assert blind.report.metrics["accuracy"] < full.report.metrics["accuracy"]
 
 
-def test_cli_writes_json_markdown_and_png(checkpoint, tmp_path):
+def test_evaluate_writes_json_markdown_and_png_and_the_cli_prints_its_tables(checkpoint, tmp_path, monkeypatch):
+    result = evaluate_and_write(checkpoint, split="val", out_dir=tmp_path, bootstrap=100)
+    assert set(result.files) >= {"json"} and all(Path(p).exists() for p in result.files.values())
     console = Console(record=True, width=120)
-    result = evaluate_cli(checkpoint, split="val", out_dir=tmp_path, bootstrap=100, console=console)
+    monkeypatch.setattr(cli_app, "console", console)
+    done = CliRunner().invoke(cli_app.app, ["evaluate", str(checkpoint), "--split", "val", "--out",
+                                            str(tmp_path / "cli"), "--bootstrap", "0"])
+    assert done.exit_code == 0, done.output
     text = console.export_text()
-    assert "Macro F1" in text and "Per class" in text
+    assert "Macro F1" in text and "Per class" in text and str(tmp_path / "cli") in text
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["split"] == "val" and data["checkpoint"] == str(checkpoint)
     assert data["metrics"]["accuracy"] == pytest.approx(result.report.metrics["accuracy"])
@@ -116,7 +124,8 @@ def test_a_fused_checkpoint_scores_like_the_trainer_whatever_its_branch_order(tm
 
 
 def test_evaluate_explain_draws_the_first_clips_of_the_split(checkpoint, tmp_path):
-    evaluate_cli(checkpoint, split="test", out_dir=tmp_path, bootstrap=0, explain=2)
+    result = evaluate_and_write(checkpoint, split="test", out_dir=tmp_path, bootstrap=0, explain=2)
+    assert result.files["explanations"] == tmp_path / "explain" and result.unexplained == 0
     pngs = sorted((tmp_path / "explain").glob("*.png"))
     split = json.loads((checkpoint.parent / "split.json").read_text())
     assert len(pngs) == 2 and {p.stem for p in pngs} <= set(split["splits"]["test"])

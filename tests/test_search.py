@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from emofuse.cli import app as cli_app
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint
 from emofuse.core.component import ComponentConfig
 from emofuse.core.engine.compose import build_loss, build_model
@@ -44,7 +45,6 @@ from emofuse.core.apps.search import (
     SearchOptions,
     Study,
     open_storage,
-    print_summary,
     resolve_scope,
     run_search,
 )
@@ -343,7 +343,7 @@ def test_storage_urls_are_checked_and_printed_without_passwords():
 
 
 # -- studies -----------------------------------------------------------------------------------------
-def test_search_exports_a_best_config_that_reproduces_its_metric(tmp_path, registry, features):
+def test_search_exports_a_best_config_that_reproduces_its_metric(tmp_path, registry, features, monkeypatch):
     trainer = FeatureTrainer(registry)
     result = run_search(base_config(tmp_path), options(tmp_path, n_trials=6, pruner="none"), registry=registry,
                         trainer=trainer, data=features)
@@ -367,8 +367,9 @@ def test_search_exports_a_best_config_that_reproduces_its_metric(tmp_path, regis
     # ... and retraining it from scratch (branches included) reproduces the best trial's metric.
     rerun = FeatureTrainer(registry).train(trained, on_epoch=lambda e, m: None, data=features)
     assert rerun.metrics["val"]["accuracy"] == pytest.approx(result.best_value, abs=1e-9)
-    console = Console(record=True, width=120)
-    print_summary(result, console)
+    console = Console(record=True, width=120)  # what `emofuse search` prints of this result
+    monkeypatch.setattr(cli_app, "console", console)
+    cli_app._print_search_summary(result)
     text = console.export_text()
     assert f"best trial {result.best_number}" in text and "fusion_train.lr" in text and "importance" in text
 

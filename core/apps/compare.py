@@ -40,7 +40,6 @@ from emofuse.core.apps.report import (
     markdown_table,
     plot_comparison_bars,
     plot_confusion_matrix,
-    rich_table,
     write_csv,
     write_json,
     write_text,
@@ -51,6 +50,7 @@ from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine import branch_stage, fusion_stage, training
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
+from emofuse.core.engine.progress import reporter
 from emofuse.core.errors import ConfigError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
 from emofuse.core.types import MODALITIES, Batch, EncoderOutput
@@ -274,6 +274,9 @@ def score_models(
 # --- the whole comparison ------------------------------------------------------------------------------
 @dataclass
 class ComparisonResult:
+    """What a comparison returns: `rows` ranked per model (mean ± std over seeds or folds, baselines
+    included), the per-seed rows, failures, and the files written under `out_dir`."""
+
     out_dir: Path
     rows: list[dict[str, Any]]
     per_seed: list[dict[str, Any]]
@@ -394,7 +397,7 @@ def compare(
     fusion_names = fusions_to_compare(fusions, registry)
     if not fusion_names:
         raise ConfigError("no fusion is registered", hint="install a plugin that provides one")
-    say = on_progress or (lambda msg: log.info(msg))
+    say = on_progress or reporter().status
     folder = comparison_folder(config.name)
     out_dir = Path(out_dir) if out_dir else Path(config.output_dir) / folder
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -836,36 +839,6 @@ def write_comparison(result: ComparisonResult, titles: Mapping[str, str], *,
     return files
 
 
-def compare_cli(
-    config: RunConfig,
-    *,
-    fusions: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0,),
-    folds: int | None = None,
-    baselines: bool = True,
-    robustness: bool = True,
-    console: Any = None,
-    out_dir: Path | None = None,
-    overwrite: bool = False,
-) -> ComparisonResult:
-    """`emofuse compare`: run the comparison, print the ranked table and where the files went."""
-    def say(msg: str) -> None:
-        if console is not None:
-            console.print(f"[dim]{msg}[/]")
-
-    started = time.perf_counter()
-    result = compare(config, fusions=fusions, seeds=seeds, folds=folds, baselines=baselines, robustness=robustness,
-                     out_dir=out_dir, on_progress=say, overwrite=overwrite)
-    if console is not None:
-        console.print(rich_table(result.rows, comparison_columns(result.ablations, folds=bool(folds)),
-                                 title=f"{config.data.dataset}: test clips, {runs_text(result)}"))
-        for f in result.failures:
-            console.print(f"[yellow]fusion {f['fusion']} (seed {f['seed']}) failed:[/] {f['error']}", highlight=False)
-        console.print(f"{time.perf_counter() - started:.0f} s; written to {result.out_dir}: comparison.md, "
-                      "comparison.csv, comparison.json, comparison.png, confusion/")
-    return result
-
-
 __all__ = [
     "ComparisonResult",
     "TrainRunTrainer",
@@ -873,7 +846,6 @@ __all__ = [
     "Trainer",
     "aggregate",
     "compare",
-    "compare_cli",
     "comparison_columns",
     "comparison_folder",
     "comparison_markdown",

@@ -183,6 +183,12 @@ class EvaluationResult:
     dropped: tuple[str, ...] = ()
     #: (file, reason) of every clip left out as bad input (``on_bad_sample = "skip"``).
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: What `evaluate_and_write` adds: the report's title, the files written (kind -> path), the
+    #: baseline rows (with `baseline`) and how many of the clips asked for could not be explained.
+    title: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+    baselines: list[dict[str, Any]] | None = None
+    unexplained: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint) if self.checkpoint else None, "split": self.split,
@@ -295,7 +301,7 @@ def bad_sample_policy(value: str | None) -> str | None:
         raise ConfigError(f"--on-bad-sample {value!r}: " + "; ".join(e["msg"] for e in err.errors())) from None
 
 
-def evaluate_cli(
+def evaluate_and_write(
     checkpoint: Path,
     *,
     split: str = "test",
@@ -303,16 +309,15 @@ def evaluate_cli(
     out_dir: Path | None = None,
     bootstrap: int = 1000,
     drop: Sequence[str] = (),
-    console: Any = None,
     on_bad_sample: str | None = None,
     explain: int = 0,
     baseline: bool = False,
 ) -> EvaluationResult:
-    """`emofuse evaluate`: score, print the tables, and write JSON/Markdown/CSV/PNG to `out_dir`
-    (default: ``<run folder>/eval-<split>``); with `explain` N, explanation PNGs of the split's first
-    N clips go to ``<out_dir>/explain``; with `baseline`, also the baselines of
-    `emofuse.core.apps.baselines` on the same clips (``baselines.json``)."""
-    from emofuse.core.apps.report import evaluation_tables, write_evaluation_report
+    """`emofuse evaluate`: score, and write JSON/Markdown/CSV/PNG to `out_dir` (default:
+    ``<run folder>/eval-<split>``); with `explain` N, explanation PNGs of the split's first N clips go
+    to ``<out_dir>/explain``; with `baseline`, also the baselines of `emofuse.core.apps.baselines` on
+    the same clips (``baselines.json``). The result carries what was written."""
+    from emofuse.core.apps.report import write_evaluation_report, write_json
 
     if baseline and (split != "test" or drop):
         raise ConfigError("--baseline compares on the test split with every modality",
@@ -320,14 +325,12 @@ def evaluate_cli(
     on_bad_sample = bad_sample_policy(on_bad_sample)
     result = evaluate_checkpoint(Path(checkpoint), split=split, data_dir=data_dir, bootstrap=bootstrap, drop=drop,
                                  on_bad_sample=on_bad_sample)
-    title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
+    result.title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} on {split}"
     if drop:
-        title += f" without {', '.join(drop)}"
+        result.title += f" without {', '.join(drop)}"
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / f"eval-{split}"
-    paths = write_evaluation_report(result.report, out_dir, title=title)
-    from emofuse.core.apps.report import write_json
-
-    write_json(paths["json"], result.to_dict())
+    result.files = write_evaluation_report(result.report, out_dir, title=result.title)
+    write_json(result.files["json"], result.to_dict())
     if explain:
         from emofuse.core.apps.explain import write_explanations
         from emofuse.core.apps.predict import load
@@ -335,38 +338,18 @@ def evaluate_cli(
         predictor = load(Path(checkpoint))
         samples = split_samples(predictor.loaded, split, checkpoint=Path(checkpoint), data_dir=data_dir)[:explain]
         written = write_explanations(predictor, samples, out_dir / "explain")
-        paths["explanations"] = out_dir / "explain"
-        if console is not None and len(written) < len(samples):
-            console.print(f"{len(samples) - len(written)} of {len(samples)} clips could not be explained (unreadable)")
+        result.files["explanations"] = out_dir / "explain"
+        result.unexplained = len(samples) - len(written)
     if baseline:
-        paths["baselines"] = _write_baselines(Path(checkpoint), result, out_dir, data_dir=data_dir,
-                                              bootstrap=bootstrap, console=console)
-    if console is not None:
-        for table in evaluation_tables(result.report, title=title):
-            console.print(table)
-        console.print(f"written: {', '.join(str(p) for p in paths.values())}")
-        if result.skipped:
-            from emofuse.core.data.pipeline import skipped_report
+        from emofuse.core.apps.baselines import beside_model
 
-            console.print(skipped_report(result.skipped), markup=False, highlight=False)
+        loaded = load_model(Path(checkpoint))
+        bundle = checkpoint_bundle(loaded, checkpoint=Path(checkpoint), data_dir=data_dir)
+        correct = (result.outputs.logits.argmax(dim=1) == result.outputs.labels).numpy()
+        result.baselines = beside_model(loaded, bundle, result.outputs.ids, correct, resamples=max(bootstrap, 1))
+        result.files["baselines"] = write_json(out_dir / "baselines.json",
+                                               {"checkpoint": str(checkpoint), "baselines": result.baselines})
     return result
-
-
-def _write_baselines(checkpoint: Path, result: EvaluationResult, out_dir: Path, *, data_dir: Path | None,
-                     bootstrap: int, console: Any) -> Path:
-    from emofuse.core.apps.baselines import beside_model
-    from emofuse.core.apps.report import Column, rich_table, write_json
-
-    loaded = load_model(checkpoint)
-    bundle = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=data_dir)
-    correct = (result.outputs.logits.argmax(dim=1) == result.outputs.labels).numpy()
-    rows = beside_model(loaded, bundle, result.outputs.ids, correct, resamples=max(bootstrap, 1))
-    if console is not None:
-        console.print(rich_table(rows, [Column("model", "Baseline (same clips)", justify="left"),
-                                        Column("accuracy", "Acc %", ".1f", pct=True),
-                                        Column("text", "Model minus baseline, points (95% CI)")],
-                                 title=f"model: {100 * result.report.metrics['accuracy']:.1f}% accuracy"))
-    return write_json(out_dir / "baselines.json", {"checkpoint": str(checkpoint), "baselines": rows})
 
 
 __all__ = [
@@ -377,7 +360,7 @@ __all__ = [
     "combine",
     "drop_modalities",
     "evaluate_checkpoint",
-    "evaluate_cli",
+    "evaluate_and_write",
     "evaluate_samples",
     "normalizer_of",
     "resolve_device",

@@ -42,6 +42,7 @@ from emofuse.core.data.cache import process_alive
 from emofuse.core.data.code_identity import what_changed
 from emofuse.core.engine.run_files import components_code
 from emofuse.core.engine import branch_stage, training
+from emofuse.core.engine.progress import reporter
 from emofuse.core.errors import ConfigError, MissingDependencyError
 from emofuse.core.registry import Registry, get_registry
 
@@ -369,13 +370,12 @@ class Study:
     """One named study over one base config: opens (or resumes) it, runs trials, summarises."""
 
     def __init__(self, config: RunConfig, options: SearchOptions | None = None, *, registry: Registry | None = None,
-                 trainer: Trainer | None = None, data: Any = None, console: Any = None):
+                 trainer: Trainer | None = None, data: Any = None):
         self.config = config
         self.options = options or SearchOptions()
         if self.options.n_trials < 1:
             raise ConfigError(f"--trials {self.options.n_trials}: a study needs at least one trial")
         self.registry = registry or get_registry()
-        self.console = console
         self.name = self.options.study_name or config.name
         raw_space = config.search or None
         self.scope = resolve_scope(config, list(raw_space or {}), self.options.scope)
@@ -539,16 +539,16 @@ class Study:
         callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
             optuna.study.MaxTrialsCallback(target, states=FINISHED)
         ]
-        if progress and self.console is not None:
-            callbacks.append(self._print_trial)
+        if progress:
+            callbacks.append(self._report_trial)
         with _sigterm_as_interrupt():
             self.study.optimize(self.objective, n_trials=remaining, timeout=self.options.timeout,
                                 callbacks=callbacks, catch=(RuntimeError, FloatingPointError))
 
-    def _print_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    def _report_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         value = "" if trial.value is None else f" {self.monitor}={trial.value:.4f}"
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        self.console.print(f"trial {trial.number} {trial.state.name.lower()}{value} ({params})", highlight=False)
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
+        reporter().status(f"trial {trial.number} {trial.state.name.lower()}{value} ({params})")
 
     # -- results ------------------------------------------------------------------------------
     def best_trial(self) -> FrozenTrial | None:
@@ -632,7 +632,8 @@ def _retry_of(trial: FrozenTrial) -> int | None:
     return int(history[-1]) if history else None
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A parameter value for people: floats to 4 significant digits."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -640,11 +641,11 @@ def _fmt(value: Any) -> str:
 
 # -- entry points ------------------------------------------------------------------------------------
 def run_search(config: RunConfig, options: SearchOptions | None = None, *, registry: Registry | None = None,
-               trainer: Trainer | None = None, data: Any = None, console: Any = None,
-               progress: bool = False) -> SearchResult:
-    """Open (or resume) the study, run its missing trials, export the best config and a summary."""
+               trainer: Trainer | None = None, data: Any = None, progress: bool = False) -> SearchResult:
+    """Open (or resume) the study, run its missing trials, export the best config and a summary;
+    with `progress`, each finished trial is a note to the progress reporter."""
     started = time.perf_counter()
-    study = Study(config, options, registry=registry, trainer=trainer, data=data, console=console)
+    study = Study(config, options, registry=registry, trainer=trainer, data=data)
     if study.data is None and trainer is None and not any(p.startswith("data.") for p in study.space.paths):
         study.data = load_search_data(config, study.registry, study.out_dir)
     try:
@@ -664,43 +665,5 @@ def load_search_data(config: RunConfig, registry: Registry, out_dir: Path) -> An
     return load_data(config.data, required_modalities(config, registry), registry, split_dir=out_dir)
 
 
-def print_summary(result: SearchResult, console: Any) -> None:
-    """The study's outcome as rich tables: counts, best value, parameters with their importances."""
-    from rich.table import Table
-
-    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
-    console.print(f"[bold]study {result.study_name}[/] ({result.storage}, scope {result.scope}): {counts or 'no trials'}")
-    for note in result.summary.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
-    if result.best_number is None:
-        console.print("[yellow]no trial completed: nothing to export[/]")
-        return
-    table = Table(title=f"best trial {result.best_number}: val {result.monitor} = {result.best_value:.4f}")
-    table.add_column("parameter")
-    table.add_column("value", justify="right")
-    table.add_column("importance", justify="right")
-    for name, value in result.best_params.items():
-        importance = (result.importances or {}).get(name)
-        table.add_row(name, _fmt(value), "" if importance is None else f"{importance:.3f}")
-    console.print(table)
-    if result.importances is None and result.summary.get("importance_note"):
-        console.print(f"[dim]{result.summary['importance_note']}[/]")
-    console.print(f"best config: {result.best_config_path}  (emofuse train --config {result.best_config_path})")
-    console.print(f"summary: {result.summary_path}")
-
-
-def search_cli(config: RunConfig, *, trials: int = 50, storage: str | None = None, study_name: str | None = None,
-               resume: bool = True, scope: Scope = "auto", pruner: PrunerName = "median", seed: int | None = None,
-               timeout: float | None = None, console: Any = None) -> SearchResult:
-    """What ``emofuse search`` runs: the study, then its summary printed."""
-    options = SearchOptions(study_name=study_name, storage=storage, n_trials=trials, resume=resume, scope=scope,
-                            pruner=pruner, sampler_seed=seed, timeout=timeout)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    result = run_search(config, options, console=console, progress=console is not None)
-    if console is not None:
-        print_summary(result, console)
-    return result
-
-
-__all__ = ["SearchOptions", "SearchResult", "Study", "run_search", "search_cli", "open_storage", "print_summary",
+__all__ = ["SearchOptions", "SearchResult", "Study", "run_search", "open_storage", "format_value",
            "default_space", "SearchSpace", "Trainer", "TrainRunTrainer", "load_search_data"]

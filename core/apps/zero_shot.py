@@ -101,9 +101,9 @@ def evaluate_zero_shot(model: ComposedModel, samples: Sequence[Sample], label_na
     return report
 
 
-def zero_shot_cli(data: DataConfig, *, save: Path | None = None, registry: Registry | None = None,
-                  console: Any = None) -> ZeroShotReport:
-    """`emofuse zero-shot`: score the FER prior on every labelled video clip of `data`'s corpus."""
+def zero_shot(data: DataConfig, *, save: Path | None = None, registry: Registry | None = None) -> ZeroShotReport:
+    """`emofuse zero-shot`: score the FER prior on every labelled video clip of `data`'s corpus; with
+    `save`, also write it as a checkpoint for `emofuse predict`."""
     reader = build_reader(data, registry)
     if hasattr(reader, "on_bad_sample"):
         reader.on_bad_sample = data.on_bad_sample
@@ -116,21 +116,7 @@ def zero_shot_cli(data: DataConfig, *, save: Path | None = None, registry: Regis
         from emofuse.core.engine.model_io import save_model
 
         save_model(Path(save), model, config, label_names)
-    if console is not None:
-        from rich.table import Table
-
-        table = Table(title=f"FER-2013 zero-shot on {data.dataset} video")
-        for col in ("unit", "count", "accuracy"):
-            table.add_column(col, justify="right" if col != "unit" else "left")
-        table.add_row("clip (frames averaged)", str(len(report.clip_ids)), f"{report.clip_accuracy:.3f}")
-        table.add_row("sampled frame", str(len(report.frame_labels)), f"{report.frame_accuracy:.3f}")
-        console.print(table)
-        if report.without_face:
-            console.print(f"{len(report.without_face)} clip(s) without a face (not scored): "
-                          f"{', '.join(report.without_face[:10])}")
-        if save is not None:
-            console.print(f"zero-shot checkpoint: {save}")
     return report
 
 
-__all__ = ["ZeroShotReport", "evaluate_zero_shot", "zero_shot_cli", "zero_shot_config", "zero_shot_model"]
+__all__ = ["ZeroShotReport", "evaluate_zero_shot", "zero_shot", "zero_shot_config", "zero_shot_model"]

@@ -1,8 +1,10 @@
 """How the engine reports progress without printing.
 
-The engine calls the current `ProgressReporter`: per-epoch bars and lines while a model trains, step
-counters while frozen features or branch outputs are computed. Library use is silent (epoch lines go
-to the ``emofuse`` logger); the CLI installs a reporter that draws rich bars (`emofuse.cli.progress`).
+The engine and the apps call the current `ProgressReporter`: per-epoch bars and lines while a model
+trains, step counters while frozen features or branch outputs are computed, notes that need a person's
+attention (a stored result not reused, and why) and status lines (a comparison's next model, a search's
+finished trial). Library use is silent (epoch lines, notes and status go to the ``emofuse`` logger);
+the CLI installs a reporter that draws rich bars (`emofuse.cli.progress`).
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ class ProgressReporter:
     def note(self, message: str) -> None:
         """One line worth a person's attention: why something stored is not reused (recomputed)."""
         log.warning("%s", message)
+
+    def status(self, message: str) -> None:
+        """One line of news about a long job (what a comparison does next, a search trial finished)."""
+        log.info("%s", message)
 
 
 def note(message: str) -> None:
