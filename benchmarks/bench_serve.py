@@ -95,14 +95,14 @@ def train_tiny_model(folder: Path, threads: int) -> Path:
     import torch
 
     torch.set_num_threads(threads)
+    import emofuse
     from emofuse.core.config import validate
-    from emofuse.core.engine.training import train_run
 
     config = validate({"name": "tiny", "output_dir": str(folder), "preset": "mm-lstm",
                        "data": {"dataset": "ravdess", "data_dir": str(DATA), "limit": 48},
                        "branches": {"audio_text": {"name": "mm-lstm"}},
                        "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu"}})
-    return train_run(config, progress=False, resume=False).checkpoint
+    return emofuse.train(config, resume=False).checkpoint
 
 
 class Server:

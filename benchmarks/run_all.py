@@ -124,17 +124,16 @@ def predict_worker(folder: Path, clips: int, threads: int) -> int:
     import torch
 
     torch.set_num_threads(threads)
+    import emofuse
     from emofuse.core.config import validate
-    from emofuse.core.apps.predict import load
-    from emofuse.core.engine.training import train_run
 
     config = validate({"name": "tiny", "output_dir": str(folder), "preset": "mm-lstm",
                        "data": {"dataset": "ravdess", "limit": 48},
                        "branches": {"audio_text": {"name": "mm-lstm"}},
                        "train": {"epochs": 1, "batch_size": 16, "seed": 0}})
-    result = train_run(config, progress=False)
+    result = emofuse.train(config)
     start = time.perf_counter()
-    predictor = load(result.checkpoint, device="cpu", batch_size=1)
+    predictor = emofuse.load(result.checkpoint, device="cpu", batch_size=1)
     load_s = time.perf_counter() - start
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess-speech"
     paths = sorted(data.glob("Actor_1[12]/*.ogg"))[:clips + 1]

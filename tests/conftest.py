@@ -54,7 +54,7 @@ def batch_factory():
 @pytest.fixture(scope="session")
 def speech_fusion_checkpoint(tmp_path_factory, shared_data) -> Path:
     """A really trained (1 epoch, 48 RAVDESS clips, a few seconds) two-branch model that reads uploads:
-    `speech` = mm-lstm over log-mel audio + MiniLM text, `words` = mm-lstm over text alone, weighted-late
+    `speech` = mm-lstm over log-mel audio + MiniLM text, `words` = text-classifier over the text, weighted-late
     fusion. Small, so tests stay fast; trained, so its sidecar carries real metrics."""
     from emofuse.core.config import validate
     from emofuse.core.engine.training import train_run
@@ -63,7 +63,7 @@ def speech_fusion_checkpoint(tmp_path_factory, shared_data) -> Path:
     config = validate({
         "name": "speech-fusion", "output_dir": str(tmp_path_factory.mktemp("speech-fusion")),
         "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 48},
-        "branches": {"speech": small, "words": {**small, "audio_backbone": "none"}},
+        "branches": {"speech": small, "words": {**small, "name": "text-classifier", "metadata": True}},
         "fusion": {"name": "weighted-late"},
         "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
     })

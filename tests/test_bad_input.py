@@ -95,7 +95,7 @@ def test_train_lists_the_rows_a_reader_skipped(tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     config = tmp_path / "run.toml"
     config.write_text(f'[data]\ndataset = "manifest"\nsplit = "balanced"\n[data.options]\npath = "{tmp_path / "m.csv"}"\n'
-                      'labels = ["happy", "sad"]\n[branches.text]\nname = "mm-lstm"\naudio_backbone = "none"\n'
+                      'labels = ["happy", "sad"]\n[branches.text]\nname = "text-classifier"\n'
                       'model_dim = 16\nlstm_hidden = 8\nattention_heads = 2\n')
     result = CliRunner().invoke(app, ["train", "--config", str(config), "--output", str(tmp_path / "runs"), "--epochs", "1",
                                       "--on-bad-sample", "skip"])

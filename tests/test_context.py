@@ -209,7 +209,7 @@ def test_evaluate_predict_and_compare_score_whole_dialogues_as_the_trainer_does(
 
     config = validate({"name": "ctx", "branches": {"text": {
         "name": "dialogue-context", "direction": "bidirectional", "hidden_dim": 16,
-        "inner": {"name": "mm-lstm", "audio_backbone": "none", "model_dim": 16, "lstm_hidden": 8,
+        "inner": {"name": "text-classifier", "model_dim": 16, "lstm_hidden": 8,
                   "attention_heads": 2}}}})
     torch.manual_seed(0)
     labels = meld.label_names

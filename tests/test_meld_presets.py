@@ -28,7 +28,7 @@ def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert '[branches.text]\nname = "dialogue-context"\ndirection = "bidirectional"' in out
-    assert '[branches.text.inner]\nname = "mm-lstm"\naudio_backbone = "none"\nmetadata = false' in out
+    assert '[branches.text.inner]\nname = "text-classifier"\n' in out and "audio_backbone" not in out
     assert "freeze_backbone = false" in out and "max_text_tokens = 32" in out
     assert 'class_weights = "balanced"' in out and "test_fraction = 0.0" in out
 
@@ -64,7 +64,7 @@ def test_onelr_preset_trains_mpnet_and_its_pooled_head_at_one_lr():
 def test_linear_preset_is_the_plain_sentence_classifier_without_the_context_wrapper():
     config = compose_config(preset="meld-finetune-mpnet-linear")
     text = config.branches["text"]
-    assert text.name == "mm-lstm" and "inner" not in text.options
+    assert text.name == "text-classifier" and "inner" not in text.options
     assert text.options["head"] == "linear" and text.options["sequence_model"] == "none"
     assert text.options["text_backbone"] == "mpnet" and text.options["freeze_backbone"] is False
     assert text.options["backbone_lr_scale"] == 1.0 and text.options["max_text_tokens"] == 32
@@ -105,7 +105,7 @@ def test_text_branch_without_metadata_trains_on_meld(meld_small):
     torch.manual_seed(0)
     encoder = build_encoder(config.branches["text"], bundle.num_classes, where="branches.text")
     assert tuple(encoder.modalities) == (TEXT,) and encoder.inner.metadata is None
-    with_metadata = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none"), bundle.num_classes,
+    with_metadata = build_encoder(ComponentRef(name="text-classifier", metadata=True), bundle.num_classes,
                                   where="branches.text")
     assert METADATA in with_metadata.modalities
     batch = make_batch(bundle.splits["train"][:6], {TEXT}, bundle.normalizer)

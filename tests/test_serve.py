@@ -169,7 +169,7 @@ def test_model_card_health_and_page(client, predictor):
     assert {name: (b["encoder"], b["modalities"], b["title"], b["uploads_feed_it"], b["note"])
             for name, b in card["branches"].items()} == {
         "speech": ("mm-lstm", ["audio", "metadata", "text"], "the voice and the words", True, None),
-        "words": ("mm-lstm", ["metadata", "text"], "the words", True, None)}
+        "words": ("text-classifier", ["metadata", "text"], "the words", True, None)}
     # each branch's own accuracy, from the run's stage 1, beside the fused model's
     trained = predictor.loaded.meta["metrics"]
     for name, branch in card["branches"].items():

@@ -39,9 +39,9 @@ def test_backbone_returns_only_the_utterance_tokens():
     assert not torch.allclose(paired[0], alone[0], atol=1e-4)  # the words attended to the context
 
 
-def test_mm_lstm_reading_turns_batches_dialogues_and_is_not_cached(meld, dialogue_slice):  # noqa: F811
-    inner = {"name": "mm-lstm", "audio_backbone": "none", "metadata": False, "context_past_turns": 2}
-    plain = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none", metadata=False), 7, where="test")
+def test_text_classifier_reading_turns_batches_dialogues_and_is_not_cached(meld, dialogue_slice):  # noqa: F811
+    inner = {"name": "text-classifier", "context_past_turns": 2}
+    plain = build_encoder(ComponentRef(name="text-classifier"), 7, where="test")
     turns = build_encoder(ComponentRef(**inner), 7, where="test").eval()
     assert turns.batches_by_dialogue and not turns.cacheable
     assert not plain.batches_by_dialogue and plain.cacheable
@@ -55,8 +55,8 @@ def test_mm_lstm_reading_turns_batches_dialogues_and_is_not_cached(meld, dialogu
 
 
 def test_name_speaker_reads_each_utterance_with_its_speaker(meld, dialogue_slice):  # noqa: F811
-    plain = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none", metadata=False), 7, where="test")
-    named = build_encoder(ComponentRef(name="mm-lstm", audio_backbone="none", metadata=False, name_speaker=True), 7,
+    plain = build_encoder(ComponentRef(name="text-classifier"), 7, where="test")
+    named = build_encoder(ComponentRef(name="text-classifier", name_speaker=True), 7,
                           where="test")
     assert named.cacheable and not named.batches_by_dialogue  # a clip's speaker is its own: still cached per clip
     assert named.fingerprint() != plain.fingerprint()

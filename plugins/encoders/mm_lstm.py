@@ -14,12 +14,10 @@ head with dropout. A second classifier over the statistics alone is averaged wit
 (``statistics_head``): on a few hundred clips the sequence model fits its training clips within a few
 epochs, while an utterance-level classifier keeps generalising (measured on RAVDESS).
 
-With ``audio_backbone = "none"`` the branch is text-only (a corpus of transcripts, like the shared
-MELD): the sequence model then reads the transcript's token vectors, and text is its primary modality.
 An unfrozen backbone (``freeze_backbone = false``) trains at ``backbone_lr_scale`` times the head's
 learning rate (the trainer's parameter groups read it), so fine-tuning does not wash out what it knows.
-A text-only branch can instead end in ``head = "linear"``: one linear layer over the backbone's own mean
-token vector, the usual sentence-classification head, which learns at the backbone's rate (one lr for all).
+Text alone (a corpus of transcripts, like the shared MELD) is the `text-classifier` encoder's job; the
+options that once made this branch text-only are refused with a message that says so.
 """
 from __future__ import annotations
 
@@ -31,7 +29,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from emofuse.core import (
     AUDIO,
@@ -55,20 +52,19 @@ from emofuse.plugins.encoders.layers import (
     keep_frozen_in_eval,
     masked_norm,
 )
+from emofuse.plugins.encoders.sequence import SequenceEncoder
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone, masked_mean
 from emofuse.plugins.encoders.turn_text import turn_context
 
 #: Frame rate the audio front end brings every backbone down to, roughly.
 TARGET_FRAME_RATE = 25.0
-#: `MMLSTMConfig.audio_backbone` value for a text-only branch (no audio side at all).
-NO_AUDIO = "none"
-
-#: "none": no sequence model, the head reads the mean token vector (text-only branches: a fine-tuned encoder's
-#: tokens have already attended to each other, the usual sentence-classification head).
-SequenceModel = Literal["lstm", "transformer", "none"]
-#: "mlp": projection, batch-normalised hidden layer and dropout (what the fused heads use); "linear": one linear
-#: layer over the text backbone's mean token vector (text-only branches with sequence_model "none").
-HeadKind = Literal["mlp", "linear"]
+#: What reads the text-aware audio sequence.
+SequenceModel = Literal["lstm", "transformer"]
+#: What a text-only mm-lstm is now (its options, in a config or a checkpoint, are refused with this).
+TEXT_ONLY_MOVED = ('text only is the "text-classifier" encoder now: name = "text-classifier" with the same text '
+                   'options (no audio_*, sequence_rate or statistics options; metadata = true if it read metadata); '
+                   'a checkpoint trained as a text-only mm-lstm cannot load: retrain it (its preset, e.g. '
+                   '`emofuse train --preset meld-text`, trains the text-classifier)')
 #: Which of a pretrained audio encoder's layers the branch reads: all (a learned mix) or the last.
 AudioLayers = Literal["all", "last"]
 #: What the utterance-statistics path pools: every layer's own frames, or the learned mix of them.
@@ -82,9 +78,8 @@ TURN_OPTIONS = ("context_past_turns", "context_future_turns", "context_tokens")
 class MMLSTMConfig(ComponentConfig):
     #: BERT-family text encoder: "minilm" (packaged, offline), a local folder, or a hub id (bert-base-uncased).
     text_backbone: str = DEFAULT_TEXT_BACKBONE
-    #: "whisper" (the packaged Whisper tiny.en encoder, default), "log-mel", "egemaps" (needs emofuse[egemaps]), a
-    #: Wav2Vec2-family or Whisper hub id / local folder (facebook/wav2vec2-base), or "none": text only
-    #: (the sequence model then reads the text tokens).
+    #: "whisper" (the packaged Whisper tiny.en encoder, default), "log-mel", "egemaps" (needs emofuse[egemaps]), or a
+    #: Wav2Vec2-family or Whisper hub id / local folder (facebook/wav2vec2-base).
     audio_backbone: str = DEFAULT_AUDIO_BACKBONE
     #: A pretrained audio encoder's layers: "all" (a learned softmax-weighted sum) or the "last" alone.
     audio_layers: AudioLayers = "all"
@@ -114,8 +109,7 @@ class MMLSTMConfig(ComponentConfig):
     #: Frames per second of the sequence the cross attention and the sequence model read (stride-2
     #: convolutions bring the backbone's rate down to about this).
     sequence_rate: float = Field(TARGET_FRAME_RATE, ge=1.0, le=200.0)
-    #: What reads the sequence: a bidirectional LSTM, or transformer encoder layers (same outputs); "none"
-    #: for a text-only branch whose head reads the mean token vector alone.
+    #: What reads the sequence: a bidirectional LSTM, or transformer encoder layers (same outputs).
     sequence_model: SequenceModel = "lstm"
     lstm_hidden: int = Field(128, ge=4, le=4096)
     lstm_layers: int = Field(1, ge=1, le=4)
@@ -124,9 +118,6 @@ class MMLSTMConfig(ComponentConfig):
     #: does not ask for the modality, so no "no clip has the metadata modality" warning either.
     metadata: bool = True
     metadata_dim: int = Field(16, ge=1, le=512)
-    #: The classifier on top: "mlp" (default), or "linear" for a text-only, mean-pooled branch (no projection,
-    #: no hidden layer: nothing randomly initialised that a backbone's small learning rate would train slowly).
-    head: HeadKind = "mlp"
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     #: Dropout on the head's input (the pooled statistics, sequence summary, text and metadata vectors).
     input_dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -139,23 +130,22 @@ class MMLSTMConfig(ComponentConfig):
     #: text + metadata, and statistics) scored 73.1 % on RAVDESS's 4 speaker folds, True 71.4 %, no second head 70.6 %.
     main_head_statistics: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (str(data.get("audio_backbone", "")).strip().lower() == "none"
+                                       or "head" in data or data.get("sequence_model") == "none"):
+            raise ValueError(TEXT_ONLY_MOVED)
+        return data
+
     @model_validator(mode="after")
     def _heads_divide(self) -> "MMLSTMConfig":
         if self.model_dim % self.attention_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by attention_heads ({self.attention_heads})")
-        if self.head == "linear" and (self.has_audio or self.sequence_model != "none" or self.metadata):
-            raise ValueError('head "linear" reads the text backbone\'s mean token vector alone: it needs '
-                             'audio_backbone = "none", sequence_model = "none" and metadata = false')
-        if self.sequence_model == "none" and self.has_audio:
-            raise ValueError('sequence_model "none" is for text-only branches (audio_backbone = "none"): the audio '
-                             'side needs a sequence model; use "lstm" or "transformer"')
         if not self.audio_backbone.strip():
-            raise ValueError(f"audio_backbone is empty: give whisper, log-mel, egemaps, a Wav2Vec2 model, or {NO_AUDIO!r} for text only")
+            raise ValueError("audio_backbone is empty: give whisper, log-mel, egemaps or a Wav2Vec2 model "
+                             "(text alone: the text-classifier encoder)")
         return self
-
-    @property
-    def has_audio(self) -> bool:
-        return self.audio_backbone.strip().lower() != NO_AUDIO
 
 
 class ConvFrontEnd(nn.Module):
@@ -201,53 +191,9 @@ def utterance_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)
 
 
-def sinusoidal_positions(length: int, dim: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``[length, dim]`` sine/cosine position codes (Vaswani et al.): no length cap, nothing to learn."""
-    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    rate = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10_000.0) / dim))
-    codes = torch.zeros(length, dim, device=device, dtype=torch.float32)
-    codes[:, 0::2] = torch.sin(position * rate)
-    codes[:, 1::2] = torch.cos(position * rate[: dim // 2])
-    return codes.to(dtype)
-
-
-class SequenceEncoder(nn.Module):
-    """A bidirectional LSTM or transformer encoder layers over a padded ``[B, L, dim]`` sequence.
-
-    Both return ``[B, L, out_dim]`` with zeros on padding, and padding never changes the real
-    positions' outputs (packed sequences; a key-padding mask), so the encoder's head is the same
-    whichever reads the sequence. The transformer adds sine/cosine positions (it has no order otherwise).
-    """
-
-    def __init__(self, kind: SequenceModel, dim: int, *, lstm_hidden: int, lstm_layers: int, transformer_layers: int,
-                 heads: int, dropout: float):
-        super().__init__()
-        self.kind = kind
-        if kind == "lstm":
-            self.lstm = nn.LSTM(dim, lstm_hidden, num_layers=lstm_layers, batch_first=True, bidirectional=True,
-                                dropout=dropout if lstm_layers > 1 else 0.0)
-            self.out_dim = 2 * lstm_hidden
-        else:
-            layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True,
-                                               norm_first=True)
-            self.transformer = nn.TransformerEncoder(layer, transformer_layers, enable_nested_tensor=False)
-            self.norm = nn.LayerNorm(dim)
-            self.out_dim = dim
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        valid = lengths_to_mask(lengths, x.shape[1])
-        if self.kind == "lstm":
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
-            return out
-        x = x + sinusoidal_positions(x.shape[1], x.shape[2], device=x.device, dtype=x.dtype)[None]
-        out = self.norm(self.transformer(x, src_key_padding_mask=~valid))
-        return out * valid[..., None].to(out.dtype)
-
-
 class MultimodalLSTMEncoder(Encoder):
     """Multimodal LSTM: text + audio encoders, 8-head audio-to-text attention, BiLSTM or transformer, speaker
-    metadata; text-only with ``audio_backbone = "none"``."""
+    metadata."""
 
     name: ClassVar[str] = "mm-lstm"
     modalities: ClassVar[tuple[str, ...]] = (AUDIO, TEXT, METADATA)
@@ -256,60 +202,46 @@ class MultimodalLSTMEncoder(Encoder):
 
     @classmethod
     def modalities_for(cls, config: MMLSTMConfig) -> tuple[str, ...]:  # type: ignore[override]
-        """Audio first; text first when the branch has no audio side (``audio_backbone = "none"``); metadata
-        only when the branch reads it."""
-        mods = (AUDIO, TEXT) if config.has_audio else (TEXT,)
-        return mods + (METADATA,) if config.metadata else mods
+        """Audio first, then text; metadata only when the branch reads it."""
+        return (AUDIO, TEXT, METADATA) if config.metadata else (AUDIO, TEXT)
 
     def __init__(self, config: MMLSTMConfig, num_classes: int):
         super().__init__(config, num_classes)
         c = config
         self.modalities = self.modalities_for(c)  # type: ignore[misc]
         self.text_backbone = TextBackbone(c.text_backbone, max_length=c.max_text_tokens)
-        self.audio_backbone = (make_audio_backbone(c.audio_backbone, all_layers=c.audio_layers == "all")
-                               if c.has_audio else None)
+        self.audio_backbone = make_audio_backbone(c.audio_backbone, all_layers=c.audio_layers == "all")
         if c.freeze_backbone:
             freeze(self.text_backbone)
             freeze(self.audio_backbone)
         d = c.model_dim
-        linear_head = c.head == "linear"
-        self.text_proj = nn.Identity() if linear_head else nn.Sequential(nn.Linear(self.text_backbone.dim, d),
-                                                                         nn.LayerNorm(d))
-        if self.audio_backbone is not None:
-            layers = self.audio_backbone.num_layers
-            self.layer_mix = LayerMix(layers) if layers > 1 else None
-            self.audio_front = ConvFrontEnd(self.audio_backbone.dim, d, self.audio_backbone.frame_rate, c.dropout,
-                                            c.sequence_rate)
-            self.no_text = nn.Parameter(torch.zeros(1, 1, d))
-            self.cross_attention = nn.MultiheadAttention(d, c.attention_heads, dropout=c.dropout, batch_first=True)
-            self.attention_norm = nn.LayerNorm(d)
-        self.sequence = None if c.sequence_model == "none" else SequenceEncoder(
-            c.sequence_model, d, lstm_hidden=c.lstm_hidden, lstm_layers=c.lstm_layers,
-            transformer_layers=c.transformer_layers, heads=c.attention_heads, dropout=c.dropout)
-        sequence_dim = self.sequence.out_dim if self.sequence is not None else 0
+        self.text_proj = nn.Sequential(nn.Linear(self.text_backbone.dim, d), nn.LayerNorm(d))
+        layers = self.audio_backbone.num_layers
+        self.layer_mix = LayerMix(layers) if layers > 1 else None
+        self.audio_front = ConvFrontEnd(self.audio_backbone.dim, d, self.audio_backbone.frame_rate, c.dropout,
+                                        c.sequence_rate)
+        self.no_text = nn.Parameter(torch.zeros(1, 1, d))
+        self.cross_attention = nn.MultiheadAttention(d, c.attention_heads, dropout=c.dropout, batch_first=True)
+        self.attention_norm = nn.LayerNorm(d)
+        self.sequence = SequenceEncoder(c.sequence_model, d, lstm_hidden=c.lstm_hidden, lstm_layers=c.lstm_layers,
+                                        transformer_layers=c.transformer_layers, heads=c.attention_heads,
+                                        dropout=c.dropout)
         self.metadata = MetadataEmbedding(c.metadata_dim) if c.metadata else None
-        audio_stats = 0
-        self.stats_norm: RunningStandardizer | None = None
-        if self.audio_backbone is not None:
-            per_layer = c.audio_statistics == "layers" and self.audio_backbone.num_layers > 1
-            audio_stats = 2 * self.audio_backbone.dim * (self.audio_backbone.num_layers if per_layer else 1)
-            if per_layer:
-                self.stats_norm = RunningStandardizer(audio_stats)
+        per_layer = c.audio_statistics == "layers" and self.audio_backbone.num_layers > 1
+        audio_stats = 2 * self.audio_backbone.dim * (self.audio_backbone.num_layers if per_layer else 1)
+        self.stats_norm = RunningStandardizer(audio_stats) if per_layer else None
         self.input_dropout = nn.Dropout(c.input_dropout)
         self.sequence_dropout = nn.Dropout(c.sequence_dropout)
         #: The main head reads the statistics unless a statistics head of its own does (two experts).
         self.main_reads_stats = c.main_head_statistics or not c.statistics_head
         main_stats = audio_stats if self.main_reads_stats else 0
-        fused = main_stats + 2 * sequence_dim + d + (c.metadata_dim if c.metadata else 0)
-        if linear_head:
-            self.head, self.classifier = nn.Identity(), nn.Linear(self.text_backbone.dim, num_classes)
-        else:
-            self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
+        fused = main_stats + 2 * self.sequence.out_dim + d + (c.metadata_dim if c.metadata else 0)
+        self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.stats_head: nn.Sequential | None = None
-        if c.statistics_head and audio_stats:
+        if c.statistics_head:
             body, out = classifier_head(audio_stats, d, num_classes, c.dropout)
             self.stats_head = nn.Sequential(nn.Dropout(c.input_dropout), *body, out)
-        self.embedding_dim = self.text_backbone.dim if linear_head else d
+        self.embedding_dim = d
         #: Audio-to-text attention weights ``[B, F', 1 + T]`` of the latest forward (slot 0 = no text).
         self.last_attention: torch.Tensor | None = None
 
@@ -371,8 +303,6 @@ class MultimodalLSTMEncoder(Encoder):
             tokens = self.text_backbone.token_embeddings(lines)
         else:
             tokens = self.text_backbone.token_embeddings(list(batch.text or [""] * b))
-        if self.audio_backbone is None:
-            return [{"text_tokens": t} for t in tokens]
         has_audio = batch.presence(AUDIO)
         waves: list[torch.Tensor] = []
         for i in range(b):
@@ -396,7 +326,7 @@ class MultimodalLSTMEncoder(Encoder):
         """With a layered speech backbone: its last layer alone, the usual recipe's audio features (a
         regression over mean + std of the final hidden state), beside the branch's regression over all."""
         frames = extracted.get("audio_frames")
-        if self.audio_backbone is None or self.audio_backbone.num_layers < 2 or frames is None:
+        if self.audio_backbone.num_layers < 2 or frames is None:
             return {}
         return {"audio last layer": {"audio_frames": frames[:, -self.audio_backbone.dim:]}}
 
@@ -411,8 +341,6 @@ class MultimodalLSTMEncoder(Encoder):
         has_text = batch.presence(TEXT)
         t = self.text_proj(text)
         text_summary = masked_mean(t, text_len) * has_text[:, None].to(dtype)
-        if self.audio_backbone is None:
-            return self._text_only(batch, t, text_len.clamp_min(1), text_summary, has_text)
 
         audio = ex["audio_frames"].to(dtype)
         audio_len = ex.get("audio_frames_lengths", torch.full((b,), audio.shape[1], dtype=torch.long)).to(device)
@@ -465,17 +393,6 @@ class MultimodalLSTMEncoder(Encoder):
         valid = lengths_to_mask(lengths, seq.shape[1])
         peak = seq.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)
         return torch.cat([masked_mean(seq, lengths), peak], dim=-1)
-
-    def _text_only(self, batch: Batch, tokens: torch.Tensor, lengths: torch.Tensor, text_summary: torch.Tensor,
-                   has_text: torch.Tensor) -> EncoderOutput:
-        """No audio side: the sequence model (if any) reads the transcript's projected token vectors."""
-        if self.sequence is None:
-            sequence_summary = tokens.new_zeros(tokens.shape[0], 0)
-        else:
-            sequence_summary = self._pooled_sequence(tokens, lengths) * has_text[:, None].to(tokens.dtype)
-        parts = [sequence_summary, text_summary, self._metadata_embedding(batch, text_summary)]
-        embedding = self.head(self.input_dropout(torch.cat(parts, dim=-1)))
-        return EncoderOutput(logits=self.classifier(embedding), embedding=embedding, present=has_text)
 
 
 @hookimpl
