@@ -436,10 +436,16 @@ def predict_cmd(
         raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
     if explain and explain_dir is None:
         explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
-    failures = predict.predict_cli(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
-                                   max_audio_seconds=max_audio_seconds or None,
-                                   explain_dir=explain_dir if explain else None, transcribe=transcribe)
-    if failures:
+    records = predict.predict_files(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
+                                    max_audio_seconds=max_audio_seconds or None,
+                                    explain_dir=explain_dir if explain else None, transcribe=transcribe)
+    if out is None:
+        sys.stdout.write(predict.json_lines(records))
+        sys.stdout.flush()
+    failures = sum(1 for r in records if "error" in r)
+    if failures:  # every readable clip was still predicted; the exit code tells scripts that some were not
+        err_console.print(f'{failures} of {len(records)} clips could not be predicted (see their "error" field)',
+                          markup=False, highlight=False)
         raise typer.Exit(1)
 
 

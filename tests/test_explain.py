@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from emofuse.core.apps.explain import Explanation, explain_samples, explanation_png
-from emofuse.core.apps.predict import load, predict_cli
+from emofuse.core.apps.predict import load, predict_files
 from emofuse.core.config import validate
 from emofuse.core.data.preprocess import NO_FACE
 from emofuse.core.engine.compose import build_model
@@ -61,9 +61,9 @@ def no_face_clip(tmp_path_factory, clip) -> Path:
 
 def test_predict_explain_writes_a_png_per_clip_on_a_real_video(tmp_path, checkpoint, clip, no_face_clip):
     out = tmp_path / "pred.jsonl"
-    failures = predict_cli(checkpoint, inputs=[clip, no_face_clip], text="Don't forget a jacket", out=out,
-                           explain_dir=tmp_path / "explain")
-    assert failures == 0
+    records = predict_files(checkpoint, inputs=[clip, no_face_clip], text="Don't forget a jacket", out=out,
+                            explain_dir=tmp_path / "explain")
+    assert not any("error" in r for r in records)
     with_face, without = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(with_face["probabilities"]) == LABELS
     assert sum(with_face["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)

@@ -12,7 +12,7 @@ from emofuse.core.engine.compose import build_model
 from emofuse.core.config import validate
 from emofuse.core.apps.evaluation import batches_of, normalizer_of, run_model
 from emofuse.core.engine.model_io import save_model
-from emofuse.core.apps.predict import load, predict_cli
+from emofuse.core.apps.predict import load, predict_files
 from emofuse.core.types import Sample
 
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
@@ -44,13 +44,34 @@ def predictor(checkpoint):
     return load(checkpoint, device="cpu", batch_size=4, transcribe=False)  # transcription: test_transcription.py
 
 
+def test_the_cli_prints_the_records_and_exits_1_when_a_clip_failed(tmp_path, checkpoint, clips, monkeypatch):
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from emofuse.cli import app as cli_app
+
+    corrupt = tmp_path / "truncated.ogg"
+    corrupt.write_bytes(clips[0].read_bytes()[:2500])
+    errors = Console(record=True, width=200, file=io.StringIO())
+    monkeypatch.setattr(cli_app, "err_console", errors)
+    result = CliRunner().invoke(cli_app.app, ["predict", str(checkpoint), str(clips[0]), str(corrupt), "--text",
+                                              STATEMENT, "--no-transcribe"])
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == [clips[0].stem, "truncated"] and "error" in records[1]
+    assert '1 of 2 clips could not be predicted' in errors.export_text()
+
+
 def test_one_corrupt_file_among_good_ones(tmp_path, checkpoint, clips):
     corrupt = tmp_path / "truncated.ogg"
     corrupt.write_bytes(clips[0].read_bytes()[:2500])
     out = tmp_path / "pred.jsonl"
-    failures = predict_cli(checkpoint, inputs=[clips[0], corrupt, clips[1], clips[2]], text=STATEMENT, out=out)
-    assert failures == 1
+    returned = predict_files(checkpoint, inputs=[clips[0], corrupt, clips[1], clips[2]], text=STATEMENT, out=out)
+    assert sum("error" in r for r in returned) == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == json.loads(json.dumps(returned))
     assert [r["id"] for r in records] == [clips[0].stem, "truncated", clips[1].stem, clips[2].stem]
     bad = records[1]
     assert set(bad) == {"id", "path", "error"} and bad["path"] == str(corrupt)
@@ -147,7 +168,7 @@ def test_a_manifest_for_prediction_needs_no_labels_and_names_each_row(tmp_path, 
     manifest.write_text(f"id,label,text,audio\na,joyful,{STATEMENT},{clips[0]}\nb,,{STATEMENT},{clips[1]}\n"
                         f"c,angry,{STATEMENT},{tmp_path / 'gone.ogg'}\nd,not-a-label,{STATEMENT},{tmp_path / 'gone2.ogg'}\n")
     out = tmp_path / "pred.jsonl"
-    assert predict_cli(checkpoint, manifest=manifest, out=out) == 2
+    assert sum("error" in r for r in predict_files(checkpoint, manifest=manifest, out=out)) == 2
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_id = {r["id"]: r for r in records}
     assert set(by_id) == {"a", "b", "c", "d"}  # each row under its own id, in the manifest's order

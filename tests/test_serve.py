@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from emofuse.core.apps.predict import load, predict_cli
+from emofuse.core.apps.predict import load, predict_files
 from emofuse.core.apps.serve import BatchingQueue, ServeSettings, create_app, display_name
 from emofuse.core.data.decode import media_duration
 
@@ -51,7 +51,7 @@ def client(predictor, temp_root):
 
 def predicted_by_cli(checkpoint: Path, clip: Path, tmp_path: Path, text: str | None) -> dict:
     out = tmp_path / f"{clip.stem}.jsonl"
-    assert predict_cli(checkpoint, inputs=[clip], text=text, out=out) == 0
+    assert not any("error" in r for r in predict_files(checkpoint, inputs=[clip], text=text, out=out))
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     return record
 

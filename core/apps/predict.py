@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -376,7 +375,7 @@ def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_s
                      registry=registry, max_audio_seconds=max_audio_seconds, transcribe=transcribe)
 
 
-def predict_cli(
+def predict_files(
     checkpoint: Path,
     *,
     inputs: Sequence[Path] = (),
@@ -386,14 +385,12 @@ def predict_cli(
     max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
     explain_dir: Path | None = None,
     transcribe: bool = True,
-) -> int:
-    """`emofuse predict`: JSON lines to `out` (or stdout); returns how many clips failed.
+) -> list[dict[str, Any]]:
+    """`emofuse predict`: one record per clip (an unreadable clip's has an ``error`` field; the others
+    are still predicted), also written as JSON lines to `out` when given.
 
     With `explain_dir`, each predicted clip also gets ``<id>.png`` there (see `explain`), named in
     its record's ``explanation`` field.
-
-    The CLI exits 1 when any clip failed, so scripts notice, while every readable clip is still
-    predicted and written.
     """
     items: list[Path] = list(inputs)
     if manifest is not None:
@@ -410,17 +407,15 @@ def predict_cli(
         for record in records:
             if record["id"] in written and "error" not in record:
                 record["explanation"] = str(written[record["id"]])
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(lines, encoding="utf-8")
-    else:
-        sys.stdout.write(lines)
-        sys.stdout.flush()
-    failures = sum(1 for r in records if "error" in r)
-    if failures:
-        print(f"{failures} of {len(records)} clips could not be predicted (see their \"error\" field)", file=sys.stderr)
-    return failures
+        Path(out).write_text(json_lines(records), encoding="utf-8")
+    return records
 
 
-__all__ = ["DecodedClips", "Failure", "Predictor", "load", "predict_cli", "sample_from_media", "samples_from_manifest"]
+def json_lines(records: Sequence[Mapping[str, Any]]) -> str:
+    """Records as JSON lines (non-ASCII kept as it is)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+__all__ = ["DecodedClips", "Failure", "Predictor", "json_lines", "load", "predict_files", "sample_from_media", "samples_from_manifest"]
