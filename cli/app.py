@@ -275,7 +275,8 @@ def evaluate_cmd(
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     import emofuse
-    from emofuse.core.apps.report import Column, evaluation_tables, rich_table
+    from emofuse.cli.tables import evaluation_tables, rich_table
+    from emofuse.core.apps.report import Column
 
     result = emofuse.evaluate(checkpoint, split=split, data=data, out=out, bootstrap=bootstrap,
                               without=tuple(without or ()), on_bad_sample=on_bad_sample, explain=explain,
@@ -335,7 +336,7 @@ def compare_cmd(
 
     import emofuse
     from emofuse.core.apps.compare import comparison_columns, runs_text
-    from emofuse.core.apps.report import rich_table
+    from emofuse.cli.tables import rich_table
 
     started = time.perf_counter()
     result = emofuse.compare(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,

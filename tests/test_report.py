@@ -10,14 +10,13 @@ from matplotlib.image import imread
 from rich.console import Console
 
 from emofuse.core.engine.metrics import metric_report
+from emofuse.cli.tables import evaluation_tables, rich_table
 from emofuse.core.apps.report import (
     Column,
     csv_text,
-    evaluation_tables,
     human_bytes,
     markdown_table,
     plot_comparison_bars,
-    rich_table,
     write_evaluation_report,
 )
 

@@ -1,5 +1,5 @@
-"""Turning metrics into things people read: rich tables for the terminal, Markdown/CSV/JSON files,
-and PNG plots (confusion matrix, comparison bar chart).
+"""Turning metrics into things people read: Markdown/CSV/JSON files and PNG plots (confusion matrix,
+comparison bar chart); the terminal's tables are drawn by the CLI (`emofuse.cli.tables`).
 
 Tables are described once as a list of `Column`s over plain dict rows, and every writer uses that
 description, so the terminal, the Markdown file and the CSV always agree. Plots draw on a
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from rich.table import Table
 
 from emofuse.core.checkpoint import atomic_write_bytes
 from emofuse.core.engine.metrics import HEADLINE_METRICS, METRIC_TITLES, MetricReport
@@ -74,15 +73,6 @@ def human_count(n: Any) -> str:
 
 
 # --- generic table writers ---------------------------------------------------------------------------
-def rich_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], *, title: str | None = None) -> Table:
-    table = Table(title=title)
-    for i, col in enumerate(columns):
-        table.add_column(col.title, justify="left" if i == 0 else col.justify, overflow="fold")
-    for row in rows:
-        table.add_row(*[col.cell(row) for col in columns])
-    return table
-
-
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
 
@@ -251,7 +241,7 @@ def per_class_rows(report: MetricReport) -> list[dict[str, Any]]:
     ]
 
 
-def _summary_columns(report: MetricReport) -> list[Column]:
+def summary_columns(report: MetricReport) -> list[Column]:
     level = f"{round(report.confidence * 100)}% CI"
     cols = [Column("metric", "metric", justify="left"), Column("value", "value", ".4f")]
     if report.intervals:
@@ -268,13 +258,6 @@ PER_CLASS_COLUMNS = [
 ]
 
 
-def evaluation_tables(report: MetricReport, *, title: str = "Evaluation") -> tuple[Table, Table]:
-    """(headline metrics with CIs, per-class metrics) as rich tables for the terminal."""
-    summary = rich_table(summary_rows(report), _summary_columns(report), title=f"{title} ({report.num_samples} clips)")
-    per_class = rich_table(per_class_rows(report), PER_CLASS_COLUMNS, title="Per class")
-    return summary, per_class
-
-
 def confusion_markdown(report: MetricReport) -> str:
     cols = [Column("true", "true \\ predicted", justify="left")] + [
         Column(name, name, "d") for name in report.label_names
@@ -285,7 +268,7 @@ def confusion_markdown(report: MetricReport) -> str:
 
 def evaluation_markdown(report: MetricReport, *, title: str = "Evaluation") -> str:
     parts = [f"# {title}\n", f"{report.num_samples} labelled clips.\n"]
-    parts.append(markdown_table(summary_rows(report), _summary_columns(report)))
+    parts.append(markdown_table(summary_rows(report), summary_columns(report)))
     parts.append("\n## Per class\n")
     parts.append(markdown_table(per_class_rows(report), PER_CLASS_COLUMNS))
     parts.append("\n## Confusion matrix (rows: true class, columns: predicted)\n")
@@ -317,14 +300,14 @@ __all__ = [
     "Column",
     "csv_text",
     "evaluation_markdown",
-    "evaluation_tables",
+    "PER_CLASS_COLUMNS",
     "human_bytes",
     "human_count",
     "markdown_table",
     "per_class_rows",
     "plot_comparison_bars",
     "plot_confusion_matrix",
-    "rich_table",
+    "summary_columns",
     "summary_rows",
     "to_jsonable",
     "write_csv",
