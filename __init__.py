@@ -11,8 +11,8 @@ The Python API; the command line is printing around these same calls (``docs/pyt
     study = emofuse.search("late-fusion", trials=20)               # SearchResult: best params, config
     emofuse.load(run.checkpoint).predict(["clip.wav"])             # class probabilities per clip
 
-Nothing prints: training reports epochs to the ``emofuse`` logger, and any `ProgressReporter`
-installed with `emofuse.core.engine.progress.reporting` receives bars and notes. Errors a caller can
+Nothing prints: training reports epochs to the ``emofuse`` logger; a `emofuse.ProgressReporter`
+subclass installed with ``with emofuse.reporting(mine):`` receives epochs, step counters and notes. Errors a caller can
 fix are `emofuse.core.EmofuseError`s. Importing `emofuse` is light: each function imports what it
 needs when called.
 """
@@ -29,7 +29,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from emofuse.core.config import RunConfig
     from emofuse.core.engine.run_files import RunResult
 
+#: Progress reporting (`emofuse.core.engine.progress`, which imports nothing heavy).
+_PROGRESS = ("ProgressReporter", "EpochProgress", "reporting")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _PROGRESS:
+        from emofuse.core.engine import progress
+
+        return getattr(progress, name)
     if name == "__version__":  # read on demand: importlib.metadata costs a tenth of a second
         from importlib.metadata import PackageNotFoundError, version
 
@@ -225,4 +233,4 @@ def load(checkpoint: str | Path, **kwargs: Any) -> "Predictor":
     return load_predictor(checkpoint, **kwargs)
 
 
-__all__ = ["compose", "train", "evaluate", "compare", "search", "load"]
+__all__ = ["compose", "train", "evaluate", "compare", "search", "load", *_PROGRESS]

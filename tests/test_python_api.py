@@ -27,8 +27,13 @@ def test_the_documented_example_runs_on_real_data(tmp_path, shared_data, monkeyp
     (example,) = _python_blocks(REPO / "docs" / "python-api.md")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EMOFUSE_DATA", str(shared_data))
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, notes = io.StringIO(), []
+
+    class Recorder(emofuse.ProgressReporter):  # what a library user installs to follow the calls
+        def note(self, message):
+            notes.append(message)
+
+    with contextlib.redirect_stdout(printed), emofuse.reporting(Recorder()):
         exec(compile(example, "docs/python-api.md", "exec"), {"__name__": "__example__"})
     text = printed.getvalue()
     assert re.search(r"runs/api-example: val accuracy 0\.\d{3}", text), text
@@ -38,6 +43,7 @@ def test_the_documented_example_runs_on_real_data(tmp_path, shared_data, monkeyp
     for key in ("branch:faces", "branch:again", "fusion:weighted-late", "fusion:enhanced-late"):
         assert re.search(rf"^{key} +0\.\d{{3}}$", text, flags=re.M), text
     assert (tmp_path / "runs" / "api-example" / "model.safetensors").exists()
+    assert notes, "the comparison reports its steps to the installed reporter"
 
 
 @pytest.mark.parametrize(("command", "function"), [("train", "train"), ("evaluate", "evaluate"),
