@@ -30,7 +30,7 @@ def test_the_documented_example_runs_on_real_data(tmp_path, shared_data, monkeyp
     printed, notes = io.StringIO(), []
 
     class Recorder(emofuse.ProgressReporter):  # what a library user installs to follow the calls
-        def note(self, message):
+        def status(self, message):
             notes.append(message)
 
     with contextlib.redirect_stdout(printed), emofuse.reporting(Recorder()):
@@ -43,7 +43,7 @@ def test_the_documented_example_runs_on_real_data(tmp_path, shared_data, monkeyp
     for key in ("branch:faces", "branch:again", "fusion:weighted-late", "fusion:enhanced-late"):
         assert re.search(rf"^{key} +0\.\d{{3}}$", text, flags=re.M), text
     assert (tmp_path / "runs" / "api-example" / "model.safetensors").exists()
-    assert notes, "the comparison reports its steps to the installed reporter"
+    assert notes, "the comparison reports its steps (status lines) to the installed reporter"
 
 
 @pytest.mark.parametrize(("command", "function"), [("train", "train"), ("evaluate", "evaluate"),
