@@ -52,7 +52,7 @@ def _global_options(
 
 
 #: Commands that compute nothing: they run without importing torch, so `--threads` waits for the others.
-LISTING_COMMANDS = frozenset({"plugins_cmd", "presets_cmd", "new_plugin_cmd"})
+LISTING_COMMANDS = frozenset({"plugins_cmd", "presets_cmd", "new_plugin_cmd", "cache_cmd", "cache_prune_cmd"})
 
 
 def _use_threads(command: Callable) -> None:

@@ -37,8 +37,10 @@ def _cli(*args: str, cache: Path, **env: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["presets"]])
-def test_help_and_presets_do_not_import_torch(args, tmp_path):
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["presets"], ["--threads", "1", "presets"],
+                                  ["cache", "--cache-dir", "{tmp}/runs/.cache"]])
+def test_help_presets_and_the_cache_listing_do_not_import_torch(args, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = _cli(*args, cache=tmp_path)
     assert result["code"] == 0 and result["stdout"].strip()
     assert not result["torch"], f"emofuse {' '.join(args)} imported torch"
