@@ -133,7 +133,7 @@ def test_meld_finds_clips_and_rejects_an_empty_transcript(tmp_path):
 
 def test_meld_missing_column_names_the_file_and_column(tmp_path):
     (tmp_path / "train_sent_emo.csv").write_text("Utterance,Speaker,Emotion,Dialogue_ID\nhi,Ross,joy,0\n")
-    with pytest.raises(DataError, match=r"train_sent_emo.csv: missing column 'Utterance_ID'"):
+    with pytest.raises(DataError, match=r"train_sent_emo.csv:1: missing column 'Utterance_ID'"):
         read("meld", root=str(tmp_path))
 
 
@@ -183,7 +183,7 @@ def test_manifest_bad_rows_name_the_row(tmp_path):
     assert "gone.wav does not exist" in reader.skipped[2][1]
     with pytest.raises(ConfigError, match="label set"):
         read("manifest", data_dir=tmp_path, path="m.csv")
-    with pytest.raises(DataError, match=r"m.csv: missing column 'clip'"):
+    with pytest.raises(DataError, match=r"m.csv:1: missing column 'clip'"):
         read("manifest", data_dir=tmp_path, path="m.csv", labels=["happy"], columns={"id": "clip"})
 
 

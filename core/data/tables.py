@@ -47,12 +47,14 @@ class Table:
     path: Path
     columns: list[str]
     rows: list[tuple[int, dict[str, Any]]]
+    #: The line naming the columns (CSV/TSV); None where columns come from the rows (JSON Lines).
+    header_line: int | None = None
 
     def require(self, *columns: str) -> None:
         missing = [c for c in columns if c not in self.columns]
         if missing:
             raise DataError(
-                self.path,
+                self.path if self.header_line is None else self.where(self.header_line),
                 f"missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} "
                 f"(has: {', '.join(self.columns[:12])}{', ...' if len(self.columns) > 12 else ''})",
                 hint="rename the column in the file, or map it with data.options.columns",
@@ -62,31 +64,40 @@ class Table:
         return f"{self.path}:{line}"
 
 
-def read_table(path: Path) -> Table:
-    """Read a whole CSV/TSV/JSONL table; malformed lines raise `DataError` naming the line."""
+def read_table(path: Path, *, multiline_fields: bool = False) -> Table:
+    """Read a whole CSV/TSV/JSONL table; malformed lines raise `DataError` naming the line.
+
+    One row per line: a quoted field that runs over a line break is refused (a stray quote closed by
+    another rows later would otherwise swallow the rows between and mislabel the clips), unless
+    `multiline_fields` says the file really holds fields with line breaks."""
     fmt = table_format(path)
     try:
         with open_text(path) as handle:
             if fmt == "jsonl":
                 return _read_jsonl(path, handle)
-            return _read_delimited(path, handle, "\t" if fmt == "tsv" else ",")
+            return _read_delimited(path, handle, "\t" if fmt == "tsv" else ",", multiline_fields)
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error, OSError) as exc:
         raise DataError(path, f"cannot be read as {fmt}: {exc}", hint="check the file is complete and UTF-8") from None
 
 
-def _read_delimited(path: Path, handle: io.TextIOBase, delimiter: str) -> Table:
-    """Strict CSV: a quote left open or stray, or a row with a field count other than the header's, is an
-    error naming the line where that row starts (lenient parsing let one open quote swallow every later row)."""
+def _read_delimited(path: Path, handle: io.TextIOBase, delimiter: str, multiline_fields: bool = False) -> Table:
+    """Strict CSV: a quote left open or stray, a row with a field count other than the header's, or (unless
+    `multiline_fields`) a row spanning lines is an error naming the lines (lenient parsing let one open quote
+    swallow every later row)."""
     reader = csv.reader(handle, delimiter=delimiter, strict=True)
     start = 1
     try:
         header = next(reader, None)
         columns = [c.strip() for c in (header or [])]
         if not columns:
-            raise DataError(path, "table is empty (no header row)", hint="add a header row naming the columns")
+            raise DataError(f"{path}:1", "table is empty (no header row)", hint="add a header row naming the columns")
+        if reader.line_num != 1:
+            _check_spanning_row(path, 1, reader.line_num, header or [], delimiter, len(columns), multiline_fields)
         rows = []
         start = reader.line_num + 1
         for fields in reader:
+            if reader.line_num != start:
+                _check_spanning_row(path, start, reader.line_num, fields, delimiter, len(columns), multiline_fields)
             if fields:  # blank lines are no rows
                 if len(fields) != len(columns):
                     raise DataError(f"{path}:{start}", f"row has {len(fields)} fields, the header has {len(columns)}",
@@ -96,7 +107,21 @@ def _read_delimited(path: Path, handle: io.TextIOBase, delimiter: str) -> Table:
     except csv.Error as exc:
         raise DataError(f"{path}:{start}", f"malformed CSV row ({exc}); a quote left open runs into the rows after it",
                         hint="close the quote, or double a quote inside a quoted field (\"\")") from None
-    return Table(path, columns, rows)
+    return Table(path, columns, rows, header_line=1)
+
+
+def _check_spanning_row(path: Path, start: int, end: int, fields: Sequence[str], delimiter: str, width: int,
+                        allowed: bool) -> None:
+    """A row over lines `start`..`end`: refused, unless `allowed`; even then a line inside a field that
+    holds a whole row's delimiters is refused (a stray quote, not a transcript with line breaks)."""
+    swallowed = [line for field in fields for line in field.splitlines()[1:] if line.count(delimiter) >= width - 1]
+    if allowed and (width < 2 or not swallowed):
+        return
+    what = f"holds {len(swallowed)} line(s) with a whole row's delimiters" if swallowed else "would make one row"
+    raise DataError(f"{path}:{start}", f"a quoted field runs from line {start} to line {end} and {what} "
+                                       "(a quote left open swallows the rows after it)",
+                    hint="close the quote on the line where it opens, or double a quote inside a quoted field (\"\")"
+                         + ("" if allowed else "; set data.options.multiline_fields = true if fields really hold line breaks"))
 
 
 def _read_jsonl(path: Path, handle: io.TextIOBase) -> Table:

@@ -50,6 +50,9 @@ class ManifestConfig(CorpusReaderConfig):
     #: A clip without text (an empty cell in the text column, or no such column): "error" (bad input; only
     #: for an empty cell), "absent" (the clip has no text), or "transcribe" (its speech, transcribed offline).
     empty_text: Literal["error", "absent", "transcribe"] = "error"
+    #: True: a quoted field may hold line breaks (one row over several lines). Off by default, so a stray
+    #: quote that would swallow the rows up to the next stray quote is an error naming the lines.
+    multiline_fields: bool = False
     #: Where "transcribe" keeps the transcripts (JSON); default: $EMOFUSE_CACHE_DIR/transcripts, else
     #: ~/.cache/emofuse/transcripts.
     transcript_cache: Path | None = None
@@ -80,7 +83,7 @@ class ManifestReader(CorpusReader):
                               hint=f"fields are {', '.join(FIELDS)}")
         bases = [self.root] if self.config.root is not None or self.data_dir is not None else []
         path = self.resolve(cfg.path, *bases, Path.cwd())
-        table = read_table(path)
+        table = read_table(path, multiline_fields=cfg.multiline_fields)
         col = {f: cfg.columns.get(f, f) for f in FIELDS}
         table.require(col["id"])
         has = {f: col[f] in table.columns for f in FIELDS}
