@@ -75,9 +75,8 @@ def compose(
     or ``{"video": "features"}``; one encoder and no `fusion` trains it alone. ``fusion="none"`` drops
     the fusion. `seed`, `epochs` and `precision` apply to every stage (branches and fusion alike).
     """
-    from emofuse.core.engine.compose import check_components
+    from emofuse.core.engine.compose import check_components, compose_blaming_layers
     from emofuse.core.errors import ConfigError
-    from emofuse.core.presets import compose_config
 
     overrides: dict[str, Any] = {}
     replace: dict[str, Any] = {}
@@ -123,13 +122,17 @@ def compose(
         overrides["output_dir"] = str(output)
     if name:
         overrides["name"] = name
-    cfg = compose_config(preset=preset, config_file=Path(config) if config else None, overrides=overrides,
-                         replace=replace, sets=list(sets))
+    cfg = compose_blaming_layers(preset=preset, config_file=Path(config) if config else None, overrides=overrides,
+                                 replace=replace, sets=list(sets))
     if train_over and cfg.fusion_train is not None:  # the stage settings apply to the fusion stage too
         cfg = cfg.model_copy(update={"fusion_train": cfg.fusion_train.model_copy(update=train_over)})
     if train_over and cfg.branch_train:  # ... and win over per-branch settings
         cfg = cfg.model_copy(update={"branch_train": {b: {**o, **train_over} for b, o in cfg.branch_train.items()}})
     check_components(cfg)
+    if cfg.search:  # the [search] table too, before a train or a study starts
+        from emofuse.core.apps.search import check_search_table
+
+        check_search_table(cfg)
     return cfg
 
 

@@ -105,6 +105,15 @@ class TrainConfig(_Strict):
     keep: Literal["best", "last"] = "best"
 
 
+def folder_name(v: str, what: str) -> str:
+    """`v`, a folder name under the output folder (a run, a study): never absolute nor climbing out with ``..``."""
+    parts = Path(v).parts
+    if not v.strip() or Path(v).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
+        raise ValueError(f"{what} {v!r} must be a folder name inside the output folder "
+                         "(no absolute path, no '.' or '..')")
+    return v
+
+
 class RunConfig(_Strict):
     """Everything one run needs; what a checkpoint's sidecar stores."""
 
@@ -135,13 +144,7 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_stays_inside_output(cls, v: str) -> str:
-        """The run folder is ``output_dir/name``: a name that is absolute or climbs out with ``..`` would
-        write elsewhere (a config file from someone else could point it at any folder)."""
-        parts = Path(v).parts
-        if not v.strip() or Path(v).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
-            raise ValueError(f"run name {v!r} must be a folder name inside the output folder "
-                             "(no absolute path, no '.' or '..')")
-        return v
+        return folder_name(v, "run name")
 
     @field_validator("branches")
     @classmethod
@@ -246,15 +249,23 @@ def _first_path(node: Any, flagged: Callable[[Any], bool], path: str = "") -> st
 
 
 def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
-    """Validate a merged config dict; errors name each bad key's path. NaN and infinity are refused
-    everywhere (a range check would call NaN "too large", and JSON and TOML cannot hold it)."""
-    bad = _first_path(raw, lambda v: isinstance(v, float) and not math.isfinite(v))
-    if bad:
-        raise ConfigError(f"{source}: {bad}: must be a finite number, not NaN or infinity")
+    """Validate a merged config dict; errors name each bad key's path. NaN and infinity are refused everywhere
+    (a range check would call NaN "too large"), but an unknown key or one that wants text is told so."""
+    finite = "must be a finite number, not NaN or infinity"
     try:
-        return RunConfig.model_validate(dict(raw))
+        config = RunConfig.model_validate(dict(raw))
     except ValidationError as err:
-        raise ConfigError(f"{source}: {format_validation_error(err, '')}") from None
+        problems = [(e["loc"], finite if _non_finite(e["input"]) and not e["type"].endswith(("_type", "forbidden"))
+                     else e["msg"].removeprefix("Value error, ")) for e in err.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(f"{'.'.join(map(str, k))}: {msg}" for k, msg in problems)) from None
+    bad = _first_path(raw, _non_finite)
+    if bad:
+        raise ConfigError(f"{source}: {bad}: {finite}")
+    return config
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def to_toml(config: RunConfig) -> str:

@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 
 from emofuse.core.apps.search_space import SearchSpace, default_space, focal_loss_key
-from emofuse.core.config import RunConfig, to_toml, validate
+from emofuse.core.config import RunConfig, folder_name, to_toml, validate
 from emofuse.core.data.cache import process_alive
 from emofuse.core.data.code_identity import what_changed
 from emofuse.core.engine.run_files import components_code
@@ -291,6 +291,19 @@ def materialize(space: SearchSpace, base: Mapping[str, Any], params: Mapping[str
     return validate(raw, source=source)
 
 
+def check_space(space: SearchSpace, base: Mapping[str, Any], registry: Registry | None = None) -> None:
+    """Every corner of the space must make a valid config: fail now, not at trial 37."""
+    for params in space.corners():
+        check_components(materialize(space, base, params, source=f"search space at {params}"), registry)
+
+
+def check_search_table(config: RunConfig, registry: Registry | None = None) -> None:
+    """A config's own ``[search]`` table, checked as a study would (`emofuse train --dry-run` and the like):
+    each spec's type and range, and every key it sets at both ends of its range."""
+    if config.search:
+        check_space(SearchSpace.parse(config.search), config.model_dump(mode="json", exclude_none=True), registry)
+
+
 def sampler_seed(seed: int | None, trials_so_far: int) -> int | None:
     """The sampler's seed for a worker joining a study that holds `trials_so_far` trials.
 
@@ -377,6 +390,10 @@ class Study:
             raise ConfigError(f"--trials {self.options.n_trials}: a study needs at least one trial")
         self.registry = registry or get_registry()
         self.name = self.options.study_name or config.name
+        try:  # the study's folder is <output>/search/<study>: the name must not lead out of it
+            folder_name(self.name, "--study")
+        except ValueError as exc:
+            raise ConfigError(str(exc), hint="choose a study name without '..' or a leading '/'") from None
         raw_space = config.search or None
         self.scope = resolve_scope(config, list(raw_space or {}), self.options.scope)
         self.notes: list[str] = []
@@ -406,10 +423,7 @@ class Study:
 
     # -- set-up -------------------------------------------------------------------------------
     def _check_space(self) -> None:
-        """Every corner of the space must make a valid config: fail now, not at trial 37."""
-        for params in self.space.corners():
-            cfg = materialize(self.space, self.base, params, source=f"search space at {params}")
-            check_components(cfg, self.registry)
+        check_space(self.space, self.base, self.registry)
 
     def _identity(self) -> dict[str, Any]:
         return {"space": self.space.to_dict(), "scope": self.scope, "monitor": self.monitor,

@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from emofuse.core.component import ComponentConfig
 from emofuse.core.config import ComponentRef, RunConfig, TrainConfig
 from emofuse.core.data.readers import build_reader, default_data_dir, resolve_data_dir  # noqa: F401 (also importable from here)
 from emofuse.core.errors import ConfigError
@@ -45,14 +46,14 @@ def check_components(config: RunConfig, registry: Registry | None = None) -> Non
     (one initial weight per branch) run now too."""
     registry = registry or get_registry()
     for branch, ref in config.branches.items():
-        registry.cls("encoder", ref.name).make_config(ref.options, where=f"branches.{branch}")
-    registry.cls("loss", config.loss.name).make_config(config.loss.options, where="loss")
+        check_component("encoder", ref, f"branches.{branch}", registry)
+    check_component("loss", config.loss, "loss", registry)
     if config.fusion_loss is not None:
-        registry.cls("loss", config.fusion_loss.name).make_config(config.fusion_loss.options, where="fusion_loss")
+        check_component("loss", config.fusion_loss, "fusion_loss", registry)
     registry.cls("dataset", config.data.dataset).make_config(config.data.options, where="data.options")
     if config.fusion is not None:
         cls = registry.cls("fusion", config.fusion.name)
-        options = cls.make_config(config.fusion.options, where="fusion")
+        options = check_component("fusion", config.fusion, "fusion", registry)
         placeholders = [BranchInfo(name, 2, 0, ()) for name in config.branches]
         try:
             cls(options, 2, placeholders)
@@ -60,6 +61,20 @@ def check_components(config: RunConfig, registry: Registry | None = None) -> Non
             raise
         except Exception:  # noqa: BLE001 - other failures may come from the placeholders, not the options
             pass
+
+
+def check_component(kind: str, ref: ComponentRef, where: str, registry: Registry) -> ComponentConfig:
+    """`ref`'s options validated by its component, and so every component nested in them: a `ComponentRef`
+    option (a wrapper's ``inner`` encoder, in a list or table too) names a component of the same kind."""
+    options = registry.cls(kind, ref.name).make_config(ref.options, where=where)
+    for field in type(options).model_fields:
+        value = getattr(options, field)
+        items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else None
+        nested = [(f"{where}.{field}", value)] if items is None else [(f"{where}.{field}.{k}", v) for k, v in items]
+        for place, item in nested:
+            if isinstance(item, ComponentRef):
+                check_component(kind, item, place, registry)
+    return options
 
 
 def branch_info(name: str, encoder: Encoder) -> BranchInfo:
