@@ -74,3 +74,56 @@ def test_a_bad_name_flag_is_not_blamed_on_the_preset():
     line = error_line(runner.invoke(app, ["train", "--preset", "mm-lstm", "--set", "train.lr=0.1",
                                           "--set", "train.epochs=-1", "--dry-run"]))
     assert line.startswith("error: --set train.epochs=-1: train.epochs"), line
+
+
+def _train_args(output, *extra: str) -> list[str]:
+    return ["train", "--preset", "au-features", "--output", str(output), "--name", "r", "--epochs", "2",
+            "--limit", "96", "--set", "train.device=cpu", *extra]
+
+
+def test_a_corrupt_resume_state_names_no_resume_and_no_resume_works(tmp_path, shared_data):
+    result = runner.invoke(app, _train_args(tmp_path, "--data", str(shared_data)))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "r"
+    (run / "result.json").unlink()  # as if killed before it finished: the next run resumes from last.*
+    state = run / "last.safetensors"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    state.write_bytes(bytes(data))
+    line = error_line(runner.invoke(app, _train_args(tmp_path, "--data", str(shared_data))))
+    assert "last.safetensors" in line and "--no-resume" in line, line
+    result = runner.invoke(app, _train_args(tmp_path, "--data", str(shared_data), "--no-resume"))
+    assert result.exit_code == 0, result.output
+
+
+KILL_IN_SAVE = '''
+import os, signal, sys
+real_fsync = os.fsync
+def fsync(fd):  # SIGKILL in the middle of writing the best checkpoint: its temp file is left behind
+    if ".model.safetensors." in os.readlink(f"/proc/self/fd/{fd}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+from emofuse.cli.app import main
+sys.argv = ["emofuse"] + sys.argv[1:]
+main()
+'''
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_no_temp_file_after_the_resumed_run(tmp_path, shared_data):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILL_IN_SAVE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    output = tmp_path / "runs"
+    args = _train_args(output, "--data", str(shared_data))
+    killed = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert list((output / "r").glob(".model.safetensors.*.tmp")), "the kill left no temp file to clean"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert not list(output.rglob("*.tmp"))

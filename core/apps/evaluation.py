@@ -80,7 +80,7 @@ def batches_of(
     `by_dialogue` (a context model: see `emofuse.core.data.dialogue.batch_positions`).
     In skip mode the clips left out are appended to `skipped` as ``(file, reason)``."""
     from emofuse.core.data.dialogue import batch_positions
-    from emofuse.core.data.pipeline import make_batch
+    from emofuse.core.data.pipeline import make_batch, reason_of
 
     modalities = sorted(set(modalities))
     for positions in batch_positions(samples, batch_size, by_dialogue=by_dialogue):
@@ -91,7 +91,7 @@ def batches_of(
             if on_bad_sample != "skip":
                 raise
             if skipped is not None:  # every clip of this chunk was bad
-                skipped += [(s.video_path or s.audio_path or s.source or s.id, exc.message) for s in chunk]
+                skipped += [(s.video_path or s.audio_path or s.source or s.id, reason_of(exc)) for s in chunk]
             continue
         if skipped is not None:
             skipped += batch.extra.get("skipped", [])

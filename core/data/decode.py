@@ -56,6 +56,21 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         )
 
 
+def header_problem(path: str | os.PathLike, *, audio: bool = False, video: bool = False) -> str | None:
+    """Why `path` cannot give the asked-for streams, from its header alone (about a millisecond a clip:
+    missing, empty or unreadable files, no audio or video track); None when it looks fine. A file cut
+    short or damaged inside passes here and is caught when it is decoded."""
+    try:
+        info = probe(path)
+    except DataError as exc:
+        return exc.message.removeprefix(f"{exc.path}: ")
+    if audio and not info.has_audio:
+        return "has no audio track"
+    if video and not info.has_video:
+        return "has no video track"
+    return None
+
+
 def media_duration(path: str | os.PathLike, *, stop_after: float | None = None) -> float:
     """Seconds from the first to the last audio/video packet of `path`, read by demuxing (no decoding).
 

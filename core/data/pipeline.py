@@ -21,17 +21,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from emofuse.core.config import DataConfig
 from emofuse.core.data.collate import Collator
+from emofuse.core.data.decode import header_problem
 from emofuse.core.data.keys import modality_keys
 from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample, preprocess_spec
 from emofuse.core.data.readers import build_reader
 from emofuse.core.data.splits import SPLITS, check_speaker_independent, load_split, make_split, save_split
 from emofuse.core.errors import ConfigError, DataError
-from emofuse.core.types import MODALITIES, Batch, Sample
+from emofuse.core.types import AUDIO, MODALITIES, VIDEO, Batch, Sample
 
 log = logging.getLogger("emofuse.data")
 
 SPLIT_FILE = "split.json"
+#: Unreadable clips named one by one in the error that lists them (the rest are counted).
+LISTED_BAD_CLIPS = 200
 
 
 class ClipDataset(Dataset):
@@ -55,9 +58,14 @@ class ClipDataset(Dataset):
         try:
             item = prepare_sample(sample, self.modalities, self.spec)
         except DataError as exc:
-            return BadSample(sample.id, exc.path, exc.message)
+            return BadSample(sample.id, exc.path, reason_of(exc))
         item.modality_keys = modality_keys(sample, spec=self.spec, normalizer_fingerprint=self.normalizer_fingerprint)
         return item
+
+
+def reason_of(exc: DataError) -> str:
+    """What is wrong, without the path the error's message starts with (reports name it once, beside)."""
+    return exc.message.removeprefix(f"{exc.path}: ")
 
 
 class BundleLoader(DataLoader):
@@ -224,6 +232,7 @@ def load_data(
         log.info("left out on purpose by label_map: %s",
                  ", ".join(f"{n} {k}" for k, n in sorted(excluded.items())))
     samples = _check_samples(samples, config, skipped, reader.label_names)
+    samples, unreadable = _check_media(samples, set(modalities), config, skipped)
     if skipped:
         where, reason = skipped[0]
         log.warning("%d sample(s) of %s left out as bad input (first: %s: %s)", len(skipped), config.dataset,
@@ -244,7 +253,8 @@ def load_data(
     path = Path(config.split_file) if config.split_file else (Path(split_dir) / SPLIT_FILE if split_dir else None)
     by_id = {s.id: s for s in samples}
     if path is not None and path.is_file():
-        ids, meta = load_split(path, by_id)
+        ids, meta = load_split(path, [*by_id, *unreadable])
+        ids = {k: [i for i in v if i in by_id] for k, v in ids.items()}  # unreadable clips left out (skip mode)
         if meta.get("method") != method:
             raise ConfigError(
                 f"{path}: the split file was made with method {meta.get('method')!r}, this run asks for {method!r}",
@@ -264,6 +274,7 @@ def load_data(
     if method == "speaker":
         check_speaker_independent(ids, samples, path or "split")
     splits = {k: [by_id[i] for i in ids[k]] for k in SPLITS}
+    _check_split_sizes(splits, len(reader.label_names), len(unreadable), path or config.dataset)
     if config.limit is not None:
         splits = _limit(splits, config.limit, split_seed)
     if not splits["train"]:
@@ -303,6 +314,57 @@ def _check_samples(samples: list[Sample], config: DataConfig, skipped: list[tupl
             raise DataError(where, reason, hint="training needs a label on every clip")
         out.append(s)
     return out
+
+
+def _check_media(samples: list[Sample], modalities: set[str], config: DataConfig,
+                 skipped: list[tuple[str, str]]) -> tuple[list[Sample], list[str]]:
+    """Every clip's media files checked by their headers before the split, so that the split is made over
+    clips that can be read (a speaker whose clips are unreadable must not end up alone in test): one error
+    listing every bad file with its reason, or (skip mode) the clips left out and listed. Returns the
+    readable clips and the ids of those left out."""
+    kinds = [(m, attr) for m, attr in ((AUDIO, "audio_path"), (VIDEO, "video_path")) if m in modalities]
+    if not kinds:
+        return samples, []
+    verdicts: dict[str, str | None] = {}
+    readable, bad = [], []
+    for s in samples:
+        wanted: dict[str, set[str]] = {}
+        for modality, attr in kinds:
+            if getattr(s, attr):
+                wanted.setdefault(str(getattr(s, attr)), set()).add(modality)
+        problems = []
+        for path, mods in wanted.items():
+            key = f"{path}|{','.join(sorted(mods))}"
+            if key not in verdicts:
+                verdicts[key] = header_problem(path, audio=AUDIO in mods, video=VIDEO in mods)
+            if verdicts[key]:
+                problems.append((path, verdicts[key]))
+        (bad if problems else readable).append((s, problems))
+    if not bad:
+        return samples, []
+    if config.on_bad_sample != "skip":
+        listed = [f"{path} ({reason})" for _, problems in bad[:LISTED_BAD_CLIPS] for path, reason in problems]
+        more = f"; and {len(bad) - LISTED_BAD_CLIPS} more" if len(bad) > LISTED_BAD_CLIPS else ""
+        raise DataError(config.dataset, f"{len(bad)} of {len(samples)} clips cannot be read: {'; '.join(listed)}{more}",
+                        hint="fix or remove these files, or pass --on-bad-sample skip to leave them out")
+    for _, problems in bad:
+        skipped += [(path, reason) for path, reason in problems[:1]]
+    log.warning("left out %d of %d clips whose files cannot be read, before the split", len(bad), len(samples))
+    return [s for s, _ in readable], [s.id for s, _ in bad]
+
+
+def _check_split_sizes(splits: dict[str, list[Sample]], num_classes: int, unreadable: int, where: object) -> None:
+    """A validation or test split that holds clips but fewer than there are classes cannot score a model in
+    earnest (a clip or two decide its accuracy, early stopping and the reported numbers): refused with
+    every split's count. An empty one is a choice (``test_fraction = 0``)."""
+    counts = {k: len(v) for k, v in splits.items()}
+    small = [k for k in ("val", "test") if 0 < counts[k] < num_classes]
+    if small:
+        left_out = f", after {unreadable} unreadable clip(s) were left out" if unreadable else ""
+        raise DataError(where, f"the {' and '.join(small)} split{'s' if len(small) > 1 else ''} hold{'' if len(small) > 1 else 's'} "
+                               f"fewer clips than the {num_classes} classes (train {counts['train']}, val {counts['val']}, "
+                               f"test {counts['test']}{left_out})",
+                        hint="add clips, fix the unreadable ones, or change data.val_fraction / data.test_fraction")
 
 
 def _feature_dims(samples: Sequence[Sample]) -> dict[str, int]:

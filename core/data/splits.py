@@ -59,7 +59,7 @@ def speaker_split(
     if len(groups) < 3:
         raise DataError(
             "data", f"a speaker-independent split needs at least 3 speakers; this data has {len(groups)}",
-            hint="use --split balanced, or add speakers",
+            hint="set data.split = balanced (--set data.split=balanced), or add speakers",
         )
     return _assign_groups(groups, fractions, seed)
 
@@ -100,7 +100,7 @@ def given_split(
         part = str(s.extra.get("partition", "")).strip().lower()
         if part not in PARTITION_NAMES:
             raise DataError(s.source or s.id, f"partition {part!r} is not one of {', '.join(PARTITION_NAMES)}",
-                            hint="fix the partition column, or use --split speaker|balanced")
+                            hint="fix the partition column, or --set data.split=balanced to ignore it")
         out[PARTITION_NAMES[part]].append(s.id)
     lacking = [k for k in ("val", "test") if not out[k]]
     if lacking:

@@ -59,18 +59,32 @@ def guarded_run_dir(run_dir: Path, config: RunConfig, *, overwrite: bool = False
         raise ConfigError(f"{run_dir}: another training is writing this run folder (it holds {LOCK_FILE})",
                           hint="wait for it to finish, or choose another --name") from None
     try:
+        remove_stale_temps(run_dir)
         _check_identity(run_dir, run_identity(config), overwrite)
         yield
     finally:
         lock.release()
 
 
-def branch_dir_lock(branch_dir: Path, ctx: Any) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def branch_dir_lock(branch_dir: Path, ctx: Any) -> Iterator[None]:
     """A shared branch folder (named by its fingerprint): wait for a run training it, then reuse it."""
     if not ctx.is_main:
-        return contextlib.nullcontext()
+        yield
+        return
     branch_dir.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(branch_dir / LOCK_FILE))
+    with FileLock(str(branch_dir / LOCK_FILE)):
+        remove_stale_temps(branch_dir)
+        yield
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete the temp files (``.model.safetensors.*.tmp``, ``.split.json.*.tmp``) that a run killed while it
+    saved left in its folder. Only called under the folder's lock, so no writer of them is alive."""
+    stale = sorted(Path(run_dir).glob(".*.tmp")) if Path(run_dir).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _check_identity(run_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:

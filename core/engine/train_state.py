@@ -18,6 +18,9 @@ import torch
 from emofuse.core.checkpoint import load_checkpoint, save_checkpoint, tensor_path
 from emofuse.core.errors import CheckpointError
 
+#: A damaged resume state: training again from the first epoch is the way out.
+RESTART_HINT = "rerun with --no-resume to train from the first epoch (or delete the run folder's last.* files)"
+
 STATE_KIND = "emofuse-training-state"
 
 
@@ -129,9 +132,12 @@ def load_training_state(path: Path) -> TrainingState | None:
     """The state at `path`, or None when there is none; a damaged one raises `CheckpointError`."""
     if not tensor_path(path).is_file():
         return None
-    tensors, meta = load_checkpoint(path)
+    try:
+        tensors, meta = load_checkpoint(path)
+    except CheckpointError as exc:  # the fix that works is to start over: say so
+        raise CheckpointError(f"{exc.message}; it is this run's resume state", hint=RESTART_HINT) from None
     if meta.get("kind") != STATE_KIND:
-        raise CheckpointError(f"{tensor_path(path)}: not an emofuse training state", hint="remove it or pass --no-resume")
+        raise CheckpointError(f"{tensor_path(path)}: not an emofuse training state", hint=RESTART_HINT)
 
     def strip(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
