@@ -245,11 +245,12 @@ def _compose_args(values: dict[str, Any]) -> dict[str, Any]:
 def _print_run_result(result: Any) -> None:
     table = Table(title=f"run {result.run_dir}")
     table.add_column("split")
-    metric_names = sorted({m for split in result.metrics.values() for m in split})
+    metric_names = sorted({m for split in result.metrics.values() for m in split}, key=lambda m: (m != "n", m))
     for m in metric_names:
         table.add_column(m, justify="right")
-    for split, values in result.metrics.items():
-        table.add_row(split, *[f"{values[m]:.4f}" if m in values else "" for m in metric_names])
+    for split, values in result.metrics.items():  # n: clips scored, a count
+        table.add_row(split, *[("" if m not in values else f"{values[m]:.0f}" if m == "n" else f"{values[m]:.4f}")
+                               for m in metric_names])
     console.print(table)
     if result.fusion_report:
         console.print(Text.assemble(("fusion learned: ", "bold"), json.dumps(result.fusion_report, indent=2)))

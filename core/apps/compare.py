@@ -105,10 +105,17 @@ class TrainRunTrainer:
         return Path(self._run(branch_stage.branch_run_config(config, branch), data).checkpoint)
 
     def train_fusion_inputs(self, config: RunConfig, *, data: Any) -> None:
-        branches = ({b: self._run(branch_stage.branch_run_config(config, b), data) for b in config.branches}
-                    if config.train.refit else None)  # finished runs: reused, for their epoch counts
-        for copy_config, copy_data in fusion_stage.shared_branch_runs(config, data, branches):
+        branches = {b: self._run(branch_stage.branch_run_config(config, b), data) for b in config.branches}
+        for copy_config, copy_data in fusion_stage.shared_branch_runs(config, data, branches if config.train.refit
+                                                                      else None):  # refit: for their epoch counts
             self._run(copy_config, copy_data)
+        # The frozen branches' outputs over every split, cached now so the first fusion is not charged for them.
+        from emofuse.core.engine.distributed import DistContext, resolve_device
+        from emofuse.core.engine.loaders import open_cache
+
+        device = resolve_device(config.train.device)  # where the fused run computes them
+        fusion_stage.frozen_outputs(config, {b: r.checkpoint for b, r in branches.items()}, data, fusion_stage.SPLITS,
+                                    cache=open_cache(config), registry=self.registry, ctx=DistContext(device=device))
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
 
@@ -504,7 +511,10 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
     encoders = {b: enc for m in branch_models.values() for b, enc in m.loaded.model.branches.items()}
     fit_on = bl.fit_splits(config.train.refit)
     fits = bl.baselines_over_branches(encoders, data, cache, fit_on=fit_on)
-    seconds = (time.perf_counter() - start) / max(1, len(fits))
+    # Each row's own fitting; the pooling of the frozen inputs that all of them share is counted apart.
+    own = sum(f.seconds for f in fits if f.component != "averaged-regressions")
+    collected.stage_seconds.append({"fold": fold, "seed": None, "branches": {},
+                                    "baseline_inputs": round(max(0.0, time.perf_counter() - start - own), 2)})
     labels_by_id = {s.id: s.label for s in data.splits["test"]}
     for f in fits:
         labels = torch.tensor([labels_by_id[i] for i in f.ids])
@@ -515,7 +525,7 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
             "seed": None, "fold": fold, "modalities": f.modalities,
             **{k: report.metrics[k] for k in HEADLINE_METRICS},
             "accuracy_ci": list(report.intervals.get("accuracy", ())) or None,
-            "train_seconds": round(seconds, 2), "test_clips": report.num_samples, "inputs": f.inputs,
+            "train_seconds": round(f.seconds, 3), "test_clips": report.num_samples, "inputs": f.inputs,
             "C": f.C, "val_accuracy": f.val_accuracy, "fit_on": "+".join(fit_on),
         }
         collected.add(row, f.title, report, f.ids, probs.argmax(dim=1).numpy(), labels.numpy())
@@ -719,6 +729,7 @@ def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False,
     cols = [
         Column("rank", "#", "d"),
         Column("model", "Model", justify="left"),
+        Column("test_clips", "Test n, per fold" if folds else "Test n", "d"),
         Column("accuracy", "Acc %", std_key="accuracy_std", **pct),
         Column("vs_baseline_text", "Δ acc vs best baseline, points (95% CI)"),
         *([Column("folds_above", "Folds above it")] if folds else []),
@@ -730,7 +741,7 @@ def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False,
         Column("checkpoint_bytes", "Checkpoint", human_bytes),
         Column("train_accuracy", "Train acc %", std_key="train_accuracy_std", **pct),
         Column("val_accuracy", "Val acc %", std_key="val_accuracy_std", **pct),
-        Column("train_seconds", "Train s", ".0f"),
+        Column("train_seconds", "Train s", ".1f"),
     ]
     for mod in ablations:
         cols.append(Column(f"accuracy_without_{mod}", f"Acc w/o {mod} %", std_key=f"accuracy_without_{mod}_std", **pct))
@@ -785,11 +796,14 @@ def comparison_markdown(result: ComparisonResult, *, config: RunConfig | None = 
             for b, sec in stage["branches"].items():
                 branches[b] = branches.get(b, 0.0) + sec
         shared = sum(stage.get("fusion_inputs", 0.0) for stage in result.stage_seconds)
+        pooled = sum(stage.get("baseline_inputs", 0.0) for stage in result.stage_seconds)
         lines.append("\nTraining time, all runs together: "
                      + ", ".join(f"branch {b} {sec:.0f} s" for b, sec in branches.items())
-                     + (f", out-of-fold branch copies shared by the fusions {shared:.0f} s" if shared >= 0.5 else "")
+                     + (f", the frozen branches' outputs and out-of-fold copies shared by the fusions {shared:.0f} s"
+                        if shared >= 0.5 else "")
+                     + (f", the baselines' pooled inputs {pooled:.0f} s" if pooled >= 0.5 else "")
                      + " (a reused finished run costs about nothing). `Train s`: each row's own training, "
-                       "mean per run.\n")
+                       "mean per run, without what rows share.\n")
     if result.failures:
         lines.append("\nFusions that could not be compared:\n")
         lines += [f"- `{f['fusion']}` (seed {f['seed']}" + (f", fold {f['fold'] + 1}" if f.get("fold") is not None else "")

@@ -186,6 +186,7 @@ def evaluate_task(task: FitTask, split: str, loss_fn: Loss, num_classes: int, ct
         raise DataError(split, f"the {split} split has no labelled sample to score",
                         hint="use more data or larger data.val_fraction / data.test_fraction")
     metrics = classification_metrics(labels, logits, num_classes)
+    metrics["n"] = int((labels >= 0).sum())  # the clips scored: every table shows how many
     metrics["loss"] = float(loss_fn(logits.to(ctx.device), labels.to(ctx.device)))
     if bool(ctx.all_reduce_sum(torch.tensor(float(has_aux), dtype=torch.float64, device=ctx.device)) > 0):
         ce_sum, correct, labelled = (float(v) for v in ctx.all_reduce_sum(aux_totals.to(ctx.device)))

@@ -131,6 +131,35 @@ def shared_branch_runs(config: RunConfig, bundle: Any,
     return runs
 
 
+def frozen_outputs(config: RunConfig, checkpoints: Mapping[str, Path], data: Any, splits: Sequence[str], *, cache: Any,
+                   registry: Registry, ctx: DistContext, progress: bool = False) -> tuple[dict, dict]:
+    """Frozen encoders from `checkpoints` and their outputs over `splits` of `data` (computed once, then read
+    from `cache`)."""
+    encoders: dict[str, Encoder] = {}
+    checkpoint_shas: dict[str, str] = {}
+    for name, checkpoint in checkpoints.items():
+        loaded = load_model(checkpoint, registry=registry)  # verified against its sha256 on load
+        encoder = loaded.model.branches[name].to(ctx.device).eval()
+        encoder.requires_grad_(False)
+        encoders[name] = encoder
+        checkpoint_shas[name] = loaded.meta.get("sha256") or checkpoint_sha(checkpoint)
+        ensure_extracted(encoder, cache, data, splits=splits, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
+                         seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx, progress=progress)
+    outputs: dict[str, BranchOutputs] = {}
+    for split in splits:
+        if not data.splits.get(split):
+            continue
+        # Rank 0 computes (or reads) and caches; the other ranks then read the very same tensors.
+        for turn in ("main", "others"):
+            if ctx.is_main == (turn == "main"):
+                outputs[split] = compute_branch_outputs(
+                    encoders, checkpoint_shas, data, cache, split=split,
+                    batch_size=config.train.batch_size * EVAL_BATCH_FACTOR, seed=config.train.seed,
+                    num_workers=config.train.num_workers, ctx=ctx, progress=progress and ctx.is_main)
+            ctx.barrier()
+    return encoders, outputs
+
+
 def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Registry, ctx: DistContext, resume: bool,
                 progress: bool, on_epoch: Callable[[int, dict], None] | None = None) -> RunResult:
     """Stage 1 for every branch, then stage 2: the fusion over their frozen, cached outputs."""
@@ -161,30 +190,8 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
     cache = open_cache(config)
 
     def outputs_of(checkpoints: Mapping[str, Path], data: Any, splits: Sequence[str]) -> tuple[dict, dict]:
-        """Frozen encoders from `checkpoints` and their outputs over `splits` of `data`."""
-        encoders: dict[str, Encoder] = {}
-        checkpoint_shas: dict[str, str] = {}
-        for name, checkpoint in checkpoints.items():
-            loaded = load_model(checkpoint, registry=registry)  # verified against its sha256 on load
-            encoder = loaded.model.branches[name].to(ctx.device).eval()
-            encoder.requires_grad_(False)
-            encoders[name] = encoder
-            checkpoint_shas[name] = loaded.meta.get("sha256") or checkpoint_sha(checkpoint)
-            ensure_extracted(encoder, cache, data, splits=splits, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
-                             seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx, progress=progress)
-        outputs: dict[str, BranchOutputs] = {}
-        for split in splits:
-            if not data.splits.get(split):
-                continue
-            # Rank 0 computes (or reads) and caches; the other ranks then read the very same tensors.
-            for turn in ("main", "others"):
-                if ctx.is_main == (turn == "main"):
-                    outputs[split] = compute_branch_outputs(
-                        encoders, checkpoint_shas, data, cache, split=split,
-                        batch_size=config.train.batch_size * EVAL_BATCH_FACTOR, seed=config.train.seed,
-                        num_workers=config.train.num_workers, ctx=ctx, progress=progress and ctx.is_main)
-                ctx.barrier()
-        return encoders, outputs
+        return frozen_outputs(config, checkpoints, data, splits, cache=cache, registry=registry, ctx=ctx,
+                              progress=progress)
 
     checkpoints = {b: r.checkpoint for b, r in branch_results.items()}
     encoders, outputs = outputs_of(checkpoints, bundle, SPLITS)
