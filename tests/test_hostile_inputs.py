@@ -127,3 +127,42 @@ def test_a_kill_during_a_checkpoint_save_leaves_no_temp_file_after_the_resumed_r
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert not list(output.rglob("*.tmp"))
+
+
+# --- item 7: "whole clips" has a documented ceiling -----------------------------------------------------
+def _long_wav(path, source, seconds: float) -> None:
+    """A real RAVDESS clip repeated to `seconds` of 16 kHz mono PCM."""
+    import wave
+
+    import numpy as np
+
+    from emofuse.core.data.decode import decode_audio
+
+    clip = decode_audio(source)
+    audio = np.tile(clip, int(seconds * 16_000 / len(clip)) + 1)[: int(seconds * 16_000)]
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_whole_clip_audio_stops_at_the_documented_ceiling(tmp_path, shared_data, speech_fusion_checkpoint):
+    from emofuse.core.apps.predict import MAX_AUDIO_SECONDS_CEILING, load
+    from emofuse.core.errors import ConfigError
+
+    source = sorted((shared_data / "ravdess-speech" / "Actor_01").glob("*.ogg"))[0]
+    long_clip = tmp_path / "long.wav"
+    _long_wav(long_clip, source, MAX_AUDIO_SECONDS_CEILING + 20)
+    predictor = load(speech_fusion_checkpoint, device="cpu", max_audio_seconds=None)  # 0 on the command line
+    seen = []
+    forward = predictor.model.forward
+    predictor.model.forward = lambda batch, *a, **k: seen.append(batch.audio.shape[1]) or forward(batch, *a, **k)
+    (record,) = predictor.predict([long_clip], text="Kids are talking by the door")
+    assert seen == [int(MAX_AUDIO_SECONDS_CEILING * 16_000)]
+    assert "the ceiling of whole-clip decoding" in record["warning"] and "probabilities" in record
+    with pytest.raises(ConfigError, match=r"at most 300, the ceiling"):
+        load(speech_fusion_checkpoint, device="cpu", max_audio_seconds=3600)
+    line = error_line(runner.invoke(app, ["predict", str(speech_fusion_checkpoint), str(long_clip),
+                                          "--max-audio-seconds", "3600"]))
+    assert "the ceiling" in line and "--max-audio-seconds 0" in line

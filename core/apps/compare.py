@@ -513,8 +513,9 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
     fits = bl.baselines_over_branches(encoders, data, cache, fit_on=fit_on)
     # Each row's own fitting; the pooling of the frozen inputs that all of them share is counted apart.
     own = sum(f.seconds for f in fits if f.component != "averaged-regressions")
-    collected.stage_seconds.append({"fold": fold, "seed": None, "branches": {},
-                                    "baseline_inputs": round(max(0.0, time.perf_counter() - start - own), 2)})
+    stage = next((st for st in reversed(collected.stage_seconds) if st.get("fold") == fold), None)
+    if stage is not None:  # with the fold's (last seed's) stages
+        stage["baseline_inputs"] = round(max(0.0, time.perf_counter() - start - own), 2)
     labels_by_id = {s.id: s.label for s in data.splits["test"]}
     for f in fits:
         labels = torch.tensor([labels_by_id[i] for i in f.ids])

@@ -36,6 +36,10 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz"
 #: Audio beyond this many seconds is not decoded (a record says so): memory grows with the audio's
 #: length (about 37 MB per minute was measured), so an hour-long file would need gigabytes.
 DEFAULT_MAX_AUDIO_SECONDS = 60.0
+#: The most audio per clip that prediction ever decodes, also for "whole clips" (0 / None): the models read a
+#: clip's whole feature sequence at once (Whisper features: about 100 MB per audio minute), so memory cannot be
+#: bounded by a window without changing what they compute; five minutes is far beyond any training clip.
+MAX_AUDIO_SECONDS_CEILING = 300.0
 
 
 @dataclass
@@ -146,9 +150,12 @@ class Predictor:
                  registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
                  transcribe: bool = True):
 
-        if max_audio_seconds is not None and not max_audio_seconds > 0:
-            raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a positive number of seconds",
-                              hint="or None to decode whole clips")
+        if max_audio_seconds is not None and not 0 < max_audio_seconds <= MAX_AUDIO_SECONDS_CEILING:
+            raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a number of seconds above 0 and at most "
+                              f"{MAX_AUDIO_SECONDS_CEILING:g}, the ceiling (memory grows about 100 MB per audio minute)",
+                              hint=f"or None (--max-audio-seconds 0) for whole clips up to {MAX_AUDIO_SECONDS_CEILING:g} s")
+        self.whole_clips = max_audio_seconds is None
+        max_audio_seconds = MAX_AUDIO_SECONDS_CEILING if max_audio_seconds is None else max_audio_seconds
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.label_names = list(loaded.label_names)
@@ -323,6 +330,9 @@ class Predictor:
             return None
         if int(batch.audio_lengths[row]) < int(cap * self.spec.sample_rate):
             return None
+        if self.whole_clips:
+            return (f"audio longer than {cap:g} s, the ceiling of whole-clip decoding: only its first {cap:g} s were "
+                    "used (cut the file into parts to score the rest)")
         return f"audio longer than {cap:g} s: only its first {cap:g} s were used (raise --max-audio-seconds)"
 
     @torch.no_grad()
@@ -370,7 +380,7 @@ def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_s
     """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``.
 
     Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it
-    whole. With `transcribe`, clips without text get their speech transcribed (when the model reads text)."""
+    whole up to `MAX_AUDIO_SECONDS_CEILING` (300 s), cut there too. With `transcribe`, clips without text get their speech transcribed (when the model reads text)."""
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
                      registry=registry, max_audio_seconds=max_audio_seconds, transcribe=transcribe)
 
