@@ -66,7 +66,7 @@ def test_skip_mode_leaves_unreadable_clips_out_before_the_speaker_split(tmp_path
 def test_a_split_left_with_too_few_clips_is_refused_with_the_counts(tmp_path, shared_data):
     manifest(tmp_path, shared_data, {f"s{i}": 5 for i in range(6)}, bad={f"s{i}": 4 for i in range(6)})
     with pytest.raises(DataError, match=r"fewer clips than the 2 classes \(train \d+, val \d+, test \d+, after 24 "
-                                        r"unreadable clip\(s\) were left out\)"):
+                                        r"clip\(s\) were left out as bad input\)"):
         load_data(config(tmp_path, on_bad_sample="skip"), {"audio"}, split_dir=tmp_path / "run")
 
 

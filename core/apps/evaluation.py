@@ -279,11 +279,15 @@ def evaluate_checkpoint(
     """Load `checkpoint`, rebuild its split and score it (see `evaluate_samples`); `on_bad_sample`
     overrides the run's policy for unreadable clips ("skip" leaves them out and lists them)."""
     loaded = load_model(Path(checkpoint), registry=registry)
-    samples = split_samples(loaded, split, checkpoint=checkpoint, data_dir=data_dir, registry=registry,
-                            on_bad_sample=on_bad_sample)
-    return evaluate_samples(loaded, samples, split=split, bootstrap=bootstrap, seed=seed, drop=drop,
-                            batch_size=batch_size, device=device, checkpoint=Path(checkpoint),
-                            on_bad_sample=on_bad_sample)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    bundle = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=data_dir, registry=registry,
+                               on_bad_sample=on_bad_sample)
+    result = evaluate_samples(loaded, list(bundle.splits[split]), split=split, bootstrap=bootstrap, seed=seed,
+                              drop=drop, batch_size=batch_size, device=device, checkpoint=Path(checkpoint),
+                              on_bad_sample=on_bad_sample)
+    result.skipped[:0] = bundle.skipped  # left out as the data was read (skip mode), before those that failed to decode
+    return result
 
 
 def bad_sample_policy(value: str | None) -> str | None:

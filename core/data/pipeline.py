@@ -268,13 +268,14 @@ def load_data(
     else:
         ids = make_split(samples, method, val_fraction=config.val_fraction, test_fraction=config.test_fraction,
                          seed=split_seed)
+        _check_split_sizes({k: len(v) for k, v in ids.items()}, len(reader.label_names), len(skipped),
+                           path or config.dataset)
         if path is not None:
             save_split(path, ids, method=method, seed=split_seed, dataset=config.dataset,
                        val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     if method == "speaker":
         check_speaker_independent(ids, samples, path or "split")
     splits = {k: [by_id[i] for i in ids[k]] for k in SPLITS}
-    _check_split_sizes(splits, len(reader.label_names), len(unreadable), path or config.dataset)
     if config.limit is not None:
         splits = _limit(splits, config.limit, split_seed)
     if not splits["train"]:
@@ -353,18 +354,18 @@ def _check_media(samples: list[Sample], modalities: set[str], config: DataConfig
     return [s for s, _ in readable], [s.id for s, _ in bad]
 
 
-def _check_split_sizes(splits: dict[str, list[Sample]], num_classes: int, unreadable: int, where: object) -> None:
-    """A validation or test split that holds clips but fewer than there are classes cannot score a model in
-    earnest (a clip or two decide its accuracy, early stopping and the reported numbers): refused with
-    every split's count. An empty one is a choice (``test_fraction = 0``)."""
-    counts = {k: len(v) for k, v in splits.items()}
+def _check_split_sizes(counts: dict[str, int], num_classes: int, left_out: int, where: object) -> None:
+    """A new split made after bad clips were left out must not hold a validation or test split that cannot
+    score a model in earnest (fewer clips than classes: a clip or two decide its accuracy, early stopping and
+    the reported numbers): refused with every split's count, before the split file is written. A corpus
+    small by choice is the user's call (the tables show n), an empty split is a choice (``test_fraction = 0``),
+    and a run's own split file, reused, is kept (its clips that turned bad are left out and listed)."""
     small = [k for k in ("val", "test") if 0 < counts[k] < num_classes]
-    if small:
-        left_out = f", after {unreadable} unreadable clip(s) were left out" if unreadable else ""
+    if small and left_out:
         raise DataError(where, f"the {' and '.join(small)} split{'s' if len(small) > 1 else ''} hold{'' if len(small) > 1 else 's'} "
                                f"fewer clips than the {num_classes} classes (train {counts['train']}, val {counts['val']}, "
-                               f"test {counts['test']}{left_out})",
-                        hint="add clips, fix the unreadable ones, or change data.val_fraction / data.test_fraction")
+                               f"test {counts['test']}, after {left_out} clip(s) were left out as bad input)",
+                        hint="fix or replace the bad clips, add clips, or change data.val_fraction / data.test_fraction")
 
 
 def _feature_dims(samples: Sequence[Sample]) -> dict[str, int]:
