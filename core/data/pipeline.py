@@ -1,7 +1,9 @@
 """Files on disk to batches: read the corpus, split it, fit the normaliser on train, and serve loaders.
 
 `load_data` is the one entry point for training; `make_batch` builds one batch for prediction.
-Bad clips found while decoding follow ``on_bad_sample``: "error" raises `DataError` naming the file
+Before the split, every clip's media header is read: "error" names every unreadable file in one error,
+"skip" leaves those clips out before the split is made. Bad clips found later, while decoding (a file
+cut short, damaged inside), follow ``on_bad_sample`` too: "error" raises `DataError` naming the file
 (in the main process, whichever worker decoded it); "skip" leaves the clip out of its batch and
 records it in `DataBundle.skipped`, which callers list at the end of the run.
 """
@@ -345,7 +347,8 @@ def _check_media(samples: list[Sample], modalities: set[str], config: DataConfig
         return samples, []
     if config.on_bad_sample != "skip":
         listed = [f"{path} ({reason})" for _, problems in bad[:LISTED_BAD_CLIPS] for path, reason in problems]
-        more = f"; and {len(bad) - LISTED_BAD_CLIPS} more" if len(bad) > LISTED_BAD_CLIPS else ""
+        more = (f"; and {len(bad) - LISTED_BAD_CLIPS} more (--on-bad-sample skip lists every one)"
+                if len(bad) > LISTED_BAD_CLIPS else "")
         raise DataError(config.dataset, f"{len(bad)} of {len(samples)} clips cannot be read: {'; '.join(listed)}{more}",
                         hint="fix or remove these files, or pass --on-bad-sample skip to leave them out")
     for _, problems in bad:
@@ -362,9 +365,10 @@ def _check_split_sizes(counts: dict[str, int], num_classes: int, left_out: int, 
     and a run's own split file, reused, is kept (its clips that turned bad are left out and listed)."""
     small = [k for k in ("val", "test") if 0 < counts[k] < num_classes]
     if small and left_out:
-        raise DataError(where, f"the {' and '.join(small)} split{'s' if len(small) > 1 else ''} hold{'' if len(small) > 1 else 's'} "
-                               f"fewer clips than the {num_classes} classes (train {counts['train']}, val {counts['val']}, "
-                               f"test {counts['test']}, after {left_out} clip(s) were left out as bad input)",
+        which = "the val and test splits hold" if len(small) == 2 else f"the {small[0]} split holds"
+        raise DataError(where, f"{which} fewer clips than the {num_classes} classes (train {counts['train']}, "
+                               f"val {counts['val']}, test {counts['test']}, after {left_out} clip(s) were left out "
+                               "as bad input)",
                         hint="fix or replace the bad clips, add clips, or change data.val_fraction / data.test_fraction")
 
 
