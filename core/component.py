@@ -5,6 +5,7 @@ component that owns the key and `emofuse plugins` can list every option.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,12 +20,16 @@ class ComponentConfig(BaseModel):
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
-    """One line per problem, each with its full key path (``fusion.gamma: ...``)."""
+    """One line per problem, each with its full key path (``fusion.gamma: ...``); NaN or infinity in a number field
+    is said so (a range check would call NaN "too large")."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         path = f"{where}.{loc}" if where and loc else (where or loc)
-        parts.append(f"{path}: {e['msg']}")
+        nan = isinstance(e["input"], float) and not math.isfinite(e["input"]) and not e["type"].endswith(
+            ("_type", "forbidden"))  # NaN in a number field; a text or unknown key is told what it is
+        parts.append(f"{path}: " + ("must be a finite number, not NaN or infinity" if nan
+                                    else e["msg"].removeprefix("Value error, ")))
     return "; ".join(parts)
 
 

@@ -11,10 +11,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emofuse.core.component import format_validation_error
 from emofuse.core.errors import ConfigError
@@ -105,10 +105,10 @@ class TrainConfig(_Strict):
     keep: Literal["best", "last"] = "best"
 
 
-def folder_name(v: str, what: str) -> str:
-    """`v`, a folder name under the output folder (a run, a study): never absolute nor climbing out with ``..``."""
-    parts = Path(v).parts
-    if not v.strip() or Path(v).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
+def folder_name(v: str, what: str = "run name") -> str:
+    """`v`, a folder under the output folder (a run, a study): one absolute or climbing out with ``..`` would write
+    elsewhere (a config file from someone else could point it at any folder)."""
+    if not v.strip() or Path(v).is_absolute() or not Path(v).parts or any(p in ("..", ".") for p in Path(v).parts):
         raise ValueError(f"{what} {v!r} must be a folder name inside the output folder "
                          "(no absolute path, no '.' or '..')")
     return v
@@ -117,7 +117,7 @@ def folder_name(v: str, what: str) -> str:
 class RunConfig(_Strict):
     """Everything one run needs; what a checkpoint's sidecar stores."""
 
-    name: str = "run"
+    name: Annotated[str, AfterValidator(folder_name)] = "run"
     preset: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     #: branch name -> encoder; one branch trains alone, several are fused.
@@ -140,11 +140,6 @@ class RunConfig(_Strict):
     cache_dir: Path | None = None
     #: Optuna search space: key path -> spec, see `emofuse.core.apps.search`.
     search: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name_stays_inside_output(cls, v: str) -> str:
-        return folder_name(v, "run name")
 
     @field_validator("branches")
     @classmethod
@@ -251,21 +246,14 @@ def _first_path(node: Any, flagged: Callable[[Any], bool], path: str = "") -> st
 def validate(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
     """Validate a merged config dict; errors name each bad key's path. NaN and infinity are refused everywhere
     (a range check would call NaN "too large"), but an unknown key or one that wants text is told so."""
-    finite = "must be a finite number, not NaN or infinity"
     try:
         config = RunConfig.model_validate(dict(raw))
     except ValidationError as err:
-        problems = [(e["loc"], finite if _non_finite(e["input"]) and not e["type"].endswith(("_type", "forbidden"))
-                     else e["msg"].removeprefix("Value error, ")) for e in err.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(f"{'.'.join(map(str, k))}: {msg}" for k, msg in problems)) from None
-    bad = _first_path(raw, _non_finite)
+        raise ConfigError(f"{source}: {format_validation_error(err, '')}") from None
+    bad = _first_path(raw, lambda v: isinstance(v, float) and not math.isfinite(v))
     if bad:
-        raise ConfigError(f"{source}: {bad}: {finite}")
+        raise ConfigError(f"{source}: {bad}: must be a finite number, not NaN or infinity")
     return config
-
-
-def _non_finite(value: Any) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
 
 
 def to_toml(config: RunConfig) -> str:

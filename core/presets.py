@@ -6,9 +6,7 @@ run's config is: preset -> ``--config`` file -> CLI flags -> ``--set key=value``
 """
 from __future__ import annotations
 
-import copy
 import sys
-from contextlib import suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -98,21 +96,16 @@ def compose_config(
         raw["preset"] = preset
         raw.setdefault("name", preset)
     raw = deep_merge(raw, file_raw)
-    layers = [(str(config_file) if config_file else (f"preset {preset!r}" if preset else "config"), copy.deepcopy(raw))]
     raw = deep_merge(raw, dict(overrides or {}))
-    raw = {key: value for key, value in {**raw, **(replace or {})}.items() if value is not None}  # None: key removed
-    layers.append(("command-line options", copy.deepcopy(raw)))
+    for key, value in (replace or {}).items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
     for assignment in sets:
         apply_set(raw, assignment)
-        layers.append((f"--set {assignment}", copy.deepcopy(raw)))
-    try:
-        return validate(raw, source=layers[0][0])
-    except ConfigError:
-        blamed = layers[0][0]  # the layer after the last one that still made a valid config
-        for (_, stage), (source, _) in zip(layers, layers[1:]):
-            with suppress(ConfigError):
-                blamed = validate(stage) and source
-        return validate(raw, source=blamed)
+    source = str(config_file) if config_file else (f"preset {preset!r}" if preset else "config")
+    return validate(raw, source=source)
 
 
 def all_presets_valid(presets: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, RunConfig]:

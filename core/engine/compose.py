@@ -1,7 +1,9 @@
 """Turns a `RunConfig` into live components through the registry: the only place names become objects."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +38,31 @@ def build_loss(
     registry = registry or get_registry()
     cls = registry.cls("loss", ref.name)
     return cls(cls.make_config(ref.options, where=where), num_classes, class_counts)
+
+
+def compose_blaming_layers(*, preset: str | None = None, config_file: Path | None = None,
+                           overrides: Mapping[str, Any] | None = None, replace: Mapping[str, Any] | None = None,
+                           sets: Sequence[str] = ()) -> RunConfig:
+    """`emofuse.core.presets.compose_config`, with an invalid result blamed on the layer that broke it: the preset
+    (or config file), the command-line options, or the ``--set`` after which no layer made a valid config; a
+    bad ``--name`` is not the preset's fault."""
+    from emofuse.core.presets import compose_config
+
+    base = str(config_file) if config_file else (f"preset {preset!r}" if preset else "config")
+    try:
+        return compose_config(preset=preset, config_file=config_file, overrides=overrides, replace=replace, sets=sets)
+    except ConfigError as exc:
+        if not exc.message.startswith(f"{base}: "):
+            raise  # not about the merged config's values (an unknown preset, a --set without '=')
+        layers = [(base, {}), ("the options given", {"overrides": overrides, "replace": replace})]
+        layers += [(f"--set {a}", {"overrides": overrides, "replace": replace, "sets": sets[:i + 1]})
+                   for i, a in enumerate(sets)]
+        blamed = base
+        for (_, before), (source, _) in zip(layers, layers[1:]):
+            with suppress(ConfigError):
+                compose_config(preset=preset, config_file=config_file, **before)
+                blamed = source  # the config was still valid before this layer
+        raise ConfigError(blamed + exc.message[len(base):], hint=exc.hint) from None
 
 
 def check_components(config: RunConfig, registry: Registry | None = None) -> None:
