@@ -76,8 +76,8 @@ def _write(rows: list[tuple[str, str, str, str]], delimiter: str, style: str) ->
     if style == "joined":
         return "".join(delimiter.join(r) + "\n" for r in [header, *rows])
     quoting = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "nonnumeric": csv.QUOTE_NONNUMERIC}[style]
-    buffer = io.StringIO()
-    csv.writer(buffer, delimiter=delimiter, quoting=quoting, lineterminator="\n").writerows([header, *rows])
+    buffer = io.StringIO()  # the csv module's own line ending: with "\n" alone it would not quote a bare "\r"
+    csv.writer(buffer, delimiter=delimiter, quoting=quoting).writerows([header, *rows])
     return buffer.getvalue()
 
 
