@@ -44,8 +44,8 @@ def compose_blaming_layers(*, preset: str | None = None, config_file: Path | Non
                            overrides: Mapping[str, Any] | None = None, replace: Mapping[str, Any] | None = None,
                            sets: Sequence[str] = ()) -> RunConfig:
     """`emofuse.core.presets.compose_config`, with an invalid result blamed on the layer that broke it: the preset
-    (or config file), the command-line options, or the ``--set`` after which no layer made a valid config; a
-    bad ``--name`` is not the preset's fault."""
+    (or config file), the options given (flags or arguments), or the ``--set`` after which no layer made a valid
+    config; a bad ``--name`` is not the preset's fault."""
     from emofuse.core.presets import compose_config
 
     base = str(config_file) if config_file else (f"preset {preset!r}" if preset else "config")
