@@ -226,3 +226,27 @@ def test_a_csv_row_with_too_few_fields_is_bad_input(tmp_path):
     path.write_text(f"id,label,text,audio\na,happy,hi,{ogg}\nb,happy\n")
     with pytest.raises(DataError, match=r"m.csv:3: row has 2 fields, the header has 4"):
         read("manifest", data_dir=tmp_path, path="m.csv", labels=["happy"])
+
+
+def test_emodb_labels_speakers_sex_age_and_sentence_come_from_the_file_name():
+    _, clips = read("emodb")
+    assert len(clips) == 535
+    assert Counter(s.label_name for s in clips) == {"angry": 127, "bored": 81, "neutral": 79, "happy": 71,
+                                                     "fearful": 69, "sad": 62, "disgust": 46}
+    assert len({s.speaker for s in clips}) == 10
+    s = next(s for s in clips if s.id == "03a01Fa")  # speaker 03 (male, 31), text a01, happiness, take a
+    assert (s.label_name, s.speaker, s.gender, s.age) == ("happy", "03", "male", 31.0)
+    assert s.text == "Der Lappen liegt auf dem Eisschrank." and s.extra["text_code"] == "a01"
+    assert s.audio_path.endswith("emodb/wav/03a01Fa.ogg")
+    assert {s.gender for s in clips if s.speaker == "09"} == {"female"}
+
+
+def test_emodb_refuses_a_name_that_is_no_code_and_skips_it_on_request(tmp_path):
+    src = DATA / "emodb" / "wav"
+    for name in ("03a01Fa.ogg", "08a02Wc.ogg"):
+        shutil.copy(src / name, tmp_path / name)
+    shutil.copy(src / "03a01Fa.ogg", tmp_path / "99a01Fa.ogg")  # speaker 99 is not in EmoDB
+    with pytest.raises(DataError, match="99a01Fa.ogg.*speaker '99'"):
+        read("emodb", root=str(tmp_path))
+    reader, clips = read("emodb", skip=True, root=str(tmp_path))
+    assert sorted(s.id for s in clips) == ["03a01Fa", "08a02Wc"] and len(reader.skipped) == 1
