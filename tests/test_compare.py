@@ -191,10 +191,23 @@ def test_aggregate_single_seed_has_no_std():
     assert rows[0]["accuracy_std"] is None and rows[0]["trainable_parameters"] == 10
 
 
-def test_compare_needs_two_branches(tmp_path):
+def test_compare_needs_a_branch_and_two_for_a_named_fusion(tmp_path):
     config = validate({"branches": {"only": {"name": "features"}}, "output_dir": str(tmp_path)})
-    with pytest.raises(ConfigError, match="at least two branches"):
-        compare(config, data=SimpleNamespace(), trainer=SimpleNamespace())
+    with pytest.raises(ConfigError, match="a fusion needs two branches"):
+        compare(config, fusions=["weighted-late"], data=SimpleNamespace(), trainer=SimpleNamespace())
+    with pytest.raises(ConfigError, match="at least one branch"):
+        compare(config.model_copy(update={"branches": {}}), data=SimpleNamespace(), trainer=SimpleNamespace())
+
+
+def test_compare_one_branch_scores_it_beside_its_baselines_without_fusions(tmp_path, shared_data, registry):
+    """A corpus with one modality (EmoDB's speech): the branch and the baselines, no fusion stage."""
+    config = tiny_config(tmp_path / "runs", shared_data)
+    config = config.model_copy(update={"branches": {"faces": config.branches["faces"]}})
+    result = compare(config, seeds=[0], robustness=False, registry=registry, bootstrap=50)
+    kinds = {r["kind"] for r in result.rows}
+    assert kinds == {"branch", "baseline"} and not result.failures
+    assert "fusion_inputs" not in result.stage_seconds[0]
+    assert {r["key"] for r in result.rows if r["kind"] == "branch"} == {"branch:faces"}
 
 
 class SpyTrainer(TrainRunTrainer):

@@ -394,15 +394,18 @@ def compare(
     ``.json``, ``comparison.png`` (bar chart) and ``confusion/<model>.png`` (summed over runs).
     """
     registry = registry or get_registry()
-    if len(config.branches) < 2:
-        raise ConfigError(f"compare needs at least two branches to fuse, the config has {len(config.branches)}",
-                          hint="use a preset with two branches (e.g. --preset ravdess-reference) or --encoder twice")
+    if not config.branches:
+        raise ConfigError("compare needs at least one branch, the config has none", hint="use a preset or --encoder")
+    if len(config.branches) == 1 and fusions:
+        raise ConfigError(f"--fusions {','.join(fusions)}: a fusion needs two branches, the config has one",
+                          hint="leave --fusions out to compare the branch with the baselines, or add a branch")
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if folds is not None and folds < 2:
         raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds", hint="omit --folds for one split")
-    fusion_names = fusions_to_compare(fusions, registry)
-    if not fusion_names:
+    # One branch (a corpus with one modality, such as EmoDB's speech): the branch beside the baselines.
+    fusion_names = fusions_to_compare(fusions, registry) if len(config.branches) > 1 else []
+    if len(config.branches) > 1 and not fusion_names:
         raise ConfigError("no fusion is registered", hint="install a plugin that provides one")
     say = on_progress or reporter().status
     folder = comparison_folder(config.name)
@@ -477,9 +480,10 @@ def _train_models(cfg: RunConfig, fusion_names: Sequence[str], trainer: Trainer,
         models.append(TrainedModel(f"{BRANCH}:{branch}", branch_title(branch, ref.name), BRANCH, ref.name, ckpt,
                                    load_model(ckpt, registry=registry), seconds))
     branch_ckpts = {m.key.split(":", 1)[1]: m.checkpoint for m in models}
-    start = time.perf_counter()
-    trainer.train_fusion_inputs(cfg, data=data)
-    stages["fusion_inputs"] = round(time.perf_counter() - start, 2)
+    if fusion_names:
+        start = time.perf_counter()
+        trainer.train_fusion_inputs(cfg, data=data)
+        stages["fusion_inputs"] = round(time.perf_counter() - start, 2)
     collected.stage_seconds.append(stages)
     for fusion in fusion_names:
         say(f"{where}: training fusion {fusion}")
