@@ -12,10 +12,17 @@ from __future__ import annotations
 import re
 from typing import ClassVar, Iterator
 
-from emofuse.core.data.corpus import CorpusReader, CorpusReaderConfig, files_under
-from emofuse.core.errors import DataError
-from emofuse.core.hookspecs import hookimpl
-from emofuse.core.types import AUDIO, METADATA, TEXT, Sample
+from emofuse.core import (
+    AUDIO,
+    METADATA,
+    TEXT,
+    CorpusReader,
+    CorpusReaderConfig,
+    DataError,
+    Sample,
+    files_under,
+    hookimpl,
+)
 
 #: Emotion letter -> label name.
 EMOTIONS = {"W": "angry", "L": "bored", "E": "disgust", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
