@@ -1,0 +1,192 @@
+"""Cross-corpus evaluation, as EmoBox defines it: a model trained on one corpus, scored on every clip of
+another, over the classes the two share.
+
+The built-in readers name an emotion alike wherever it is the same one (RAVDESS's names: neutral, happy,
+sad, angry, fearful, disgust, ...), so the common label set is the classes both name:
+
+- the corpus's clips of a class the model does not know (EmoDB's ``bored``) are left out, and counted;
+- the model's classes the corpus lacks (RAVDESS's ``calm``, ``surprised``) are left out of its answer: its
+  prediction is the most probable shared class (its logits restricted to the shared classes);
+- accuracy (WA), unweighted average recall (UA) and macro F1 are computed over the shared classes.
+
+A corpus whose names differ maps them first with its reader's ``label_map`` option. The baselines read the
+same frozen inputs as the model's branches, are fit on the clips the model learned from (its run's split)
+and are scored on the other corpus exactly as the model is.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from emofuse.core.apps.evaluation import (
+    SplitOutputs,
+    batches_of,
+    checkpoint_bundle,
+    normalizer_of,
+    resolve_device,
+    run_model,
+)
+from emofuse.core.config import DataConfig
+from emofuse.core.data.preprocess import preprocess_spec
+from emofuse.core.data.readers import build_reader
+from emofuse.core.engine.metrics import MetricReport, metric_report
+from emofuse.core.engine.model_io import load_model
+from emofuse.core.errors import ConfigError
+from emofuse.core.registry import Registry
+from emofuse.core.types import Sample
+
+
+@dataclass
+class SharedClasses:
+    """The classes a model and a corpus share, in the model's order, and what each side has alone."""
+
+    names: list[str]
+    #: The model's class index of each shared class.
+    model_index: list[int]
+    model_only: list[str]
+    #: The corpus's classes the model does not know -> clips of each left out.
+    corpus_only: dict[str, int] = field(default_factory=dict)
+
+
+def shared_classes(model_labels: Sequence[str], corpus_labels: Sequence[str]) -> SharedClasses:
+    """The common label set by name (case-insensitive); fewer than two shared classes is refused."""
+    corpus = {name.strip().lower() for name in corpus_labels}
+    model = [name.strip().lower() for name in model_labels]
+    names = [name for name in model if name in corpus]
+    if len(names) < 2:
+        raise ConfigError(
+            f"the model's classes ({', '.join(model)}) and the corpus's ({', '.join(sorted(corpus))}) share "
+            f"{len(names)} class(es); a cross-corpus score needs at least 2",
+            hint="map the corpus's labels onto the model's with --set data.options.label_map",
+        )
+    return SharedClasses(names, [model.index(n) for n in names], [n for n in model if n not in corpus],
+                         {n: 0 for n in sorted(corpus) if n not in model})
+
+
+def relabelled(samples: Sequence[Sample], model_labels: Sequence[str], shared: SharedClasses) -> list[Sample]:
+    """The corpus's clips of shared classes, labelled with the model's class index (the others counted out)."""
+    index = {name: shared.model_index[i] for i, name in enumerate(shared.names)}
+    kept = []
+    for s in samples:
+        name = (s.label_name or "").strip().lower()
+        if name in index:
+            kept.append(dataclasses.replace(s, label=index[name], label_name=model_labels[index[name]]))
+        elif name in shared.corpus_only:
+            shared.corpus_only[name] += 1
+    if not kept:
+        raise ConfigError("the corpus has no clips of the classes it shares with the model",
+                          hint="check the corpus folder and its label set")
+    return kept
+
+
+def restricted_report(labels: torch.Tensor, scores: torch.Tensor, shared: SharedClasses, *, bootstrap: int,
+                      seed: int) -> MetricReport:
+    """Metrics over the shared classes: `labels` are model class indices, `scores` ``[N, model classes]``."""
+    to_shared = torch.full((int(max(shared.model_index)) + 1,), -1, dtype=torch.long)
+    to_shared[torch.tensor(shared.model_index)] = torch.arange(len(shared.names))
+    return metric_report(to_shared[labels.long()], scores[:, shared.model_index].float(), shared.names,
+                         bootstrap=bootstrap, seed=seed)
+
+
+@dataclass
+class CrossCorpusResult:
+    checkpoint: Path
+    #: The corpus the model was trained on, and the one it is scored on.
+    source: str
+    dataset: str
+    shared: SharedClasses
+    report: MetricReport
+    #: The model's outputs over the scored clips (labels and logits in the model's own classes).
+    outputs: SplitOutputs
+    dropped: tuple[str, ...] = ()
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: With `baseline`: one row per baseline, scored the same way (accuracy, uar, macro_f1, its C).
+    baselines: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "source": self.source, "dataset": self.dataset,
+                "shared_classes": self.shared.names, "model_only_classes": self.shared.model_only,
+                "corpus_only_clips": self.shared.corpus_only, "dropped_modalities": list(self.dropped),
+                **self.report.to_dict(), "baselines": self.baselines}
+
+
+def evaluate_cross_corpus(
+    checkpoint: Path,
+    dataset: str,
+    *,
+    data_dir: Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    source_data_dir: Path | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    drop: Sequence[str] = (),
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    registry: Registry | None = None,
+    on_bad_sample: str | None = None,
+    baseline: bool = False,
+) -> CrossCorpusResult:
+    """Score `checkpoint` on every clip of corpus `dataset` (read from `data_dir` with reader `options`) over
+    the classes both share; `baseline` also fits the logistic-regression baselines on the model's own training
+    clips (its run's split, read from `source_data_dir`, default: the run's data folder) and scores them alike."""
+    loaded = load_model(Path(checkpoint), registry=registry)
+    policy = on_bad_sample or loaded.config.data.on_bad_sample
+    target = DataConfig(dataset=dataset, data_dir=data_dir, options=dict(options or {}), on_bad_sample=policy)
+    reader = build_reader(target, registry)
+    if hasattr(reader, "on_bad_sample"):
+        reader.on_bad_sample = policy
+    samples = list(reader.samples())
+    skipped = list(getattr(reader, "skipped", []))
+    shared = shared_classes(loaded.label_names, reader.label_names)
+    clips = relabelled(samples, loaded.label_names, shared)
+    batches = batches_of(clips, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
+                         on_bad_sample=policy, skipped=skipped, spec=preprocess_spec(loaded.config.data))
+    outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
+    report = restricted_report(outputs.labels, outputs.logits, shared, bootstrap=bootstrap, seed=seed)
+    result = CrossCorpusResult(Path(checkpoint), loaded.config.data.dataset, dataset, shared, report, outputs,
+                               tuple(drop), skipped)
+    if baseline:
+        scored = {s.id for s in clips} & set(outputs.ids)
+        result.baselines = _baselines(loaded, [s for s in clips if s.id in scored], shared, outputs,
+                                      checkpoint=Path(checkpoint), source_data_dir=source_data_dir,
+                                      registry=registry, bootstrap=bootstrap, seed=seed)
+    return result
+
+
+def _baselines(loaded: Any, clips: list[Sample], shared: SharedClasses, outputs: SplitOutputs, *,
+               checkpoint: Path, source_data_dir: Path | None, registry: Registry | None, bootstrap: int,
+               seed: int) -> list[dict[str, Any]]:
+    """The baselines over the model's branches, fit on its run's clips, scored on the other corpus's clips."""
+    from emofuse.core.apps.baselines import baselines_over_branches, fit_splits, paired_difference
+    from emofuse.core.engine.loaders import open_cache
+
+    source = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=source_data_dir, registry=registry)
+    bundle = dataclasses.replace(source, splits={"train": source.splits["train"], "val": source.splits.get("val", []),
+                                                 "test": clips})
+    fits = baselines_over_branches(loaded.model.branches, bundle, open_cache(loaded.config),
+                                   fit_on=fit_splits(loaded.config.train.refit))
+    label_of = {s.id: s.label for s in clips}
+    model_pred = dict(zip(outputs.ids, outputs.logits[:, shared.model_index].argmax(dim=1).tolist()))
+    rows = []
+    for f in fits:
+        labels = torch.tensor([label_of[i] for i in f.ids])
+        probs = torch.from_numpy(f.probabilities)
+        report = restricted_report(labels, probs, shared, bootstrap=bootstrap, seed=seed)
+        to_shared = {m: k for k, m in enumerate(shared.model_index)}
+        truth = np.array([to_shared[int(label_of[i])] for i in f.ids])
+        theirs = probs[:, shared.model_index].argmax(dim=1).numpy() == truth
+        mine = np.array([model_pred[i] for i in f.ids]) == truth
+        diff, lo, hi = paired_difference(mine.astype(float), theirs.astype(float), resamples=bootstrap, seed=seed)
+        rows.append({"key": f.key, "model": f.title, "C": f.C, "inputs": f.inputs,
+                     **{k: report.metrics[k] for k in ("accuracy", "uar", "macro_f1")},
+                     "model_minus_baseline": diff, "interval": [lo, hi]})
+    return rows
+
+
+__all__ = ["CrossCorpusResult", "SharedClasses", "evaluate_cross_corpus", "relabelled", "restricted_report",
+           "shared_classes"]

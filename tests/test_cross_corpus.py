@@ -1,0 +1,81 @@
+"""Cross-corpus evaluation on real clips: a model trained on RAVDESS scored on EmoDB over the classes both
+name, metrics against scikit-learn over those classes, the clips and classes left out, and the baselines
+fit on the model's own training clips."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+from emofuse.core.apps.cross_corpus import evaluate_cross_corpus, shared_classes
+from emofuse.core.errors import ConfigError
+
+#: Clips of every EmoDB class, two of them bored (a class RAVDESS lacks).
+EMODB_CLIPS = ("03a01Fa", "03a01Nc", "03a01Wa", "03a02Ta", "03a04Ad", "08a02Fe", "08a02La", "08a02Na",
+               "08a02Tb", "08a02Wc", "08a02Ab", "09a02La", "09a01Ea")
+
+
+@pytest.fixture(scope="module")
+def ravdess_speech_checkpoint(tmp_path_factory, shared_data):
+    from emofuse.core.config import validate
+    from emofuse.core.engine.training import train_run
+
+    config = validate({
+        "name": "speech", "output_dir": str(tmp_path_factory.mktemp("speech")),
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 64},
+        "branches": {"speech": {"name": "mm-lstm", "audio_backbone": "log-mel", "model_dim": 32, "lstm_hidden": 32,
+                                "attention_heads": 4}},
+        "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
+    })
+    return train_run(config, progress=False, resume=False).checkpoint
+
+
+@pytest.fixture(scope="module")
+def emodb_folder(tmp_path_factory, shared_data):
+    folder = tmp_path_factory.mktemp("emodb")
+    for name in EMODB_CLIPS:
+        shutil.copy(shared_data / "emodb" / "wav" / f"{name}.ogg", folder / f"{name}.ogg")
+    return folder
+
+
+def test_shared_classes_by_name_and_what_each_side_has_alone():
+    ravdess = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
+    emodb = ["neutral", "bored", "happy", "sad", "angry", "fearful", "disgust"]
+    shared = shared_classes(ravdess, emodb)
+    assert shared.names == ["neutral", "happy", "sad", "angry", "fearful", "disgust"]
+    assert shared.model_index == [0, 2, 3, 4, 5, 6]
+    assert shared.model_only == ["calm", "surprised"] and shared.corpus_only == {"bored": 0}
+    with pytest.raises(ConfigError, match="share 1 class.*label_map"):
+        shared_classes(["neutral", "calm"], ["neutral", "bored"])
+
+
+def test_a_ravdess_model_scored_on_emodb_over_the_shared_classes(ravdess_speech_checkpoint, emodb_folder,
+                                                                 shared_data):
+    result = evaluate_cross_corpus(ravdess_speech_checkpoint, "emodb", data_dir=shared_data,
+                                   options={"root": str(emodb_folder)}, bootstrap=50, baseline=True)
+    assert (result.source, result.dataset) == ("ravdess", "emodb")
+    assert result.shared.corpus_only == {"bored": 2}  # 08a02La, 09a02La left out and counted
+    assert len(result.outputs.ids) == len(EMODB_CLIPS) - 2 and result.report.num_samples == 11
+
+    # the prediction is the most probable shared class; the metrics are scikit-learn's over those classes
+    index = result.shared.model_index
+    truth = np.array([index.index(int(label)) for label in result.outputs.labels])
+    pred = result.outputs.logits[:, index].argmax(dim=1).numpy()
+    assert result.report.label_names == result.shared.names
+    assert result.report.metrics["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert result.report.metrics["macro_f1"] == pytest.approx(
+        f1_score(truth, pred, average="macro", labels=range(6), zero_division=0))
+    present = sorted(set(truth))
+    assert result.report.metrics["uar"] == pytest.approx(
+        recall_score(truth, pred, average="macro", labels=present, zero_division=0))
+
+    rows = {r["key"]: r for r in result.baselines}
+    assert "baseline:majority" in rows and "baseline:speech" in rows
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and -1.0 <= row["model_minus_baseline"] <= 1.0
+    # the majority class answers one shared class for every clip
+    assert any(rows["baseline:majority"]["accuracy"] == pytest.approx((truth == c).mean()) for c in range(6))
+    assert result.to_dict()["corpus_only_clips"] == {"bored": 2}
