@@ -7,6 +7,7 @@ The Python API; the command line is printing around these same calls (``docs/pyt
     config = emofuse.compose("mm-lstm", epochs=3, limit=200)   # a validated RunConfig
     run = emofuse.train(config)                                   # RunResult: run_dir, checkpoint, metrics
     scores = emofuse.evaluate(run.checkpoint, split="test")       # EvaluationResult: report, files
+    other = emofuse.evaluate_on(run.checkpoint, "emodb")          # CrossCorpusResult: another corpus
     table = emofuse.compare("late-fusion", seeds=[0, 1])           # ComparisonResult: ranked rows
     study = emofuse.search("late-fusion", trials=20)               # SearchResult: best params, config
     emofuse.load(run.checkpoint).predict(["clip.wav"])             # class probabilities per clip
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from emofuse.core.apps.compare import ComparisonResult
+    from emofuse.core.apps.cross_corpus import CrossCorpusResult
     from emofuse.core.apps.evaluation import EvaluationResult
     from emofuse.core.apps.predict import Predictor
     from emofuse.core.apps.search import SearchResult
@@ -179,6 +181,32 @@ def evaluate(
                               on_bad_sample=on_bad_sample, explain=explain, baseline=baseline)
 
 
+def evaluate_on(
+    checkpoint: str | Path,
+    dataset: str,
+    *,
+    data: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    bootstrap: int = 1000,
+    without: Sequence[str] = (),
+    on_bad_sample: str | None = None,
+    baseline: bool = False,
+) -> "CrossCorpusResult":
+    """Cross-corpus evaluation (EmoBox's protocol): score a checkpoint on every clip of another corpus
+    `dataset` (read from `data` with reader `options`) over the classes both name; WA, UA and macro F1 over
+    them, the clips and classes left out listed; `baseline` fits the logistic-regression baselines on the
+    clips the model learned from and scores them the same way. Writes the report to `out` (default
+    ``<run>/cross-<dataset>``)."""
+    from emofuse.core.apps.cross_corpus import evaluate_cross_corpus_and_write
+    from emofuse.core.apps.evaluation import bad_sample_policy
+
+    return evaluate_cross_corpus_and_write(Path(checkpoint), dataset, out_dir=Path(out) if out else None,
+                                           data_dir=Path(data) if data else None, options=options,
+                                           bootstrap=bootstrap, drop=tuple(without),
+                                           on_bad_sample=bad_sample_policy(on_bad_sample), baseline=baseline)
+
+
 def compare(
     config: Any,
     *,
@@ -236,4 +264,4 @@ def load(checkpoint: str | Path, **kwargs: Any) -> "Predictor":
     return load_predictor(checkpoint, **kwargs)
 
 
-__all__ = ["compose", "train", "evaluate", "compare", "search", "load", *_PROGRESS]
+__all__ = ["compose", "train", "evaluate", "evaluate_on", "compare", "search", "load", *_PROGRESS]

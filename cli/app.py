@@ -273,12 +273,29 @@ def evaluate_cmd(
     on_bad_sample: Optional[str] = typer.Option(None, "--on-bad-sample", help="error or skip (default: the run's setting): skip leaves unreadable clips out of the score and lists them."),
     explain: int = typer.Option(0, "--explain", min=0, help="Also draw explanation PNGs for the split's first N clips (into <out>/explain)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also fit logistic-regression and majority baselines on the run's split and show the model's paired difference to each."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Cross-corpus: score on every clip of this other corpus (read from --data) over the classes both name; the clips and classes left out are listed."),
 ):
     """Score a checkpoint on a split: accuracy, F1s, UA/WA, per-class metrics, confusion matrix, 95% CIs."""
     import emofuse
     from emofuse.cli.tables import evaluation_tables, rich_table
     from emofuse.core.apps.report import Column
 
+    if dataset is not None:
+        from emofuse.core.errors import ConfigError
+
+        if split != "test" or explain:
+            raise ConfigError("--dataset scores every clip of the other corpus", hint="drop --split/--explain")
+        cross = emofuse.evaluate_on(checkpoint, dataset, data=data, out=out, bootstrap=bootstrap,
+                                    without=tuple(without or ()), on_bad_sample=on_bad_sample, baseline=baseline)
+        console.print(cross.files["cross_corpus"].read_text(encoding="utf-8"), markup=False, highlight=False)
+        for table in evaluation_tables(cross.report, title=cross.title):
+            console.print(table)
+        console.print(f"written: {', '.join(str(p) for p in cross.files.values())}", markup=False, highlight=False)
+        if cross.skipped:
+            from emofuse.core.data.pipeline import skipped_report
+
+            console.print(skipped_report(cross.skipped), markup=False, highlight=False)
+        return
     result = emofuse.evaluate(checkpoint, split=split, data=data, out=out, bootstrap=bootstrap,
                               without=tuple(without or ()), on_bad_sample=on_bad_sample, explain=explain,
                               baseline=baseline)

@@ -79,3 +79,30 @@ def test_a_ravdess_model_scored_on_emodb_over_the_shared_classes(ravdess_speech_
     # the majority class answers one shared class for every clip
     assert any(rows["baseline:majority"]["accuracy"] == pytest.approx((truth == c).mean()) for c in range(6))
     assert result.to_dict()["corpus_only_clips"] == {"bored": 2}
+
+
+def test_the_cli_scores_a_checkpoint_on_another_corpus_and_writes_the_report(ravdess_speech_checkpoint, emodb_folder,
+                                                                            tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from emofuse.cli.app import app
+
+    data = tmp_path / "data"
+    (data / "emodb").mkdir(parents=True)
+    for clip in emodb_folder.iterdir():
+        (data / "emodb" / clip.name).symlink_to(clip)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["evaluate", str(ravdess_speech_checkpoint), "--dataset", "emodb", "--data",
+                                      str(data), "--out", str(out), "--bootstrap", "20", "--without", "text"])
+    assert result.exit_code == 0, result.output
+    assert "over the 6 classes both name" in result.output and "bored (2 clips)" in result.output
+    written = json.loads((out / "cross_corpus.json").read_text())
+    assert written["shared_classes"] == ["neutral", "happy", "sad", "angry", "fearful", "disgust"]
+    assert written["dropped_modalities"] == ["text"] and written["num_samples"] == 11
+    assert (out / "confusion_matrix.png").is_file() and (out / "cross_corpus.md").is_file()
+
+    refused = CliRunner().invoke(app, ["evaluate", str(ravdess_speech_checkpoint), "--dataset", "emodb",
+                                       "--split", "val", "--data", str(data)])
+    assert refused.exit_code == 2 and "--dataset scores every clip" in refused.output

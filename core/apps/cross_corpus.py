@@ -107,6 +107,9 @@ class CrossCorpusResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: With `baseline`: one row per baseline, scored the same way (accuracy, uar, macro_f1, its C).
     baselines: list[dict[str, Any]] | None = None
+    #: What `evaluate_cross_corpus_and_write` adds: the title and the files written (kind -> path).
+    title: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "source": self.source, "dataset": self.dataset,
@@ -188,5 +191,55 @@ def _baselines(loaded: Any, clips: list[Sample], shared: SharedClasses, outputs:
     return rows
 
 
-__all__ = ["CrossCorpusResult", "SharedClasses", "evaluate_cross_corpus", "relabelled", "restricted_report",
-           "shared_classes"]
+def rows_of(result: CrossCorpusResult) -> list[dict[str, Any]]:
+    """The model's row, then each baseline's, with the model's paired accuracy difference to it."""
+    model = {"model": f"the model ({result.source})", **{k: result.report.metrics[k] for k in ("accuracy", "uar", "macro_f1")},
+             "difference": "(the model)"}
+    rows = [model]
+    for b in result.baselines or []:
+        lo, hi = b["interval"]
+        rows.append({**b, "difference": f"{100 * b['model_minus_baseline']:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"})
+    return rows
+
+
+def cross_corpus_markdown(result: CrossCorpusResult, title: str) -> str:
+    from emofuse.core.apps.report import Column, markdown_table
+
+    columns = [Column("model", "Model", justify="left"), Column("accuracy", "WA (acc) %", ".1f", pct=True),
+               Column("uar", "UA %", ".1f", pct=True), Column("macro_f1", "Macro F1 %", ".1f", pct=True),
+               Column("difference", "Model minus it, acc points (95% CI)")]
+    left = ", ".join(f"{name} ({n} clips)" for name, n in result.shared.corpus_only.items()) or "none"
+    lines = [f"# {title}\n",
+             f"Trained on `{result.source}`, scored on every clip of `{result.dataset}` over the {len(result.shared.names)} "
+             f"classes both name: {', '.join(result.shared.names)} ({result.report.num_samples} clips).",
+             f"Left out: the corpus's classes the model lacks: {left}; the model's classes the corpus lacks: "
+             f"{', '.join(result.shared.model_only) or 'none'} (its prediction is the most probable shared class).",
+             (f"Removed at test time: {', '.join(result.dropped)}." if result.dropped else ""), "",
+             markdown_table(rows_of(result), columns)]
+    if result.baselines is not None:
+        lines += ["", "Baselines: logistic regressions over the branches' frozen inputs (and the majority class), fit on "
+                  "the clips the model learned from and scored the same way; the difference is paired clip by clip."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_cross_corpus_and_write(checkpoint: Path, dataset: str, *, out_dir: Path | None = None,
+                                    **kwargs: Any) -> CrossCorpusResult:
+    """`emofuse evaluate MODEL --dataset NAME`: `evaluate_cross_corpus`, written to `out_dir` (default:
+    ``<run folder>/cross-<dataset>``): the evaluation report files over the shared classes, ``cross_corpus.md``
+    (the model beside its baselines) and ``cross_corpus.json``."""
+    from emofuse.core.apps.report import write_evaluation_report, write_json, write_text
+
+    result = evaluate_cross_corpus(Path(checkpoint), dataset, **kwargs)
+    title = f"{Path(checkpoint).parent.name or Path(checkpoint).stem} ({result.source}) on {dataset}"
+    if result.dropped:
+        title += f" without {', '.join(result.dropped)}"
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / f"cross-{dataset}"
+    result.files = write_evaluation_report(result.report, out_dir, title=title)
+    result.files["cross_corpus"] = write_text(out_dir / "cross_corpus.md", cross_corpus_markdown(result, title))
+    result.files["cross_corpus_json"] = write_json(out_dir / "cross_corpus.json", result.to_dict())
+    result.title = title
+    return result
+
+
+__all__ = ["CrossCorpusResult", "SharedClasses", "cross_corpus_markdown", "evaluate_cross_corpus",
+           "evaluate_cross_corpus_and_write", "relabelled", "restricted_report", "rows_of", "shared_classes"]
