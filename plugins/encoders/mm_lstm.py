@@ -21,8 +21,6 @@ options that once made this branch text-only are refused with a message that say
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any, ClassVar, Literal
 
@@ -54,7 +52,7 @@ from emofuse.plugins.encoders.layers import (
 )
 from emofuse.plugins.encoders.sequence import SequenceEncoder
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone, masked_mean
-from emofuse.plugins.encoders.turn_text import turn_context
+from emofuse.plugins.encoders.turn_text import ReadsTranscripts
 
 #: Frame rate the audio front end brings every backbone down to, roughly.
 TARGET_FRAME_RATE = 25.0
@@ -71,8 +69,6 @@ AudioLayers = Literal["all", "last"]
 AudioStatistics = Literal["layers", "mixed"]
 #: The options that shape `extract`'s output (the head's options do not).
 EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "audio_layers", "max_text_tokens")
-#: Those of the neighbouring turns, hashed only when turns are read (so earlier caches stay valid).
-TURN_OPTIONS = ("context_past_turns", "context_future_turns", "context_tokens")
 
 
 class MMLSTMConfig(ComponentConfig):
@@ -191,7 +187,7 @@ def utterance_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, torch.sqrt(var + 1e-6)], dim=-1)
 
 
-class MultimodalLSTMEncoder(Encoder):
+class MultimodalLSTMEncoder(ReadsTranscripts, Encoder):
     """Multimodal LSTM: text + audio encoders, 8-head audio-to-text attention, BiLSTM or transformer, speaker
     metadata."""
 
@@ -199,6 +195,7 @@ class MultimodalLSTMEncoder(Encoder):
     modalities: ClassVar[tuple[str, ...]] = (AUDIO, TEXT, METADATA)
     Config: ClassVar[type[ComponentConfig]] = MMLSTMConfig
     pretrained_modules: ClassVar[tuple[str, ...]] = ("text_backbone", "audio_backbone")
+    extract_options: ClassVar[tuple[str, ...]] = EXTRACT_OPTIONS
 
     @classmethod
     def modalities_for(cls, config: MMLSTMConfig) -> tuple[str, ...]:  # type: ignore[override]
@@ -245,44 +242,6 @@ class MultimodalLSTMEncoder(Encoder):
         #: Audio-to-text attention weights ``[B, F', 1 + T]`` of the latest forward (slot 0 = no text).
         self.last_attention: torch.Tensor | None = None
 
-    @property
-    def backbone_trainable(self) -> bool:
-        return not self.config.freeze_backbone
-
-    @property
-    def backbone_lr_scale(self) -> float:
-        """Learning-rate factor of the unfrozen backbones (read by `emofuse.core.engine.fit.parameter_groups`)."""
-        return float(self.config.backbone_lr_scale)
-
-    @property
-    def reads_turns(self) -> bool:
-        """Whether the text encoder reads neighbouring turns with each utterance."""
-        return bool(self.config.context_past_turns or self.config.context_future_turns)
-
-    @property
-    def batches_by_dialogue(self) -> bool:  # type: ignore[override]
-        """The neighbouring turns come from the batch, so it must hold whole dialogues."""
-        return self.reads_turns
-
-    @property
-    def cacheable(self) -> bool:
-        """Not with neighbouring turns: a clip's features then depend on the rest of its dialogue."""
-        return super().cacheable and not self.reads_turns
-
-    def fingerprint(self) -> str:
-        """Hash of what shapes `extract`: the backbones' options and frozen weights, not the head's options,
-        so heads that differ (LSTM or transformer, widths, dropout) share one set of cached features."""
-        h = hashlib.sha256(self.name.encode())
-        options = EXTRACT_OPTIONS + (TURN_OPTIONS if self.reads_turns else ()) + (
-            ("name_speaker",) if self.config.name_speaker else ())
-        h.update(json.dumps({k: getattr(self.config, k) for k in options}, sort_keys=True).encode())
-        prefixes = tuple(m + "." for m in self.pretrained_modules)
-        for key, tensor in sorted(self.state_dict().items()):
-            if key.startswith(prefixes):
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
     def train(self, mode: bool = True) -> "MultimodalLSTMEncoder":
         super().train(mode)
         if self.config.freeze_backbone:
@@ -294,15 +253,7 @@ class MultimodalLSTMEncoder(Encoder):
         """Per clip: ``text_tokens`` ``[T, D_text]`` and, with an audio side, ``audio_frames`` ``[F, D_audio]``
         (one zero frame where the audio is absent)."""
         b = len(batch)
-        if self.reads_turns:
-            lines, contexts = turn_context(batch, past=self.config.context_past_turns,
-                                           future=self.config.context_future_turns)
-            tokens = self.text_backbone.token_embeddings(lines, contexts, context_tokens=self.config.context_tokens)
-        elif self.config.name_speaker:
-            lines, _ = turn_context(batch, past=0)
-            tokens = self.text_backbone.token_embeddings(lines)
-        else:
-            tokens = self.text_backbone.token_embeddings(list(batch.text or [""] * b))
+        tokens = self.utterance_tokens(batch)
         has_audio = batch.presence(AUDIO)
         waves: list[torch.Tensor] = []
         for i in range(b):

@@ -14,8 +14,6 @@ A transcript corpus (the shared MELD) is its home; `mm-lstm` is the audio + text
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -26,15 +24,13 @@ from emofuse.core import METADATA, TEXT, Batch, ComponentConfig, Encoder, Encode
 from emofuse.plugins.encoders.layers import MetadataEmbedding, classifier_head, freeze, keep_frozen_in_eval
 from emofuse.plugins.encoders.sequence import SequenceEncoder, SequenceModel
 from emofuse.plugins.encoders.text_backbone import DEFAULT_TEXT_BACKBONE, TextBackbone, masked_mean
-from emofuse.plugins.encoders.turn_text import turn_context
+from emofuse.plugins.encoders.turn_text import ReadsTranscripts
 
 #: "mlp": projection, batch-normalised hidden layer and dropout; "linear": one linear layer over the text
 #: backbone's mean token vector (with sequence_model "none" and no metadata).
 HeadKind = Literal["mlp", "linear"]
 #: The options that shape `extract`'s output (the head's options do not).
 EXTRACT_OPTIONS = ("text_backbone", "max_text_tokens")
-#: Those of the neighbouring turns, hashed only when turns are read.
-TURN_OPTIONS = ("context_past_turns", "context_future_turns", "context_tokens")
 
 
 class TextClassifierConfig(ComponentConfig):
@@ -84,7 +80,7 @@ class TextClassifierConfig(ComponentConfig):
         return self
 
 
-class TextClassifierEncoder(Encoder):
+class TextClassifierEncoder(ReadsTranscripts, Encoder):
     """Text classifier: a pretrained text encoder (frozen or fine-tuned), a BiLSTM, transformer or no sequence
     model over its tokens, and an MLP or linear head."""
 
@@ -92,6 +88,7 @@ class TextClassifierEncoder(Encoder):
     modalities: ClassVar[tuple[str, ...]] = (TEXT, METADATA)
     Config: ClassVar[type[ComponentConfig]] = TextClassifierConfig
     pretrained_modules: ClassVar[tuple[str, ...]] = ("text_backbone",)
+    extract_options: ClassVar[tuple[str, ...]] = EXTRACT_OPTIONS
 
     @classmethod
     def modalities_for(cls, config: TextClassifierConfig) -> tuple[str, ...]:  # type: ignore[override]
@@ -122,43 +119,6 @@ class TextClassifierEncoder(Encoder):
             self.head, self.classifier = classifier_head(fused, d, num_classes, c.dropout)
         self.embedding_dim = self.text_backbone.dim if linear_head else d
 
-    @property
-    def backbone_trainable(self) -> bool:
-        return not self.config.freeze_backbone
-
-    @property
-    def backbone_lr_scale(self) -> float:
-        """Learning-rate factor of the unfrozen backbone (read by the trainer's parameter groups)."""
-        return float(self.config.backbone_lr_scale)
-
-    @property
-    def reads_turns(self) -> bool:
-        """Whether the text encoder reads neighbouring turns with each utterance."""
-        return bool(self.config.context_past_turns or self.config.context_future_turns)
-
-    @property
-    def batches_by_dialogue(self) -> bool:  # type: ignore[override]
-        """The neighbouring turns come from the batch, so it must hold whole dialogues."""
-        return self.reads_turns
-
-    @property
-    def cacheable(self) -> bool:
-        """Not with neighbouring turns: a clip's features then depend on the rest of its dialogue."""
-        return super().cacheable and not self.reads_turns
-
-    def fingerprint(self) -> str:
-        """Hash of what shapes `extract`: the backbone's options and frozen weights, not the head's options,
-        so heads that differ (LSTM or transformer, widths, dropout) share one set of cached features."""
-        h = hashlib.sha256(self.name.encode())
-        options = EXTRACT_OPTIONS + (TURN_OPTIONS if self.reads_turns else ()) + (
-            ("name_speaker",) if self.config.name_speaker else ())
-        h.update(json.dumps({k: getattr(self.config, k) for k in options}, sort_keys=True).encode())
-        for key, tensor in sorted(self.state_dict().items()):
-            if key.startswith("text_backbone."):
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-
     def train(self, mode: bool = True) -> "TextClassifierEncoder":
         super().train(mode)
         if self.config.freeze_backbone:
@@ -168,15 +128,7 @@ class TextClassifierEncoder(Encoder):
     # -- the frozen part ---------------------------------------------------------------------
     def extract(self, batch: Batch) -> list[dict[str, torch.Tensor]]:
         """Per clip: ``text_tokens`` ``[T, D_text]``."""
-        if self.reads_turns:
-            lines, contexts = turn_context(batch, past=self.config.context_past_turns,
-                                           future=self.config.context_future_turns)
-            tokens = self.text_backbone.token_embeddings(lines, contexts, context_tokens=self.config.context_tokens)
-        elif self.config.name_speaker:
-            lines, _ = turn_context(batch, past=0)
-            tokens = self.text_backbone.token_embeddings(lines)
-        else:
-            tokens = self.text_backbone.token_embeddings(list(batch.text or [""] * len(batch)))
+        tokens = self.utterance_tokens(batch)
         return [{"text_tokens": t} for t in tokens]
 
     # -- the trainable head ------------------------------------------------------------------
