@@ -445,7 +445,15 @@ def predict_cmd(
     explain: bool = typer.Option(False, "--explain", help="Also draw, per clip, a PNG: face track, crops with the spatial attention, each branch's share."),
     explain_dir: Optional[Path] = typer.Option(None, "--explain-dir", help="Folder for the --explain PNGs (default: 'explanations' beside --out, else in the current folder)."),
     transcribe: bool = typer.Option(True, "--transcribe/--no-transcribe",
-                                    help="Transcribe the speech of clips without text (Whisper tiny.en, offline)."),
+                                    help="Transcribe the speech of clips without text (offline; Whisper tiny.en "
+                                         "unless --transcriber)."),
+    transcriber_name: Optional[str] = typer.Option(None, "--transcriber", envvar="EMOFUSE_TRANSCRIBER", metavar="MODEL",
+                                                   help="Whisper that transcribes clips without text: whisper "
+                                                        "(tiny.en, English, the default) or whisper-base "
+                                                        "(multilingual; EMOFUSE_WHISPER_BASE=1 scripts/setup.sh)."),
+    language: Optional[str] = typer.Option(None, "--language", envvar="EMOFUSE_TRANSCRIBE_LANGUAGE", metavar="CODE",
+                                           help="Language of the speech for --transcriber whisper-base (de, en, "
+                                                "...); default: detected per clip."),
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
@@ -453,6 +461,7 @@ def predict_cmd(
 
     if not max_audio_seconds >= 0:
         raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
+    choose_transcriber(transcriber_name, language)
     if explain and explain_dir is None:
         explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
     records = predict.predict_files(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,
@@ -466,6 +475,17 @@ def predict_cmd(
         err_console.print(f'{failures} of {len(records)} clips could not be predicted (see their "error" field)',
                           markup=False, highlight=False)
         raise typer.Exit(1)
+
+
+def choose_transcriber(model: Optional[str], language: Optional[str]) -> None:
+    """Hand --transcriber/--language to the transcription (and serve's workers) through its environment
+    variables, refusing an unknown model or a language tiny.en cannot transcribe before anything runs."""
+    from emofuse.plugins.transcription import LANGUAGE_VARIABLE, MODEL_VARIABLE, chosen_model
+
+    for variable, value in ((MODEL_VARIABLE, model), (LANGUAGE_VARIABLE, language)):
+        if value:
+            os.environ[variable] = value
+    chosen_model()
 
 
 @app.command("serve")
@@ -503,11 +523,19 @@ def serve_cmd(
     allowed_hosts: Optional[List[str]] = typer.Option(None, "--allowed-host",
                                                       help="A Host name answered (repeatable; '*.example.com' "
                                                            "allowed); default: loopback names only."),
+    transcriber_name: Optional[str] = typer.Option(None, "--transcriber", envvar="EMOFUSE_TRANSCRIBER", metavar="MODEL",
+                                                   help="Whisper that transcribes clips without text: whisper "
+                                                        "(tiny.en, English, the default) or whisper-base "
+                                                        "(multilingual; EMOFUSE_WHISPER_BASE=1 scripts/setup.sh)."),
+    language: Optional[str] = typer.Option(None, "--language", envvar="EMOFUSE_TRANSCRIBE_LANGUAGE", metavar="CODE",
+                                           help="Language of the speech for --transcriber whisper-base (de, en, "
+                                                "...); default: detected per clip."),
 ):
     """Serve a checkpoint over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs and a page at /."""
     from emofuse.core.apps.serve import LOOPBACK_HOSTS, ServeSettings, serve
     from emofuse.core.errors import ConfigError
 
+    choose_transcriber(transcriber_name, language)
     key_var = api_key_env or "EMOFUSE_API_KEY"
     api_key = os.environ.get(key_var) or None
     if api_key_env and api_key is None:

@@ -1,9 +1,11 @@
 """Speech to text for clips that come without a transcript: greedy Whisper decoding, offline, safe to serve.
 
 `transcribe` is the one entry point predict and the readers use (readers hold no model code); it runs
-the packaged Whisper tiny.en through this project's PyTorch port (`emofuse.plugins.encoders.whisper`):
-the clip is cut into Whisper's 30 s windows (each padded to 30 s: the decoder was trained on that), the
-encoder runs once per window, then tokens are chosen greedily until end of text. It gives the same text
+the packaged Whisper tiny.en (or, with ``EMOFUSE_TRANSCRIBER=whisper-base``, the multilingual Whisper base,
+its language given by ``EMOFUSE_TRANSCRIBE_LANGUAGE`` or detected per clip) through this project's PyTorch
+port (`emofuse.plugins.encoders.whisper`): the clip is cut into Whisper's 30 s windows (each padded to 30 s:
+the decoder was trained on that), the encoder runs once per window, then tokens are chosen greedily until end
+of text. It gives the same text
 as the ctranslate2 runtime, which is about twice as fast on CPU (`benchmarks/bench_whisper.py`); the port
 is used anyway so that no second runtime is a dependency.
 
@@ -37,22 +39,19 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from emofuse.core import Sample, user_cache_dir
+from emofuse.core import ConfigError, Sample, user_cache_dir
 from emofuse.plugins.encoders.whisper import (
     CHUNK_SAMPLES,
-    PACKAGED_SHA256,
     SAMPLE_RATE,
     WhisperLogMel,
     file_sha256,
+    packaged_model,
     packaged_whisper,
 )
 
-#: Whisper's special tokens for English-only models (tiny.en): start of transcript, no timestamps, end of text,
-#: and the token whose probability after start of transcript is the window's no-speech probability.
-START_OF_TRANSCRIPT = 50257
-NO_TIMESTAMPS = 50362
-END_OF_TEXT = 50256
-NO_SPEECH = 50361
+#: The environment variables that choose the transcribing model (a packaged Whisper name) and its language.
+MODEL_VARIABLE = "EMOFUSE_TRANSCRIBER"
+LANGUAGE_VARIABLE = "EMOFUSE_TRANSCRIBE_LANGUAGE"
 #: openai-whisper's default cap on generated tokens (half the decoder's 448 positions).
 MAX_NEW_TOKENS = 224
 #: Names the decoding rules in the cache file's name: text cached under other rules is not reused.
@@ -111,12 +110,45 @@ class Limits:
 
 @dataclass
 class Transcript:
-    """One clip's text (None when no window held speech) and what was skipped or cut on the way."""
+    """One clip's text (None when no window held speech), its language (None when nothing was decoded) and
+    what was skipped or cut on the way."""
 
     text: str | None
     windows: int = 0
     skipped: int = 0
     warnings: list[str] = field(default_factory=list)
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """A Whisper model's special token ids, read from its own tokenizer; `languages` maps a language code
+    (``"de"``) to its token for a multilingual model and is empty for an English-only one."""
+
+    end_of_text: int
+    start_of_transcript: int
+    no_timestamps: int
+    no_speech: int
+    transcribe: int | None
+    languages: dict[str, int]
+
+    @classmethod
+    def of(cls, tokenizer, language_ids: Sequence[int] = ()) -> SpecialTokens:
+        def token(*names: str) -> int:
+            for name in names:
+                if (found := tokenizer.token_to_id(name)) is not None:
+                    return found
+            raise ConfigError(f"the Whisper tokenizer has no {names[0]} token", hint="use a packaged Whisper model")
+
+        languages = {tokenizer.id_to_token(i)[2:-2]: i for i in language_ids}
+        return cls(token("<|endoftext|>"), token("<|startoftranscript|>"), token("<|notimestamps|>"),
+                   token("<|nospeech|>", "<|nocaptions|>"), token("<|transcribe|>") if languages else None, languages)
+
+    def prompt(self, language: str | None) -> list[int]:
+        """The decoder's prompt: start of transcript, the language and the task (multilingual), no timestamps."""
+        if not self.languages:
+            return [self.start_of_transcript, self.no_timestamps]
+        return [self.start_of_transcript, self.languages[language], self.transcribe, self.no_timestamps]
 
 
 class TranscriptionCancelled(Exception):
@@ -142,23 +174,43 @@ def loop_start(tokens: Sequence[int], repeats: int, max_block: int) -> int | Non
 
 
 class WhisperTranscriber:
-    """Greedy decoding with the packaged Whisper; suppresses the tokens its config lists (and every special
-    token but end of text), and a blank or end-of-text first token, as the reference decoder does."""
+    """Greedy decoding with a packaged Whisper (`model`: ``whisper`` is tiny.en, ``whisper-base`` the
+    multilingual base); suppresses the tokens its config lists (and every special token but end of text), and
+    a blank or end-of-text first token, as the reference decoder does. A multilingual model transcribes in
+    `language` (a code such as ``"de"``), or in the language it detects in each clip: its most probable
+    language token right after start of transcript, as openai-whisper detects it."""
 
-    def __init__(self):
+    def __init__(self, model: str = "whisper", language: str | None = None):
         from tokenizers import Tokenizer
 
-        self.weights = packaged_whisper()
+        self.model = packaged_model(model)
+        self.weights = packaged_whisper(model)
         self.mel = WhisperLogMel(self.weights.encoder.dims.n_mels)
         self.tokenizer = Tokenizer.from_file(str(self.weights.folder / "tokenizer.json"))
+        config = json.loads((self.weights.folder / "config.json").read_text())
+        self.special = SpecialTokens.of(self.tokenizer, config.get("lang_ids", ()) if self.model.multilingual else ())
+        self.language = self.checked_language(language)
         vocab = self.weights.decoder.token_embedding.num_embeddings
         suppress = torch.zeros(vocab, dtype=torch.bool)
         suppress[list(self.weights.suppress_ids)] = True
-        suppress[START_OF_TRANSCRIPT:] = True  # special and timestamp tokens
+        suppress[self.special.start_of_transcript:] = True  # special and timestamp tokens
         self.suppress = suppress
         self.suppress_first = suppress.clone()
         self.suppress_first[list(self.weights.suppress_ids_begin)] = True
         self.has_voice = voice_detector()
+
+    def checked_language(self, language: str | None) -> str | None:
+        """`language` as a code the model knows (None: detect it; always English for an English-only model)."""
+        code = (language or "").strip().lower() or None
+        if not self.special.languages:
+            if code not in (None, "en"):
+                raise ConfigError(f"language {language!r}: {self.model.name} transcribes English only",
+                                  hint=f"set {MODEL_VARIABLE}=whisper-base for other languages")
+            return "en"
+        if code is not None and code not in self.special.languages:
+            raise ConfigError(f"language {language!r} is not one {self.model.name} knows",
+                              hint=f"use one of {', '.join(sorted(self.special.languages))}, or none to detect it")
+        return code
 
     def __call__(self, waveform: np.ndarray | torch.Tensor, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
         """One 16 kHz mono clip -> its text, stripped ("" when it holds no speech)."""
@@ -170,6 +222,7 @@ class WhisperTranscriber:
         wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).flatten()
         deadline = time.monotonic() + limits.budget_s if limits.budget_s is not None else None
         out = Transcript(text=None)
+        language = self.language
         texts: list[str] = []
         for start in range(0, wav.numel(), CHUNK_SAMPLES):
             if deadline is not None and time.monotonic() > deadline:
@@ -178,8 +231,10 @@ class WhisperTranscriber:
                 break
             chunk = wav[start:start + CHUNK_SAMPLES]
             out.windows += 1
-            text, why = self.window(chunk, limits, cancel=cancel, deadline=deadline,
-                                    max_new_tokens=min(max_new_tokens, limits.max_tokens(chunk.numel())))
+            text, why, heard = self.decode_window(chunk, limits, language, cancel=cancel, deadline=deadline,
+                                                  max_new_tokens=min(max_new_tokens, limits.max_tokens(chunk.numel())))
+            if heard is not None and out.language is None:
+                out.language = language = heard  # detected once, in the first window with speech
             if why == "skipped":
                 out.skipped += 1
             elif why:
@@ -190,20 +245,33 @@ class WhisperTranscriber:
         out.text = " ".join(texts) or None
         return out
 
-    @torch.no_grad()
     def window(self, wav: torch.Tensor, limits: Limits = Limits(), *, cancel: threading.Event | None = None,
                deadline: float | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, str | None]:
         """Greedy decoding of at most 30 s of audio -> (text, None) or (text, why it was skipped or cut)."""
+        text, why, _ = self.decode_window(wav, limits, self.language, cancel=cancel, deadline=deadline,
+                                          max_new_tokens=max_new_tokens)
+        return text, why
+
+    @torch.no_grad()
+    def decode_window(self, wav: torch.Tensor, limits: Limits, language: str | None, *,
+                      cancel: threading.Event | None = None, deadline: float | None = None,
+                      max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[str, str | None, str | None]:
+        """`window`, in `language` (None: detected here) -> (text, why, the language decoded; None if skipped)."""
         if level_dbfs(wav) < limits.silence_dbfs:
-            return "", "skipped"
+            return "", "skipped", None
         if limits.use_voice_detector and self.has_voice is not None and not self.has_voice(wav):
-            return "", "skipped"
+            return "", "skipped", None
+        special = self.special
         audio = self.weights.encoder(self.mel(wav, pad_to_chunk=True)[None])[-1]
         audio_kv = self.weights.decoder.audio_keys_values(audio)
-        first = self.weights.decoder.next_token_logits(torch.tensor([[START_OF_TRANSCRIPT]]), audio_kv)[0]
-        if float(first.float().softmax(-1)[NO_SPEECH]) > limits.no_speech_threshold:
-            return "", "skipped"
-        tokens = [START_OF_TRANSCRIPT, NO_TIMESTAMPS]
+        first = self.weights.decoder.next_token_logits(torch.tensor([[special.start_of_transcript]]), audio_kv)[0]
+        if float(first.float().softmax(-1)[special.no_speech]) > limits.no_speech_threshold:
+            return "", "skipped", None
+        if language is None:  # multilingual, not given: the most probable language token
+            codes = list(special.languages)
+            language = codes[int(first[[special.languages[c] for c in codes]].argmax())]
+        tokens = special.prompt(language)
+        prompt = len(tokens)
         why = None
         for step in range(max_new_tokens):
             if cancel is not None and cancel.is_set():
@@ -214,34 +282,50 @@ class WhisperTranscriber:
             logits = self.weights.decoder.next_token_logits(torch.tensor([tokens]), audio_kv)[0]
             logits[self.suppress_first if step == 0 else self.suppress] = -torch.inf
             token = int(logits.argmax())
-            if token == END_OF_TEXT:
+            if token == special.end_of_text:
                 break
             tokens.append(token)
-            loop = loop_start(tokens[2:], limits.repeats, limits.loop_block)
+            loop = loop_start(tokens[prompt:], limits.repeats, limits.loop_block)
             if loop is not None:
-                del tokens[2 + loop:]
+                del tokens[prompt + loop:]
                 why = "stopped where it began to repeat itself"
                 break
         else:
             why = f"stopped at its cap of {max_new_tokens} tokens"
-        return self.tokenizer.decode(tokens[2:], skip_special_tokens=True).strip(), why
+        return self.tokenizer.decode(tokens[prompt:], skip_special_tokens=True).strip(), why, language
 
 
-_transcriber: WhisperTranscriber | None = None
+_transcribers: dict[tuple[str, str | None], WhisperTranscriber] = {}
 _lock = threading.Lock()
 
 
+def chosen_model() -> tuple[str, str | None]:
+    """The transcribing model and language the user chose: ``$EMOFUSE_TRANSCRIBER`` (a packaged Whisper,
+    default ``whisper``, tiny.en) and ``$EMOFUSE_TRANSCRIBE_LANGUAGE`` (a code; unset: detected)."""
+    name = os.environ.get(MODEL_VARIABLE, "").strip() or "whisper"
+    model = packaged_model(name)  # an unknown name is refused here, naming the choices
+    language = os.environ.get(LANGUAGE_VARIABLE, "").strip().lower() or None
+    if not model.multilingual:
+        if language not in (None, "en"):
+            raise ConfigError(f"{LANGUAGE_VARIABLE}={language}: {model.name} transcribes English only",
+                              hint=f"set {MODEL_VARIABLE}=whisper-base (--transcriber whisper-base) for other "
+                                   "languages")
+        return "whisper", "en"
+    return "whisper-base", language
+
+
 def transcriber() -> WhisperTranscriber:
-    """The process's one transcriber (the model loads once)."""
-    global _transcriber
+    """The process's transcriber for the chosen model and language (`chosen_model`; each loads once)."""
+    key = chosen_model()
     with _lock:
-        if _transcriber is None:
-            _transcriber = WhisperTranscriber()
-        return _transcriber
+        if key not in _transcribers:
+            _transcribers[key] = WhisperTranscriber(*key)
+        return _transcribers[key]
 
 
 def transcribe(waveforms: Iterable[np.ndarray | torch.Tensor]) -> list[str]:
-    """16 kHz mono waveforms -> one transcript each (greedy Whisper tiny.en, offline; "" where no speech)."""
+    """16 kHz mono waveforms -> one transcript each (greedy Whisper, the chosen model, offline; "" where no
+    speech)."""
     model = transcriber()
     return [model(w) for w in waveforms]
 
@@ -281,8 +365,13 @@ class TranscriptCache:
 
 def default_transcript_cache() -> Path:
     """``$EMOFUSE_CACHE_DIR/transcripts`` (else ``$XDG_CACHE_HOME/emofuse/transcripts``), the rule every user
-    cache follows; one file per model and decoding rules so text made otherwise is never served."""
-    return user_cache_dir("transcripts") / f"whisper-tiny.en-{PACKAGED_SHA256[:12]}-{decoding_rules()}.json"
+    cache follows; one file per model, language and decoding rules so text made otherwise is never served."""
+    name, language = chosen_model()
+    model = packaged_model(name)
+    if not model.multilingual:
+        return user_cache_dir("transcripts") / f"whisper-tiny.en-{model.sha256[:12]}-{decoding_rules()}.json"
+    return user_cache_dir("transcripts") / (f"{name}-{model.sha256[:12]}-{language or 'detected'}-"
+                                             f"{decoding_rules()}.json")
 
 
 def fill_missing_transcripts(samples: Sequence[Sample], cache: Path | str | None = None) -> list[Sample]:

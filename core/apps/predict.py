@@ -8,8 +8,9 @@ Inputs are media files (audio or video), folders of them, `Sample`s, or a manife
 normaliser and label set are used, so predictions match what `evaluate` measured.
 
 A model that reads text gets a transcript for every clip given without one (no ``--text``, an empty
-manifest cell): the clip's speech transcribed offline by Whisper tiny.en (`emofuse.plugins.transcription`,
-cached per clip); its record then carries the ``transcript``. ``transcribe=False`` leaves such clips textless.
+manifest cell): the clip's speech transcribed offline by Whisper tiny.en, or the Whisper that
+``EMOFUSE_TRANSCRIBER`` names (`emofuse.plugins.transcription`, cached per clip); its record then carries the
+``transcript``. ``transcribe=False`` leaves such clips textless.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ manifest's folder); when the reader's ``root`` is set, a media path that leads o
 an absolute path elsewhere) is bad input, so a manifest cannot point the loader at other files.
 Only `id` is required; without a label column the rows are unlabelled (for prediction). The label set must be given explicitly with ``labels``.
 With ``empty_text = "transcribe"`` a clip without a transcript (empty cell, or no text column) gets one
-from its speech (Whisper tiny.en, offline; `emofuse.plugins.transcription`), cached so each clip is
-transcribed once.
+from its speech (Whisper tiny.en, or the one ``EMOFUSE_TRANSCRIBER`` names, offline;
+`emofuse.plugins.transcription`), cached so each clip is transcribed once.
 """
 from __future__ import annotations
 
