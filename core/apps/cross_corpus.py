@@ -174,13 +174,13 @@ def _baselines(loaded: Any, clips: list[Sample], shared: SharedClasses, outputs:
     fits = baselines_over_branches(loaded.model.branches, bundle, open_cache(loaded.config),
                                    fit_on=fit_splits(loaded.config.train.refit))
     label_of = {s.id: s.label for s in clips}
+    to_shared = {m: k for k, m in enumerate(shared.model_index)}
     model_pred = dict(zip(outputs.ids, outputs.logits[:, shared.model_index].argmax(dim=1).tolist()))
     rows = []
     for f in fits:
         labels = torch.tensor([label_of[i] for i in f.ids])
         probs = torch.from_numpy(f.probabilities)
         report = restricted_report(labels, probs, shared, bootstrap=bootstrap, seed=seed)
-        to_shared = {m: k for k, m in enumerate(shared.model_index)}
         truth = np.array([to_shared[int(label_of[i])] for i in f.ids])
         theirs = probs[:, shared.model_index].argmax(dim=1).numpy() == truth
         mine = np.array([model_pred[i] for i in f.ids]) == truth
