@@ -1,7 +1,8 @@
 """Identity = config + data + code: an edited plugin is recomputed, with one line saying why.
 
 The plugin is a module on ``sys.path`` (as an editable install puts it), registered in a `Registry`;
-the test edits its source, reloads it, and trains again as a new process would.
+the test edits its source, reloads it, and trains again as a new process would. A last test installs a
+plugin package with ``pip install -e`` and checks the identity new processes give it before and after an edit.
 """
 from __future__ import annotations
 
@@ -166,3 +167,58 @@ def test_a_run_stored_without_a_record_of_its_code_is_trained_again_with_a_line(
     (tmp_path / RESULT_FILE).write_text(json.dumps({"finished": True, "fingerprint": "old", "code": code}))
     assert stale_note(tmp_path, "branch run", code) is None  # same code: another setting differs, said elsewhere
     assert stale_note(tmp_path / "absent", "branch run", code) is None
+
+
+EDITABLE_PROBE = """
+import json
+from emofuse.core.data.code_identity import code_identity
+from emofuse.core.registry import get_registry
+cls = get_registry().cls("encoder", "edited-au")
+print(json.dumps(code_identity(cls)))
+"""
+
+
+def test_an_editable_plugin_package_is_identified_by_its_version_and_its_edited_source(tmp_path):
+    """The plugin as its author works on it: `pip install -e`, registered through its entry point; an edit
+    of `extract` changes the identity a new process computes, so every reuse keyed by it is recomputed."""
+    import json
+    import os
+    import subprocess
+
+    package = tmp_path / "edited-plugin"
+    (package / "edited_pkg").mkdir(parents=True)
+    source = package / "edited_pkg" / "__init__.py"
+    source.write_text(PLUGIN.replace("SCALE * ", "").replace("* SCALE", "* 1.0").replace("* OUTPUT_SCALE", ""))
+    (package / "pyproject.toml").write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools>=69"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "edited-plugin"
+        version = "0.3.0"
+        [project.entry-points.emofuse]
+        edited = "edited_pkg"
+        [tool.setuptools]
+        packages = ["edited_pkg"]
+    '''))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    installed = subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "-e", str(package)],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    try:
+        def identity() -> dict:
+            env = {k: v for k, v in os.environ.items() if k != "EMOFUSE_PLUGINS"}  # every installed plugin
+            done = subprocess.run([sys.executable, "-B", "-c", EDITABLE_PROBE], capture_output=True, text=True, env=env)
+            assert done.returncode == 0, done.stderr[-2000:]
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        before = identity()
+        assert before["provider"] == "edited-plugin 0.3.0" and "edited_pkg" in before["sources"]
+        assert identity() == before  # the same code, the same identity
+        source.write_text(source.read_text().replace("* 1.0", "* 0.0"))  # extract now returns zeros
+        after = identity()
+        assert after["provider"] == before["provider"]
+        assert after["sources"]["edited_pkg"] != before["sources"]["edited_pkg"]
+        assert ci.what_changed("edited-au", before, after)
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "edited-plugin"], capture_output=True)
