@@ -106,3 +106,27 @@ def test_the_cli_scores_a_checkpoint_on_another_corpus_and_writes_the_report(rav
     refused = CliRunner().invoke(app, ["evaluate", str(ravdess_speech_checkpoint), "--dataset", "emodb",
                                        "--split", "val", "--data", str(data)])
     assert refused.exit_code == 2 and "--dataset scores every clip" in refused.output
+
+
+def test_a_corpus_feature_table_no_branch_reads_is_not_scaled_or_warned_about(shared_data, tmp_path, caplog):
+    """EmoDB -> RAVDESS: RAVDESS joins its action-unit table, which a speech model trained on EmoDB never saw."""
+    from emofuse.core.config import validate
+    from emofuse.core.engine.training import train_run
+
+    config = validate({
+        "name": "emodb-speech", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "emodb", "data_dir": str(shared_data), "limit": 48},
+        "branches": {"speech": {"name": "mm-lstm", "audio_backbone": "log-mel", "model_dim": 32, "lstm_hidden": 32,
+                                "attention_heads": 4}},
+        "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
+    })
+    checkpoint = train_run(config, progress=False, resume=False).checkpoint
+    folder = tmp_path / "ravdess" / "Actor_01"
+    folder.mkdir(parents=True)
+    for name in ("03-01-01-01-01-01-01", "03-01-03-01-01-01-01", "03-01-04-01-01-01-01", "03-01-02-01-01-01-01"):
+        shutil.copy(shared_data / "ravdess-speech" / "Actor_01" / f"{name}.ogg", folder / f"{name}.ogg")
+    with caplog.at_level("WARNING"):
+        result = evaluate_cross_corpus(checkpoint, "ravdess", data_dir=shared_data,
+                                       options={"root": str(tmp_path / "ravdess")}, bootstrap=0)
+    assert result.report.num_samples == 3 and result.shared.corpus_only["calm"] == 1
+    assert "no training statistics" not in caplog.text

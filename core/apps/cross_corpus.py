@@ -38,7 +38,7 @@ from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import load_model
 from emofuse.core.errors import ConfigError
 from emofuse.core.registry import Registry
-from emofuse.core.types import Sample
+from emofuse.core.types import FEATURES, Sample
 
 
 @dataclass
@@ -147,6 +147,8 @@ def evaluate_cross_corpus(
     skipped = list(getattr(reader, "skipped", []))
     shared = shared_classes(loaded.label_names, reader.label_names)
     clips = relabelled(samples, loaded.label_names, shared)
+    if FEATURES not in loaded.model.modalities:  # a table the corpus joins (RAVDESS's AUs) that no branch reads
+        clips = [dataclasses.replace(s, features={}) for s in clips]
     batches = batches_of(clips, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
                          on_bad_sample=policy, skipped=skipped, spec=preprocess_spec(loaded.config.data))
     outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
