@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from emofuse.core.apps.cross_corpus import evaluate_cross_corpus, shared_classes

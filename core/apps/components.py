@@ -127,11 +127,11 @@ def describe_options(component: type) -> list[dict[str, str]]:
     description, or the ``#:`` comment above it in the source)."""
     comments = _option_comments(component.Config)
     out = []
-    for key, field in component.Config.model_fields.items():
-        default = "(required)" if field.is_required() else repr(
-            field.default if field.default_factory is None else field.default_factory())
-        out.append({"name": key, "type": _type_name(field.annotation), "default": default,
-                    "constraints": _constraints(field), "help": field.description or comments.get(key, "")})
+    for key, info in component.Config.model_fields.items():
+        default = "(required)" if info.is_required() else repr(
+            info.default if info.default_factory is None else info.default_factory())
+        out.append({"name": key, "type": _type_name(info.annotation), "default": default,
+                    "constraints": _constraints(info), "help": info.description or comments.get(key, "")})
     return out
 
 
