@@ -97,6 +97,12 @@ DataOpt = typer.Option(None, "--data", "-d", help="Folder holding the corpora (d
 DatasetOpt = typer.Option(None, "--dataset", help="Dataset reader (see `emofuse plugins`).")
 LabelsOpt = typer.Option(None, "--labels", help="Explicit label set, comma-separated, in class-index order.")
 OutputOpt = typer.Option(None, "--output", "-o", help="Folder for runs (default: runs/).")
+TranscriberOpt = typer.Option(None, "--transcriber", envvar="EMOFUSE_TRANSCRIBER", metavar="MODEL",
+                              help="Whisper that transcribes clips without text: whisper (tiny.en, English, the "
+                                   "default) or whisper-base (multilingual; EMOFUSE_WHISPER_BASE=1 scripts/setup.sh).")
+LanguageOpt = typer.Option(None, "--language", envvar="EMOFUSE_TRANSCRIBE_LANGUAGE", metavar="CODE",
+                           help="Language of the speech for --transcriber whisper-base (de, en, ...); default: "
+                                "detected per clip.")
 NameOpt = typer.Option(None, "--name", "-n", help="Run name (folder under --output).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed of every stage (train, fusion_train, branch_train.*).")
 EpochsOpt = typer.Option(None, "--epochs", help="Maximum epochs of every stage (train, fusion_train, branch_train.*); --set train.epochs=N sets the [train] key alone.")
@@ -447,13 +453,8 @@ def predict_cmd(
     transcribe: bool = typer.Option(True, "--transcribe/--no-transcribe",
                                     help="Transcribe the speech of clips without text (offline; Whisper tiny.en "
                                          "unless --transcriber)."),
-    transcriber_name: Optional[str] = typer.Option(None, "--transcriber", envvar="EMOFUSE_TRANSCRIBER", metavar="MODEL",
-                                                   help="Whisper that transcribes clips without text: whisper "
-                                                        "(tiny.en, English, the default) or whisper-base "
-                                                        "(multilingual; EMOFUSE_WHISPER_BASE=1 scripts/setup.sh)."),
-    language: Optional[str] = typer.Option(None, "--language", envvar="EMOFUSE_TRANSCRIBE_LANGUAGE", metavar="CODE",
-                                           help="Language of the speech for --transcriber whisper-base (de, en, "
-                                                "...); default: detected per clip."),
+    transcriber_name: Optional[str] = TranscriberOpt,
+    language: Optional[str] = LanguageOpt,
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
@@ -523,13 +524,8 @@ def serve_cmd(
     allowed_hosts: Optional[List[str]] = typer.Option(None, "--allowed-host",
                                                       help="A Host name answered (repeatable; '*.example.com' "
                                                            "allowed); default: loopback names only."),
-    transcriber_name: Optional[str] = typer.Option(None, "--transcriber", envvar="EMOFUSE_TRANSCRIBER", metavar="MODEL",
-                                                   help="Whisper that transcribes clips without text: whisper "
-                                                        "(tiny.en, English, the default) or whisper-base "
-                                                        "(multilingual; EMOFUSE_WHISPER_BASE=1 scripts/setup.sh)."),
-    language: Optional[str] = typer.Option(None, "--language", envvar="EMOFUSE_TRANSCRIBE_LANGUAGE", metavar="CODE",
-                                           help="Language of the speech for --transcriber whisper-base (de, en, "
-                                                "...); default: detected per clip."),
+    transcriber_name: Optional[str] = TranscriberOpt,
+    language: Optional[str] = LanguageOpt,
 ):
     """Serve a checkpoint over HTTP: POST /v1/predict, GET /v1/model, /healthz, /readyz, /docs and a page at /."""
     from emofuse.core.apps.serve import LOOPBACK_HOSTS, ServeSettings, serve

