@@ -16,7 +16,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from emofuse.cli import app as cli_app
 from emofuse.core.config import validate
 from emofuse.core.errors import ConfigError
-from emofuse.core.apps.evaluation import drop_modalities, evaluate_checkpoint, evaluate_and_write
+from emofuse.core.apps.evaluation import evaluate_checkpoint, evaluate_and_write
+from emofuse.core.data.collate import drop_modalities
 from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO
 
 

@@ -89,7 +89,7 @@ CORRECT = {
     "CENTRE(x)": "x",
     "SQUEEZE(self.head(x))": "self.head(x)",
     "PRESENT": "present=batch.present[FEATURES]",
-    "ENERGY": 'self.extracted_for(batch, extracted)["energy"]',
+    "ENERGY": 'torch.where(batch.present[AUDIO][:, None], self.extracted_for(batch, extracted)["energy"], 0.0)',
     "MASKED": "torch.where(present, out.logits, torch.zeros_like(out.logits))",
 }
 
@@ -101,6 +101,8 @@ BUGS = {
     "squeeze": ("encoder units", {"SQUEEZE(self.head(x))": "self.head(x).squeeze()"}, "breaks a batch of one"),
     "media in forward": ("encoder energy", {"ENERGY": "batch.audio.pow(2).mean(dim=1, keepdim=True).log1p()"},
                          "reads media in forward on the cached path"),
+    "cached features of an absent modality": ("encoder energy", {"ENERGY": 'self.extracted_for(batch, extracted)["energy"]'},
+                                              "reads cached features of an absent modality"),
     "fusion ignores presence": ("fusion mean", {"MASKED": "out.logits"}, "ignores the presence mask"),
     "NaN leak": ("fusion mean", {"MASKED": "present.float() * out.logits"},
                  "lets NaN from an absent branch leak into the fused output"),

@@ -149,13 +149,14 @@ def test_long_audio_is_capped_with_a_warning(checkpoint, clips):
     assert DEFAULT_MAX_AUDIO_SECONDS is not None and DEFAULT_MAX_AUDIO_SECONDS <= 120  # bounded by default
     capped = load(checkpoint, device="cpu", max_audio_seconds=1.0)
     seen = []
-    original = capped.model.forward
+    (speech,) = [enc for enc in capped.model.branches.values() if "audio" in enc.modalities]
+    original = speech.forward
 
     def spy(batch, *args, **kwargs):
         seen.append(batch.audio.shape[1])
         return original(batch, *args, **kwargs)
 
-    capped.model.forward = spy
+    speech.forward = spy
     (record,) = capped.predict([clips[0]], text=STATEMENT)
     assert seen == [16_000]  # the model saw one second of a ~3.5 s clip
     assert "first 1 s" in record["warning"] and list(record["probabilities"]) == LABELS

@@ -27,11 +27,9 @@ import torch
 from emofuse.core.apps.evaluation import (
     SPLITS,
     SplitOutputs,
-    batches_of,
     combine,
-    drop_modalities,
-    normalizer_of,
     resolve_device,
+    scoring_batches,
 )
 from emofuse.core.apps.report import (
     Column,
@@ -45,14 +43,18 @@ from emofuse.core.apps.report import (
     write_text,
 )
 from emofuse.core.config import ComponentRef, RunConfig
+from emofuse.core.data.collate import drop_modalities
 from emofuse.core.data.dialogue import needs_whole_dialogues
-from emofuse.core.data.preprocess import preprocess_spec
+from emofuse.core.data.feature_store import FeatureStore, MemoryFeatureStore
 from emofuse.core.engine import branch_stage, fusion_stage, training
+from emofuse.core.engine.encode import extracted_features
+from emofuse.core.engine.loaders import open_cache
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.engine.progress import reporter
 from emofuse.core.errors import ConfigError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
+from emofuse.core.interfaces import Encoder
 from emofuse.core.types import MODALITIES, Batch, EncoderOutput
 
 log = logging.getLogger("emofuse.compare")
@@ -111,7 +113,6 @@ class TrainRunTrainer:
             self._run(copy_config, copy_data)
         # The frozen branches' outputs over every split, cached now so the first fusion is not charged for them.
         from emofuse.core.engine.distributed import DistContext, resolve_device
-        from emofuse.core.engine.loaders import open_cache
 
         device = resolve_device(config.train.device)  # where the fused run computes them
         fusion_stage.frozen_outputs(config, {b: r.checkpoint for b, r in branches.items()}, data, fusion_stage.SPLITS,
@@ -228,23 +229,25 @@ def score_models(
     device: str | torch.device = "auto",
     bootstrap: int = 0,
     seed: int = 0,
+    store: FeatureStore | None = None,
 ) -> dict[str, dict[str, tuple[MetricReport, SplitOutputs]]]:
     """model key -> {"train"|"val"|"test"|"test-without-<m>": (report, outputs)}.
 
-    Each split is decoded once; each distinct branch (same weights) runs once per batch and
-    ablation, and every model combines those shared outputs.
+    Frozen features come from `store` (the comparison's feature cache, filled by training: no backbone
+    reruns, and no frame or waveform is decoded for a clip it holds); each split is read once; each
+    distinct branch (same weights) runs its head once per batch and variant, the ablations over the same
+    features with the modality marked absent; every model combines those shared outputs.
     """
     device = resolve_device(device)
+    features_from = store if store is not None else MemoryFeatureStore()  # shared by the variants of a batch
     results: dict[str, dict[str, tuple[MetricReport, SplitOutputs]]] = {m.key: {} for m in models}
     # models that decode alike (same normaliser) share one pass over the data
     groups: dict[str, list[TrainedModel]] = {}
     for m in models:
         groups.setdefault(_state_hash(m.loaded.normalizer_state), []).append(m)
     for group in groups.values():
-        normalizer = normalizer_of(group[0].loaded)
-        spec = preprocess_spec(group[0].loaded.config.data)
-        modalities = sorted({x for m in group for x in m.loaded.model.modalities})
-        encoders: dict[tuple[str, str], torch.nn.Module] = {}
+        modalities = {x for m in group for x in m.loaded.model.modalities}
+        encoders: dict[tuple[str, str], Encoder] = {}
         identity: dict[str, dict[str, tuple[str, str]]] = {}
         for m in group:
             identity[m.key] = {}
@@ -252,6 +255,7 @@ def score_models(
                 ident = _branch_identity(name, enc)
                 encoders.setdefault(ident, enc.eval().to(device))
                 identity[m.key][name] = ident
+        by_dialogue = any(needs_whole_dialogues(m.loaded.model) for m in group)
         for split, samples in splits.items():
             labelled = [s for s in samples if s.label is not None and s.label >= 0]
             if not labelled:
@@ -261,13 +265,16 @@ def score_models(
                 variants += [(f"test-without-{m}", (m,)) for m in ablations]
             metas: list[Batch] = []
             outputs: dict[str, list[dict[tuple[str, str], EncoderOutput]]] = {v: [] for v, _ in variants}
-            by_dialogue = any(needs_whole_dialogues(m.loaded.model) for m in group)
-            for batch in batches_of(labelled, modalities, normalizer, batch_size=batch_size, by_dialogue=by_dialogue,
-                                    spec=spec):
+            for batch in scoring_batches(group[0].loaded, labelled, store=store, encoders=encoders.values(),
+                                         modalities=modalities, batch_size=batch_size, by_dialogue=by_dialogue,
+                                         device=device):
                 metas.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
+                batch = batch.to(device)
+                features = {ident: extracted_features(enc, batch, features_from) for ident, enc in encoders.items()}
                 for variant, drop in variants:
-                    seen = (drop_modalities(batch, drop) if drop else batch).to(device)
-                    outputs[variant].append({ident: enc(seen).detached_cpu() for ident, enc in encoders.items()})
+                    seen = drop_modalities(batch, drop) if drop else batch
+                    outputs[variant].append({ident: enc(seen, features[ident]).detached_cpu()
+                                             for ident, enc in encoders.items()})
             for m in group:
                 for variant, _ in variants:
                     per_batch = [{name: outs[ident] for name, ident in identity[m.key].items()} for outs in outputs[variant]]
@@ -441,7 +448,7 @@ def compare(
             say(f"{where}seed {seed}: scoring {len(models)} models on {', '.join(to_score)}"
                 + (f" (and without {', '.join(ablations)})" if ablations else ""))
             scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
-                                  bootstrap=bootstrap, seed=seed)
+                                  bootstrap=bootstrap, seed=seed, store=open_cache(cfg))
             for m in models:
                 row = _seed_row(m, scores[m.key], ablations, seed)
                 row["fold"] = fold
@@ -508,7 +515,6 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
     """The baselines of one split, over the frozen inputs of the branches the models were built on,
     fit on the clips the models learn from (train, or train + validation with ``train.refit``)."""
     from emofuse.core.apps import baselines as bl
-    from emofuse.core.engine.loaders import open_cache
 
     cache = open_cache(config)
     start = time.perf_counter()

@@ -25,15 +25,14 @@ import torch
 
 from emofuse.core.apps.evaluation import (
     SplitOutputs,
-    batches_of,
     checkpoint_bundle,
-    normalizer_of,
     resolve_device,
     run_model,
+    scoring_batches,
 )
 from emofuse.core.config import DataConfig
-from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.data.readers import build_reader
+from emofuse.core.engine.loaders import existing_cache, open_cache
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import load_model
 from emofuse.core.errors import ConfigError
@@ -149,9 +148,12 @@ def evaluate_cross_corpus(
     clips = relabelled(samples, loaded.label_names, shared)
     if FEATURES not in loaded.model.modalities:  # a table the corpus joins (RAVDESS's AUs) that no branch reads
         clips = [dataclasses.replace(s, features={}) for s in clips]
-    batches = batches_of(clips, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
-                         on_bad_sample=policy, skipped=skipped, spec=preprocess_spec(loaded.config.data))
-    outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
+    # The run's feature cache: its baselines read the same frozen features, so the backbone runs once per clip.
+    store = open_cache(loaded.config) if baseline else existing_cache(loaded.config)
+    device = resolve_device(device)
+    batches = scoring_batches(loaded, clips, store=store, batch_size=batch_size, on_bad_sample=policy,
+                              skipped=skipped, device=device)
+    outputs = run_model(loaded.model, batches, drop=drop, device=device, store=store)
     report = restricted_report(outputs.labels, outputs.logits, shared, bootstrap=bootstrap, seed=seed)
     result = CrossCorpusResult(Path(checkpoint), loaded.config.data.dataset, dataset, shared, report, outputs,
                                tuple(drop), skipped)
@@ -168,7 +170,6 @@ def _baselines(loaded: Any, clips: list[Sample], shared: SharedClasses, outputs:
                seed: int) -> list[dict[str, Any]]:
     """The baselines over the model's branches, fit on its run's clips, scored on the other corpus's clips."""
     from emofuse.core.apps.baselines import baselines_over_branches, fit_splits, paired_difference
-    from emofuse.core.engine.loaders import open_cache
 
     source = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=source_data_dir, registry=registry)
     bundle = dataclasses.replace(source, splits={"train": source.splits["train"], "val": source.splits.get("val", []),

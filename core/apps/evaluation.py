@@ -15,12 +15,16 @@ import torch
 
 from emofuse.core.data.dialogue import needs_whole_dialogues
 from emofuse.core.data.preprocess import preprocess_spec
+from emofuse.core.data.feature_store import FeatureStore
 from emofuse.core.engine.compose import ComposedModel
+from emofuse.core.engine.encode import batches_with_features, branch_outputs
+from emofuse.core.engine.loaders import existing_cache
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.registry import Registry
-from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch, EncoderOutput, Sample
+from emofuse.core.interfaces import Encoder
+from emofuse.core.types import Batch, EncoderOutput, Sample
 
 SPLITS = ("train", "val", "test")
 
@@ -30,38 +34,6 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def drop_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
-    """A copy of `batch` where each of `modalities` is absent: presence False and the data zeroed.
-
-    This is how a model is tested without a modality: encoders and fusions see exactly what they
-    would see for clips that never had it.
-    """
-    modalities = list(modalities)
-    unknown = [m for m in modalities if m not in MODALITIES]
-    if unknown:
-        raise ConfigError(f"cannot remove unknown modality {unknown[0]!r}; expected one of {', '.join(MODALITIES)}")
-    out = Batch(**{k: v for k, v in batch.__dict__.items()})
-    out.present = dict(batch.present)
-    n = len(batch)
-    for m in modalities:
-        out.present[m] = torch.zeros(n, dtype=torch.bool, device=batch.labels.device)
-        if m == VIDEO and batch.video is not None:
-            out.video = torch.zeros_like(batch.video)
-        elif m == AUDIO and batch.audio is not None:
-            out.audio = torch.zeros_like(batch.audio)
-        elif m == TEXT and batch.text is not None:
-            out.text = [""] * n
-        elif m == FEATURES:
-            out.features = {k: torch.zeros_like(v) for k, v in batch.features.items()}
-            out.feature_present = {k: torch.zeros_like(v) for k, v in batch.feature_present.items()}
-        elif m == METADATA:
-            if batch.age is not None:
-                out.age = torch.full_like(batch.age, float("nan"))
-            if batch.gender is not None:
-                out.gender = torch.zeros_like(batch.gender)
-    return out
 
 
 def batches_of(
@@ -99,6 +71,38 @@ def batches_of(
             yield batch
 
 
+def scoring_batches(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    *,
+    store: FeatureStore | None = None,
+    encoders: Iterable[Encoder] | None = None,
+    modalities: Iterable[str] | None = None,
+    batch_size: int = 16,
+    on_bad_sample: str | None = None,
+    by_dialogue: bool | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterable[Batch]:
+    """The batches `loaded` is scored on: decoded with its normaliser and preprocessing, whole dialogues for a
+    context model. With a `store` that keeps every entry (an on-disk `FeatureCache`), no frame or waveform is
+    decoded for a clip whose frozen features it holds (`batches_with_features`); `encoders` (default: the
+    model's branches) and `modalities` (default: the model's) widen that to several models scored together."""
+    policy = on_bad_sample or loaded.config.data.on_bad_sample
+    normalizer, spec = normalizer_of(loaded), preprocess_spec(loaded.config.data)
+    whole = needs_whole_dialogues(loaded.model) if by_dialogue is None else by_dialogue
+
+    def source(chunk: Sequence[Sample], mods: set[str]) -> Iterable[Batch]:
+        return batches_of(chunk, mods, normalizer, batch_size=batch_size, on_bad_sample=policy, by_dialogue=whole,
+                          skipped=skipped, spec=spec)
+
+    mods = set(modalities if modalities is not None else loaded.model.modalities)
+    if store is None:
+        return source(samples, mods)
+    encs = list(encoders) if encoders is not None else list(loaded.model.branches.values())
+    return batches_with_features(encs, store, samples, mods, source, device=device, on_missing=policy)
+
+
 def normalizer_of(loaded: LoadedModel) -> Any:
     """The checkpoint's fitted normaliser (None when the run had nothing to normalise)."""
     if not loaded.normalizer_state:
@@ -124,20 +128,18 @@ class SplitOutputs:
 
 @torch.no_grad()
 def branch_outputs_over(
-    model: ComposedModel, batches: Iterable[Batch], *, drop: Sequence[str] = (), device: torch.device | str = "cpu"
+    model: ComposedModel, batches: Iterable[Batch], *, drop: Sequence[str] = (), device: torch.device | str = "cpu",
+    store: FeatureStore | None = None,
 ) -> tuple[list[Batch], list[dict[str, EncoderOutput]]]:
-    """Every branch's outputs batch by batch (on CPU), so several fusions can reuse them."""
+    """Every branch's outputs batch by batch (on CPU), so several fusions can reuse them; frozen features
+    come from `store` (`emofuse.core.engine.encode`), `drop` modalities are marked absent after extraction."""
     model.eval().to(device)
     kept, outputs = [], []
     for batch in batches:
-        if drop:
-            batch = drop_modalities(batch, drop)
-        on_device = batch.to(device)
-        per_branch = model.branch_outputs(on_device)
+        per_branch = branch_outputs(model, batch.to(device), store, without=drop)
         outputs.append({name: out.detached_cpu() for name, out in per_branch.items()})
         kept.append(Batch(ids=batch.ids, labels=batch.labels.cpu(), present={}))
     return kept, outputs
-
 
 
 @torch.no_grad()
@@ -167,10 +169,11 @@ def combine(
 
 
 def run_model(
-    model: ComposedModel, batches: Iterable[Batch], *, drop: Sequence[str] = (), device: torch.device | str = "cpu"
+    model: ComposedModel, batches: Iterable[Batch], *, drop: Sequence[str] = (), device: torch.device | str = "cpu",
+    store: FeatureStore | None = None,
 ) -> SplitOutputs:
-    """The model's logits over `batches`, with `drop` modalities removed first."""
-    kept, outputs = branch_outputs_over(model, batches, drop=drop, device=device)
+    """The model's logits over `batches`, with `drop` modalities removed (frozen features from `store`)."""
+    kept, outputs = branch_outputs_over(model, batches, drop=drop, device=device, store=store)
     return combine(model, kept, outputs)
 
 
@@ -207,17 +210,18 @@ def evaluate_samples(
     device: str | torch.device = "auto",
     on_bad_sample: str | None = None,
     checkpoint: Path | None = None,
+    store: FeatureStore | None = None,
 ) -> EvaluationResult:
-    """Score a loaded model on `samples` (decoded with the checkpoint's normaliser)."""
+    """Score a loaded model on `samples` (decoded with the checkpoint's normaliser); frozen features are
+    read from `store` where it holds them (an on-disk `FeatureCache`: see `scoring_batches`)."""
     labelled = [s for s in samples if s.label is not None and s.label >= 0]
     if not labelled:
         raise ConfigError(f"split {split!r} has no labelled clips to score")
     skipped: list[tuple[str, str]] = []
-    batches = batches_of(labelled, loaded.model.modalities, normalizer_of(loaded), batch_size=batch_size,
-                         on_bad_sample=on_bad_sample or loaded.config.data.on_bad_sample,
-                         by_dialogue=needs_whole_dialogues(loaded.model), skipped=skipped,
-                         spec=preprocess_spec(loaded.config.data))
-    outputs = run_model(loaded.model, batches, drop=drop, device=resolve_device(device))
+    device = resolve_device(device)
+    batches = scoring_batches(loaded, labelled, store=store, batch_size=batch_size, on_bad_sample=on_bad_sample,
+                              skipped=skipped, device=device)
+    outputs = run_model(loaded.model, batches, drop=drop, device=device, store=store)
     report = metric_report(outputs.labels, outputs.logits, loaded.label_names, bootstrap=bootstrap, seed=seed)
     return EvaluationResult(checkpoint, split, report, outputs, tuple(drop), skipped)
 
@@ -275,17 +279,20 @@ def evaluate_checkpoint(
     device: str | torch.device = "auto",
     registry: Registry | None = None,
     on_bad_sample: str | None = None,
+    store: FeatureStore | None = None,
 ) -> EvaluationResult:
     """Load `checkpoint`, rebuild its split and score it (see `evaluate_samples`); `on_bad_sample`
-    overrides the run's policy for unreadable clips ("skip" leaves them out and lists them)."""
+    overrides the run's policy for unreadable clips ("skip" leaves them out and lists them). Frozen features
+    come from `store`, by default the run's own feature cache when it is here (`existing_cache`)."""
     loaded = load_model(Path(checkpoint), registry=registry)
+    store = existing_cache(loaded.config) if store is None else store
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     bundle = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=data_dir, registry=registry,
                                on_bad_sample=on_bad_sample)
     result = evaluate_samples(loaded, list(bundle.splits[split]), split=split, bootstrap=bootstrap, seed=seed,
                               drop=drop, batch_size=batch_size, device=device, checkpoint=Path(checkpoint),
-                              on_bad_sample=on_bad_sample)
+                              on_bad_sample=on_bad_sample, store=store)
     result.skipped[:0] = bundle.skipped  # left out as the data was read (skip mode), before those that failed to decode
     return result
 
@@ -362,7 +369,6 @@ __all__ = [
     "batches_of",
     "branch_outputs_over",
     "combine",
-    "drop_modalities",
     "evaluate_checkpoint",
     "evaluate_and_write",
     "evaluate_samples",

@@ -24,7 +24,9 @@ import torch
 
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.data.dialogue import batch_positions, needs_whole_dialogues
+from emofuse.core.data.feature_store import MemoryFeatureStore
 from emofuse.core.data.preprocess import preprocess_spec
+from emofuse.core.engine.encode import branch_outputs, model_outputs
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError, EmofuseError
 from emofuse.core.registry import Registry, get_registry
@@ -149,7 +151,7 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel, *, device: str | torch.device = "auto", batch_size: int = 8,
                  registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
-                 transcribe: bool = True):
+                 transcribe: bool = True, feature_memory: int = 256):
 
         if max_audio_seconds is not None and not 0 < max_audio_seconds <= MAX_AUDIO_SECONDS_CEILING:
             raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a number of seconds above 0 and at most "
@@ -169,6 +171,9 @@ class Predictor:
         self.registry = registry
         #: Transcribe the speech of clips that come without text (only when the model reads text).
         self.transcribe = transcribe and TEXT in self.modalities
+        #: Frozen features of the `feature_memory` clips scored last, in memory only (a clip explained after its
+        #: prediction does not run the backbones again); nothing is written to disk. None keeps nothing.
+        self.store = MemoryFeatureStore(max_entries=feature_memory) if feature_memory else None
         self.model.to(self.device)
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -296,7 +301,7 @@ class Predictor:
             id(s): Failure(s.id, _path_of(s), reason).to_dict() for s, reason in clips.failed}
         if clips.batch is not None:
             batch = clips.batch.to(self.device)
-            logits, outputs = self.model(batch)
+            logits, outputs = model_outputs(self.model, batch, self.store)
             probs = logits.float().softmax(dim=1).cpu()
             branch_probs = {name: (out.logits.float().softmax(dim=1).cpu(), out.presence().cpu())
                             for name, out in outputs.items()}
@@ -347,7 +352,7 @@ class Predictor:
         from dataclasses import replace
 
         batch = batch.to(self.device)
-        outputs = self.model.branch_outputs(batch)
+        outputs = branch_outputs(self.model, batch, self.store)
         fusion = self.model.fusion
         if fusion is None:
             ((name, only),) = outputs.items()
@@ -377,13 +382,15 @@ class Predictor:
 
 def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_size: int = 8,
          registry: Registry | None = None, max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
-         transcribe: bool = True) -> Predictor:
+         transcribe: bool = True, feature_memory: int = 256) -> Predictor:
     """Load a checkpoint for prediction: ``emofuse.load("runs/x/model.safetensors").predict(["a.wav"])``.
 
     Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it
-    whole up to `MAX_AUDIO_SECONDS_CEILING` (300 s), cut there too. With `transcribe`, clips without text get their speech transcribed (when the model reads text)."""
+    whole up to `MAX_AUDIO_SECONDS_CEILING` (300 s), cut there too. With `transcribe`, clips without text get their speech transcribed (when the model reads text).
+    `feature_memory`: how many clips' frozen features are kept in memory for reuse (0: none)."""
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
-                     registry=registry, max_audio_seconds=max_audio_seconds, transcribe=transcribe)
+                     registry=registry, max_audio_seconds=max_audio_seconds, transcribe=transcribe,
+                     feature_memory=feature_memory)
 
 
 def predict_files(

@@ -760,8 +760,12 @@ def app_from_environment() -> FastAPI:
     for field in ("cors_origins", "allowed_hosts"):
         if field in options:
             options[field] = tuple(options[field])
-    return create_app(load(options.pop("checkpoint")), ServeSettings(**options))
+    return create_app(load(options.pop("checkpoint"), feature_memory=SERVICE_FEATURE_MEMORY), ServeSettings(**options))
 
+
+#: A service keeps no clip's features for the next request: every upload is new, and one request's data
+#: must never answer another's.
+SERVICE_FEATURE_MEMORY = 0
 
 #: Seconds a worker process may take to answer the supervisor's health check (loading a model on a busy
 #: machine can starve it); uvicorn's default of 5 s kills workers still loading, in a loop.
@@ -778,7 +782,7 @@ def serve(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, worker
     import uvicorn
 
     settings = settings or ServeSettings()
-    predictor = load(checkpoint)
+    predictor = load(checkpoint, feature_memory=SERVICE_FEATURE_MEMORY)
     for line in startup_warnings(model_card(predictor, settings), settings, host):
         warn(line)
     if workers == 1:

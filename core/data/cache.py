@@ -27,9 +27,7 @@ import re
 import threading
 import time
 import uuid
-import weakref
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -39,16 +37,23 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from emofuse.core.data.cache_inventory import IDENTITY_FILE
-from emofuse.core.data.code_identity import code_identity, what_changed
-from emofuse.core.data.collate import select
-from emofuse.core.data.keys import combine_keys, sample_key
-from emofuse.core.interfaces import Encoder, collate_extracted
+from emofuse.core.data.code_identity import what_changed
+from emofuse.core.data.feature_store import (
+    CacheStats,
+    FeatureStore,
+    batch_keys,
+    describe,
+    encoder_namespace,
+    identities,
+)
+from emofuse.core.data.keys import sample_key
+from emofuse.core.interfaces import Encoder
 from emofuse.core.errors import EmofuseError
-from emofuse.core.types import AUDIO, VIDEO, Batch
+from emofuse.core.types import Batch
 
 log = logging.getLogger("emofuse.data")
 
-__all__ = ["FeatureCache", "CacheStats", "CacheWriteError", "sample_key", "batch_keys", "encoder_namespace"]
+__all__ = ["FeatureCache", "CacheStats", "CacheWriteError", "sample_key", "batch_keys", "encoder_namespace", "describe"]
 
 _SUFFIX = ".safetensors"
 _EMPTY_MARK = "__empty__"
@@ -56,34 +61,11 @@ _FORMAT = "emofuse-feature-cache-2"
 _CHECKSUM = "xxh3_128/"
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-_fingerprints: "weakref.WeakKeyDictionary[Encoder, str]" = weakref.WeakKeyDictionary()
-#: namespace -> what made it (component, options-and-weights fingerprint, code), for `identity.json`.
-_identities: dict[str, dict[str, Any]] = {}
 
 
 class CacheWriteError(EmofuseError, OSError):
     """A cache entry could not be written (disk full, read-only folder); nothing half-written is left.
     Also an `OSError`, like `emofuse.core.checkpoint.CheckpointWriteError`."""
-
-
-def encoder_namespace(encoder: Encoder) -> str:
-    """``<name>-<hash>`` of the encoder's fingerprint (options, frozen weights) and its code identity;
-    computed once per object (the fingerprint hashes every frozen weight)."""
-    namespace = _fingerprints.get(encoder)
-    if namespace is None:
-        state, code = encoder.fingerprint(), code_identity(encoder)
-        digest = hashlib.sha256(json.dumps([state, code], sort_keys=True).encode()).hexdigest()[:16]
-        namespace = f"{encoder.name}-{digest}"
-        describe(namespace, {"component": f"encoder {encoder.name!r}", "name": encoder.name, "state": state,
-                             "code": code})
-        _fingerprints[encoder] = namespace
-    return namespace
-
-
-def describe(namespace: str, record: Mapping[str, Any]) -> None:
-    """What made `namespace` (``component``, ``name``, ``code``...), written to its ``identity.json`` when the
-    folder is created; with a ``state``, a changed code of the same component and state is said aloud."""
-    _identities[namespace] = dict(record)
 
 
 def entry_checksum(value: Mapping[str, torch.Tensor]) -> str:
@@ -97,34 +79,7 @@ def entry_checksum(value: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def batch_keys(batch: Batch, modalities: Iterable[str] = ()) -> list[str]:
-    """Per-sample cache keys of `batch` for a component reading `modalities` (all, when empty).
-
-    Keys restricted to a component's own modalities mean that, say, an edited transcript does not
-    invalidate a video backbone's cached frames.
-    """
-    mods = sorted(set(modalities))
-    per_modality = batch.extra.get("modality_keys")
-    if per_modality is not None and mods and all(m in per_modality for m in mods):
-        return [combine_keys({m: per_modality[m][i] for m in mods}) for i in range(len(batch))]
-    keys = batch.extra.get("keys")
-    if keys is None or len(keys) != len(batch):
-        raise ValueError("batch carries no cache keys; build it with emofuse.core.data (loader or make_batch)")
-    return list(keys)
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-class FeatureCache:
+class FeatureCache(FeatureStore):
     """Safetensors shards of per-sample tensor dicts, by namespace and key. Never pickle."""
 
     def __init__(self, root: Path | str, notify: Callable[[str], None] | None = None):
@@ -238,43 +193,6 @@ class FeatureCache:
         return [k for k in keys if k not in index]
 
     # -- frozen encoders -------------------------------------------------------------------
-    def extract(self, encoder: Encoder, batch: Batch) -> dict[str, torch.Tensor]:
-        """`encoder.extract` for the whole batch, running it only on samples not yet cached.
-
-        Returns the collated tensors (`collate_extracted`) on the batch's device.
-        """
-        keys = batch_keys(batch, encoder.modalities)
-        if not encoder.cacheable:
-            return encoder.extracted_for(batch, None)
-        namespace = encoder_namespace(encoder)
-        values = self.get_many(namespace, keys)
-        missing = [i for i, v in enumerate(values) if v is None]
-        self.stats.hits += len(keys) - len(missing)
-        self.stats.misses += len(missing)
-        if missing:
-            lacking = [m for m in (VIDEO, AUDIO) if m in encoder.modalities and getattr(batch, m) is None]
-            if lacking:
-                raise RuntimeError(
-                    f"{len(missing)} samples are not cached for encoder {encoder.name!r}, and this batch was "
-                    f"built without decoding {', '.join(lacking)}: warm the cache first (FeatureCache.warm) "
-                    f"or include {', '.join(lacking)} in the loader's modalities"
-                )
-            sub = batch if len(missing) == len(keys) else select(batch, missing)
-            with torch.no_grad():
-                computed = encoder.extract(sub)
-            if computed is None or len(computed) != len(missing):
-                raise RuntimeError(
-                    f"encoder {encoder.name!r}.extract returned {None if computed is None else len(computed)} "
-                    f"items for {len(missing)} samples"
-                )
-            computed = [{k: v.detach().cpu() for k, v in item.items()} for item in computed]
-            self.put_many(namespace, [keys[i] for i in missing], computed)
-            for i, item in zip(missing, computed):
-                values[i] = item
-        collated = collate_extracted(values)  # type: ignore[arg-type]
-        device = batch.labels.device
-        return {k: v.to(device) for k, v in collated.items()}
-
     def warm(
         self,
         encoders: Mapping[str, Encoder] | Sequence[Encoder],
@@ -325,7 +243,7 @@ class FeatureCache:
         folder = self.root / namespace
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
-            identity = _identities.get(namespace)
+            identity = identities.get(namespace)
             if identity is not None:
                 _atomic_write(folder / IDENTITY_FILE, json.dumps({**identity, "created": time.time()}).encode())
                 if "state" in identity:

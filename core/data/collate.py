@@ -1,8 +1,9 @@
-"""Prepared clips -> one normalised `Batch`, and `select` to take a sub-batch (for cache misses)."""
+"""Prepared clips -> one normalised `Batch`; `select` takes a sub-batch (for cache misses) and `drop_modalities`
+marks modalities absent (to score a model without them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -10,7 +11,8 @@ import torch
 from emofuse.core.data.keys import combine_keys
 from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec
-from emofuse.core.types import AUDIO, FEATURES, MODALITIES, VIDEO, Batch
+from emofuse.core.errors import ConfigError
+from emofuse.core.types import AUDIO, FEATURES, METADATA, MODALITIES, TEXT, VIDEO, Batch
 
 
 @dataclass
@@ -128,3 +130,34 @@ def select(batch: Batch, indices: Sequence[int]) -> Batch:
         fields["audio"] = fields["audio"][:, :longest]
     return Batch(**fields, extra=extra)
 
+
+def drop_modalities(batch: Batch, modalities: Iterable[str]) -> Batch:
+    """A copy of `batch` where each of `modalities` is absent: presence False and the data zeroed.
+
+    This is how a model is tested without a modality: encoders and fusions see exactly what they
+    would see for clips that never had it.
+    """
+    modalities = list(modalities)
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise ConfigError(f"cannot remove unknown modality {unknown[0]!r}; expected one of {', '.join(MODALITIES)}")
+    out = Batch(**{k: v for k, v in batch.__dict__.items()})
+    out.present = dict(batch.present)
+    n = len(batch)
+    for m in modalities:
+        out.present[m] = torch.zeros(n, dtype=torch.bool, device=batch.labels.device)
+        if m == VIDEO and batch.video is not None:
+            out.video = torch.zeros_like(batch.video)
+        elif m == AUDIO and batch.audio is not None:
+            out.audio = torch.zeros_like(batch.audio)
+        elif m == TEXT and batch.text is not None:
+            out.text = [""] * n
+        elif m == FEATURES:
+            out.features = {k: torch.zeros_like(v) for k, v in batch.features.items()}
+            out.feature_present = {k: torch.zeros_like(v) for k, v in batch.feature_present.items()}
+        elif m == METADATA:
+            if batch.age is not None:
+                out.age = torch.full_like(batch.age, float("nan"))
+            if batch.gender is not None:
+                out.gender = torch.zeros_like(batch.gender)
+    return out

@@ -9,6 +9,7 @@ import torch
 from emofuse.core.engine.distributed import (
     DistContext,
 )
+from emofuse.core.engine.encode import encoder_output
 from emofuse.core.engine.loaders import light_modalities, split_batches
 from emofuse.core.engine.progress import reporter
 from emofuse.core.interfaces import Encoder
@@ -93,7 +94,7 @@ def compute_branch_outputs(
                 values = cache.get_many(namespace, keys)
                 if any(v is None for v in values):  # score the batch once and keep its outputs
                     batch = batch.to(ctx.device)
-                    out = encoder(batch, cache.extract(encoder, batch) if encoder.cacheable else None)
+                    out = encoder_output(encoder, batch, cache)
                     present_b = out.presence()
                     values = []
                     for i in range(len(batch)):

@@ -28,6 +28,7 @@ from emofuse.core.engine.fit import (
     fit,
     seed_everything,
 )
+from emofuse.core.engine.encode import extracted_features
 from emofuse.core.engine.loaders import (
     base_loader,
     ensure_extracted,
@@ -116,8 +117,8 @@ class BranchTask:
         batch = batch.to(self.ctx.device)
         if not self.encoder.cacheable:
             return batch, None
-        with torch.no_grad():
-            return batch, {self.branch: self.cache.extract(self.encoder, batch)}
+        with torch.no_grad():  # the route every scorer takes (`encode`); the module is DDP-wrapped here
+            return batch, {self.branch: extracted_features(self.encoder, batch, self.cache)}
 
     def forward(self, module: nn.Module, prepared: Any) -> tuple[torch.Tensor, torch.Tensor]:
         batch, extracted = prepared

@@ -116,9 +116,19 @@ def drop_uncached(encoder: Encoder, cache: Any, bundle: Any, splits: Sequence[st
             bundle.splits[split] = [s for s, k in zip(samples, keys) if k not in missing]
 
 
+def cache_root(config: RunConfig) -> Path:
+    """The run's feature-cache folder: ``cache_dir``, else ``<output_dir>/.cache``."""
+    return Path(config.cache_dir) if config.cache_dir is not None else Path(config.output_dir) / ".cache"
+
+
 def open_cache(config: RunConfig) -> Any:
     from emofuse.core.data.cache import FeatureCache
 
-    root = config.cache_dir if config.cache_dir is not None else Path(config.output_dir) / ".cache"
-    return FeatureCache(root, notify=note)
+    return FeatureCache(cache_root(config), notify=note)
+
+
+def existing_cache(config: RunConfig) -> Any:
+    """The run's feature cache when its folder exists here (a checkpoint scored where it was trained), else
+    None: scoring then computes frozen features as it goes and writes nothing."""
+    return open_cache(config) if cache_root(config).is_dir() else None
 

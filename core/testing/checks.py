@@ -16,7 +16,7 @@ from emofuse.core.config import ComponentRef, RunConfig
 from emofuse.core.engine.compose import build_model
 from emofuse.core.engine.model_io import load_model, save_model
 from emofuse.core.interfaces import BranchInfo, collate_extracted
-from emofuse.core.data.collate import select
+from emofuse.core.data.collate import drop_modalities, select
 from emofuse.core.registry import ALLOW_ENV, Registry, get_registry
 from emofuse.core.testing.batches import make_batch
 from emofuse.core.types import EncoderOutput, Sample
@@ -100,12 +100,27 @@ def check_encoder(name: str, tmp_path: Path, *, options: Mapping[str, Any] | Non
                     f"carries no video or audio (None), so read them only through self.extracted_for(batch, "
                     f"extracted); it raised {type(exc).__name__}: {exc}") from exc
             torch.testing.assert_close(cached, before, msg=lambda m: f"{name}: cached path differs from direct: {m}")
+            _check_ablation_from_cache(name, enc, batch, stripped, collate_extracted(per_sample))
     path = save_model(tmp_path / f"{name}-model", model, config, [f"c{i}" for i in range(num_classes)],
                       registry=registry)
     loaded = load_model(path, registry=registry)
     with torch.no_grad():
         after, _ = loaded.model(batch)
     torch.testing.assert_close(after, before, msg=lambda m: f"{name}: reloaded checkpoint differs: {m}")
+
+
+def _check_ablation_from_cache(name: str, enc: Any, batch: Any, stripped: Any, cached: Mapping[str, torch.Tensor]) -> None:
+    """Scoring without a modality reads the features cached with it, the modality marked absent
+    (`emofuse.core.engine.encode`): the output must equal extracting without it, so what the encoder
+    extracted from an absent modality must not reach its output."""
+    for modality in enc.modalities:
+        without = drop_modalities(batch, [modality])
+        direct = enc(without).logits
+        from_cache = enc(drop_modalities(stripped, [modality]), cached).logits
+        torch.testing.assert_close(from_cache, direct, rtol=1e-3, atol=1e-4, msg=lambda m: (
+            f"{name} reads cached features of an absent modality: with {modality} marked absent (batch.present "
+            f"False), its output from features extracted with {modality} differs from extracting without it; gate "
+            f"what forward takes from each modality's features by batch.presence({modality!r}): {m}"))
 
 
 def _check_batch_independence(name: str, model: torch.nn.Module, batch: Any, together: torch.Tensor,

@@ -192,6 +192,9 @@ class MimamoEncoder(Encoder):
         ex = self.extracted_for(batch, extracted)
         maps = ex["frame_maps"]
         b, t = maps.shape[:2]
+        # A clip without video reads zero maps, as `extract` gives it: features cached before the video was
+        # marked absent (scoring without video) must not reach the output.
+        maps = torch.where(batch.presence(VIDEO).view(b, *[1] * (maps.dim() - 1)), maps, torch.zeros_like(maps))
         x = self.project(maps.flatten(0, 1).to(self.classifier.weight.dtype))
         pooled, attention = self.attention(x)
         frames, _ = self.temporal(pooled.view(b, t, -1))
