@@ -217,15 +217,23 @@ def compare(
     robustness: bool = True,
     out: str | Path | None = None,
     overwrite: bool = False,
+    cross_dataset: str | None = None,
+    cross_data: str | Path | None = None,
+    cross_options: Mapping[str, Any] | None = None,
 ) -> "ComparisonResult":
     """Train each branch alone and every fusion (`fusions`, default: every registered one) over the
     same frozen branches, per seed (or over `folds` speaker folds), score all of them on the same test
-    clips, beside the baselines (`baselines`) and with one modality removed (`robustness`). Writes
-    comparison.md/.csv/.json/.png to `out`; returns the ranked rows."""
+    clips, beside the baselines (`baselines`) and with one modality removed (`robustness`); with
+    `cross_dataset`, also on every clip of that second corpus (read from `cross_data`, default: the
+    config's data folder) over the classes both name. Writes comparison.md/.csv/.json/.png to `out`;
+    returns the ranked rows."""
     from emofuse.core.apps.compare import compare as run_comparison
 
-    return run_comparison(_as_config(config), fusions=fusions, seeds=list(seeds), folds=folds, baselines=baselines,
-                          robustness=robustness, out_dir=Path(out) if out else None, overwrite=overwrite)
+    config = _as_config(config)
+    return run_comparison(config, fusions=fusions, seeds=list(seeds), folds=folds, baselines=baselines,
+                          robustness=robustness, out_dir=Path(out) if out else None, overwrite=overwrite,
+                          cross_dataset=cross_dataset, cross_options=cross_options,
+                          cross_data_dir=Path(cross_data) if cross_data else config.data.data_dir)
 
 
 def search(

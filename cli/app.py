@@ -345,6 +345,8 @@ def compare_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs of another config found in the comparison's run folders (without it, such a folder is refused)."),
     folds: Optional[int] = typer.Option(None, "--folds", help=f"Cross-validate over K speaker folds (each speaker tested once): mean ± std and paired differences per fold (default: {DEFAULT_MAIN_FOLDS} for the main job, the {DEFAULT_MAIN_PRESET} preset chosen by default; else one split)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also fit the logistic-regression and majority-class baselines on the same clips and inputs."),
+    cross_dataset: Optional[str] = typer.Option(None, "--cross-dataset", help="Cross-corpus: also score every row, baselines included, on every clip of this second corpus over the classes both name (read from --cross-data)."),
+    cross_data: Optional[Path] = typer.Option(None, "--cross-data", help="Folder holding the second corpus (default: the --data folder)."),
 ):
     """Compare every registered fusion (and each branch alone) over the same frozen branches and beside simple baselines, in one table."""
     values = _compose_args(locals())
@@ -364,8 +366,10 @@ def compare_cmd(
 
     started = time.perf_counter()
     result = emofuse.compare(cfg, fusions=fusion_list, seeds=seed_list, folds=folds, baselines=baselines,
-                             robustness=robustness, out=out, overwrite=overwrite)
-    console.print(rich_table(result.rows, comparison_columns(result.ablations, folds=bool(folds)),
+                             robustness=robustness, out=out, overwrite=overwrite, cross_dataset=cross_dataset,
+                             cross_data=cross_data)
+    cross = result.cross["dataset"] if result.cross else None
+    console.print(rich_table(result.rows, comparison_columns(result.ablations, folds=bool(folds), cross=cross),
                              title=f"{cfg.data.dataset}: test clips, {runs_text(result)}"))
     for f in result.failures:
         console.print(Text.assemble((f"fusion {f['fusion']} (seed {f['seed']}) failed: ", "yellow"), str(f["error"])))

@@ -50,15 +50,34 @@ def compared(tmp_path_factory, shared_data):
         counter = ExtractCounter(monkeypatch)
         out = tmp_path_factory.mktemp("route")
         result = compare(speech_config(out / "runs", shared_data), fusions=["weighted-late"], seeds=[0],
-                         robustness=True, bootstrap=0, baselines=False)
+                         robustness=True, bootstrap=0, cross_dataset="emodb", cross_data_dir=shared_data)
     return result, counter, out
 
 
-def test_a_comparison_runs_each_clips_backbone_once_ablations_included(compared):
+def test_a_comparison_runs_each_clips_backbone_once_ablations_baselines_and_second_corpus_included(compared):
     result, counter, _ = compared
     assert {"audio", "text"} <= set(result.ablations)
     assert counter.clips and max(counter.clips.values()) == 1, counter.clips.most_common(3)
-    assert len(counter.clips) == sum(result.split_sizes.values())  # every clip once: training filled the cache
+    # every clip once: training filled the cache; scoring, ablations and baselines read it
+    assert len(counter.clips) == sum(result.split_sizes.values()) + result.cross["clips"]
+
+
+def test_every_row_and_baseline_is_also_scored_on_a_second_corpus(compared):
+    result, _, out = compared
+    cross = result.cross
+    assert cross["dataset"] == "emodb" and cross["corpus_only_clips"] == {"bored": 81}
+    assert set(cross["shared_classes"]) == {"neutral", "happy", "sad", "angry", "fearful", "disgust"}
+    rows = {r["key"]: r for r in result.rows}
+    for key, row in rows.items():
+        if key == "baseline:faces" or key in ("baseline:concatenated", "baseline:averaged"):
+            assert "cross_accuracy" not in row  # EmoDB has no facial action units: not scored there
+        else:
+            assert 0 <= row["cross_accuracy"] <= 1 and 0 <= row["cross_uar"] <= 1, key
+    # RAVDESS's majority class, mapped onto EmoDB's shared classes, scores what its share of the clips is
+    majority = rows["baseline:majority"]["cross_accuracy"]
+    assert majority < 0.35
+    table = (result.out_dir / "comparison.md").read_text()
+    assert "emodb WA %" in table and "bored (81 clips)" in table
     fused = next(r for r in result.per_seed if r["kind"] != "branch" and r["kind"] != "baseline")
     assert all(0 <= fused[f"accuracy_without_{m}"] <= 1 for m in result.ablations)
 

@@ -31,6 +31,7 @@ from emofuse.core.apps.evaluation import (
     resolve_device,
     scoring_batches,
 )
+from emofuse.core.apps.cross_corpus import CrossTarget, cross_baselines, cross_target, cross_values
 from emofuse.core.apps.report import (
     Column,
     human_bytes,
@@ -47,6 +48,7 @@ from emofuse.core.data.collate import drop_modalities
 from emofuse.core.data.dialogue import needs_whole_dialogues
 from emofuse.core.data.feature_store import FeatureStore, MemoryFeatureStore
 from emofuse.core.engine import branch_stage, fusion_stage, training
+from emofuse.core.engine.compose import required_modalities
 from emofuse.core.engine.encode import extracted_features
 from emofuse.core.engine.loaders import open_cache
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
@@ -133,7 +135,6 @@ class TrainRunTrainer:
 def load_comparison_data(config: RunConfig, *, registry: Registry, split_dir: Path) -> Any:
     """The data bundle every model of the comparison trains and is scored on (one split for all)."""
     from emofuse.core.data.pipeline import load_data
-    from emofuse.core.engine.compose import required_modalities
 
     return load_data(config.data, sorted(required_modalities(config, registry)), registry=registry, split_dir=split_dir)
 
@@ -308,6 +309,8 @@ class ComparisonResult:
     baseline_key: str | None = None
     #: Wall-clock seconds per stage, per fold and seed: each branch, the shared fusion inputs.
     stage_seconds: list[dict[str, Any]] = field(default_factory=list)
+    #: With a second corpus (`cross_dataset`): what it is (`CrossTarget.describe`); rows carry ``cross_<metric>``.
+    cross: dict[str, Any] | None = None
 
 
 def fusions_to_compare(fusions: Sequence[str] | None, registry: Registry) -> list[str]:
@@ -324,7 +327,6 @@ def fusions_to_compare(fusions: Sequence[str] | None, registry: Registry) -> lis
 
 def ablations_for(config: RunConfig, registry: Registry) -> list[str]:
     """Modalities worth removing at test time: those the branches read (in canonical order)."""
-    from emofuse.core.engine.compose import required_modalities
 
     used = required_modalities(config, registry)
     return [m for m in MODALITIES if m in used]
@@ -393,12 +395,19 @@ def compare(
     batch_size: int = 32,
     on_progress: Callable[[str], None] | None = None,
     overwrite: bool = False,
+    cross_dataset: str | None = None,
+    cross_data_dir: Path | None = None,
+    cross_options: Mapping[str, Any] | None = None,
 ) -> ComparisonResult:
     """Train and score each branch alone and every fusion over them, per seed (and per speaker fold
     with `folds`), beside the baselines of `emofuse.core.apps.baselines`; write the report files.
 
     Files in `out_dir` (default ``<output_dir>/compare-<name>``): ``comparison.md``, ``.csv``,
     ``.json``, ``comparison.png`` (bar chart) and ``confusion/<model>.png`` (summed over runs).
+
+    With `cross_dataset` (read from `cross_data_dir` with reader `cross_options`), every row, baselines
+    included, is also scored on every clip of that second corpus over the classes both share (as
+    `emofuse evaluate MODEL --dataset` does: `emofuse.core.apps.cross_corpus`).
     """
     registry = registry or get_registry()
     if not config.branches:
@@ -426,6 +435,12 @@ def compare(
     parts = fold_parts(config, data, folds, registry=registry) if folds else [(config, data)]
     collected = _Collected()
     label_names: list[str] = list(data.label_names)
+    target = None
+    if cross_dataset:
+        say(f"reading the second corpus {cross_dataset}")
+        target = cross_target(cross_dataset, label_names, sorted(required_modalities(config, registry)),
+                              data_dir=cross_data_dir, options=cross_options, registry=registry,
+                              on_bad_sample=config.data.on_bad_sample)
     for k, (part_config, part_data) in enumerate(parts):
         fold = k if folds else None
         where = f"fold {k + 1}/{folds}, " if folds else ""
@@ -449,9 +464,17 @@ def compare(
                 + (f" (and without {', '.join(ablations)})" if ablations else ""))
             scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
                                   bootstrap=bootstrap, seed=seed, store=open_cache(cfg))
+            elsewhere = {}
+            if target is not None:
+                say(f"{where}seed {seed}: scoring {len(models)} models on {target.dataset}")
+                elsewhere = score_models(models, {"test": target.clips}, batch_size=batch_size, device=device,
+                                         store=open_cache(cfg))
             for m in models:
                 row = _seed_row(m, scores[m.key], ablations, seed)
                 row["fold"] = fold
+                if target is not None:
+                    cross_out = elsewhere[m.key]["test"][1]
+                    row.update(cross_values(cross_out.labels, cross_out.logits, target))
                 report, out = scores[m.key]["test"]
                 collected.add(row, m.title, report, out.ids, out.logits.argmax(dim=1).numpy(), out.labels.numpy())
                 if row.get("fusion_report") is not None:
@@ -460,14 +483,15 @@ def compare(
         if baselines:
             say(f"{where}fitting the baselines")
             _add_baselines(part_config, part_data, branch_models, collected, label_names, fold=fold,
-                           bootstrap=bootstrap, seed=seeds[0])
+                           bootstrap=bootstrap, seed=seeds[0], target=target)
 
     rows = aggregate(collected.per_run, ablations)
     baseline_key = _summarise(rows, collected, bootstrap=bootstrap, seed=seeds[0])
     result = ComparisonResult(out_dir, rows, collected.per_run, collected.failures, ablations, list(seeds),
                               label_names, {k: v.tolist() for k, v in collected.confusion.items()},
                               split_sizes=collected.sizes, folds=folds, baseline_key=baseline_key,
-                              stage_seconds=collected.stage_seconds)
+                              stage_seconds=collected.stage_seconds,
+                              cross=target.describe() if target is not None else None)
     result.files = write_comparison(result, collected.titles, config=config)
     return result
 
@@ -511,9 +535,11 @@ def _train_models(cfg: RunConfig, fusion_names: Sequence[str], trainer: Trainer,
 
 
 def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, TrainedModel], collected: _Collected,
-                   label_names: Sequence[str], *, fold: int | None, bootstrap: int, seed: int) -> None:
+                   label_names: Sequence[str], *, fold: int | None, bootstrap: int, seed: int,
+                   target: CrossTarget | None = None) -> None:
     """The baselines of one split, over the frozen inputs of the branches the models were built on,
-    fit on the clips the models learn from (train, or train + validation with ``train.refit``)."""
+    fit on the clips the models learn from (train, or train + validation with ``train.refit``); with a
+    second corpus `target`, also scored there (`cross_baselines`)."""
     from emofuse.core.apps import baselines as bl
 
     cache = open_cache(config)
@@ -526,6 +552,7 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
     stage = next((st for st in reversed(collected.stage_seconds) if st.get("fold") == fold), None)
     if stage is not None:  # with the fold's (last seed's) stages
         stage["baseline_inputs"] = round(max(0.0, time.perf_counter() - start - own), 2)
+    elsewhere = cross_baselines(encoders, data, target, cache, fit_on=fit_on) if target is not None else {}
     labels_by_id = {s.id: s.label for s in data.splits["test"]}
     for f in fits:
         labels = torch.tensor([labels_by_id[i] for i in f.ids])
@@ -538,6 +565,7 @@ def _add_baselines(config: RunConfig, data: Any, branch_models: Mapping[str, Tra
             "accuracy_ci": list(report.intervals.get("accuracy", ())) or None,
             "train_seconds": round(f.seconds, 3), "test_clips": report.num_samples, "inputs": f.inputs,
             "C": f.C, "val_accuracy": f.val_accuracy, "fit_on": "+".join(fit_on),
+            **elsewhere.get(f.key, {}),
         }
         collected.add(row, f.title, report, f.ids, probs.argmax(dim=1).numpy(), labels.numpy())
 
@@ -735,7 +763,8 @@ def _paired(collected: _Collected, correct: Mapping[str, Mapping[str, float]], k
 
 
 # --- report --------------------------------------------------------------------------------------------
-def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False, folds: bool = False) -> list[Column]:
+def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False, folds: bool = False,
+                       cross: str | None = None) -> list[Column]:
     pct = dict(fmt=".1f", pct=True)
     cols = [
         Column("rank", "#", "d"),
@@ -758,6 +787,10 @@ def comparison_columns(ablations: Sequence[str], *, robustness_f1: bool = False,
         cols.append(Column(f"accuracy_without_{mod}", f"Acc w/o {mod} %", std_key=f"accuracy_without_{mod}_std", **pct))
         if robustness_f1:
             cols.append(Column(f"macro_f1_without_{mod}", f"F1 w/o {mod} %", std_key=f"macro_f1_without_{mod}_std", **pct))
+    if cross:
+        cols += [Column("cross_accuracy", f"{cross} WA %", std_key="cross_accuracy_std", **pct),
+                 Column("cross_uar", f"{cross} UA %", std_key="cross_uar_std", **pct),
+                 Column("cross_macro_f1", f"{cross} macro F1 %", std_key="cross_macro_f1_std", **pct)]
     return cols
 
 
@@ -778,7 +811,8 @@ def comparison_markdown(result: ComparisonResult, *, config: RunConfig | None = 
                      f"{', '.join(f'`{b}` = `{r.name}`' for b, r in config.branches.items())}"
                      + ("; `train.refit`: models and baselines fit on train + validation" if config.train.refit else "")
                      + ".\n")
-    lines.append(markdown_table(result.rows, comparison_columns(result.ablations, folds=bool(result.folds))))
+    cross = result.cross["dataset"] if result.cross else None
+    lines.append(markdown_table(result.rows, comparison_columns(result.ablations, folds=bool(result.folds), cross=cross)))
     if result.baseline_key:
         best = next(r for r in result.rows if r["key"] == result.baseline_key)
         lines.append(f"\nBaselines: scikit-learn logistic regression (standardised inputs, C chosen on the validation "
@@ -801,6 +835,14 @@ def comparison_markdown(result: ComparisonResult, *, config: RunConfig | None = 
         lines.append("")
     if result.ablations:
         lines.append("\n`Acc w/o X`: the same trained model scored with modality X removed from every test clip.\n")
+    if result.cross:
+        c = result.cross
+        left = ", ".join(f"{name} ({n} clips)" for name, n in c["corpus_only_clips"].items()) or "none"
+        lines.append(f"\n`{cross} WA/UA/macro F1`: every row (each fold's models, baselines fit the same way) also scored "
+                     f"on all {c['clips']} clips of `{cross}` over the {len(c['shared_classes'])} classes both name "
+                     f"({', '.join(c['shared_classes'])}); left out: its classes the models lack: {left}; the models' "
+                     f"classes it lacks: {', '.join(c['model_only_classes']) or 'none'} (a prediction is the most "
+                     "probable shared class). Baselines over a branch the corpus has no inputs for are not scored there.\n")
     if result.stage_seconds:
         branches: dict[str, float] = {}
         for stage in result.stage_seconds:
@@ -847,6 +889,7 @@ def write_comparison(result: ComparisonResult, titles: Mapping[str, str], *,
             "split_sizes": result.split_sizes,
             "ablations": result.ablations,
             "label_names": result.label_names,
+            "cross_corpus": result.cross,
             "config": config.model_dump(mode="json") if config is not None else None,
             "rows": result.rows,
             "per_seed": result.per_seed,

@@ -194,6 +194,66 @@ def _baselines(loaded: Any, clips: list[Sample], shared: SharedClasses, outputs:
     return rows
 
 
+# --- a second corpus inside a comparison ---------------------------------------------------------------------
+#: What a comparison reports of each row on the second corpus, as ``cross_<metric>``.
+CROSS_METRICS = ("accuracy", "uar", "macro_f1")
+
+
+@dataclass
+class CrossTarget:
+    """A second corpus every row of a comparison is also scored on (`compare(..., cross_dataset=...)`): its
+    clips of the shared classes, labelled in the models' classes, and the modalities its reader provides."""
+
+    dataset: str
+    clips: list[Sample]
+    shared: SharedClasses
+    modalities: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "clips": len(self.clips), "shared_classes": self.shared.names,
+                "model_only_classes": self.shared.model_only, "corpus_only_clips": self.shared.corpus_only}
+
+
+def cross_target(dataset: str, label_names: Sequence[str], model_modalities: Sequence[str], *,
+                 data_dir: Path | None = None, options: Mapping[str, Any] | None = None,
+                 registry: Registry | None = None, on_bad_sample: str = "error") -> CrossTarget:
+    """Read corpus `dataset` once for a comparison over `label_names` (see `shared_classes`, `relabelled`)."""
+    target = DataConfig(dataset=dataset, data_dir=data_dir, options=dict(options or {}), on_bad_sample=on_bad_sample)
+    reader = build_reader(target, registry)
+    shared = shared_classes(label_names, reader.label_names)
+    clips = relabelled(list(reader.samples()), label_names, shared)
+    if FEATURES not in model_modalities:  # a table the corpus joins that no branch reads
+        clips = [dataclasses.replace(s, features={}) for s in clips]
+    return CrossTarget(dataset, clips, shared, tuple(reader.modalities))
+
+
+def cross_values(labels: torch.Tensor, scores: torch.Tensor, target: CrossTarget) -> dict[str, float]:
+    """``cross_accuracy``, ``cross_uar``, ``cross_macro_f1`` over the shared classes."""
+    report = restricted_report(labels, scores, target.shared, bootstrap=0, seed=0)
+    return {f"cross_{k}": report.metrics[k] for k in CROSS_METRICS}
+
+
+def cross_baselines(encoders: Mapping[str, Any], bundle: Any, target: CrossTarget, cache: Any, *,
+                    fit_on: Sequence[str]) -> dict[str, dict[str, float]]:
+    """baseline key -> `cross_values`: the baselines fit on `bundle`'s clips as the comparison fits them, scored
+    on the second corpus. Only branches whose primary modality the corpus has are fit (RAVDESS's action units do
+    not exist for EmoDB); with some left out, so are the rows that combine branches."""
+    from emofuse.core.apps.baselines import BASELINE, MAJORITY, baselines_over_branches
+
+    usable = {b: enc for b, enc in encoders.items() if enc.modalities and enc.modalities[0] in target.modalities}
+    if not usable:
+        return {}
+    data = dataclasses.replace(bundle, splits={"train": bundle.splits["train"], "val": bundle.splits.get("val", []),
+                                               "test": target.clips})
+    fits = baselines_over_branches(usable, data, cache, fit_on=fit_on)
+    whole = len(usable) == len(encoders)
+    mine = tuple(f"{BASELINE}:{b}" for b in usable)
+    label_of = {s.id: s.label for s in target.clips}
+    return {f.key: cross_values(torch.tensor([label_of[i] for i in f.ids]), torch.from_numpy(f.probabilities), target)
+            for f in fits if whole or f.key == f"{BASELINE}:{MAJORITY}"
+            or any(f.key == k or f.key.startswith(k + ":") for k in mine)}
+
+
 def rows_of(result: CrossCorpusResult) -> list[dict[str, Any]]:
     """The model's row, then each baseline's, with the model's paired accuracy difference to it."""
     model = {"model": f"the model ({result.source})", **{k: result.report.metrics[k] for k in ("accuracy", "uar", "macro_f1")},
@@ -244,5 +304,5 @@ def evaluate_cross_corpus_and_write(checkpoint: Path, dataset: str, *, out_dir: 
     return result
 
 
-__all__ = ["CrossCorpusResult", "SharedClasses", "cross_corpus_markdown", "evaluate_cross_corpus",
+__all__ = ["CROSS_METRICS", "CrossCorpusResult", "CrossTarget", "SharedClasses", "cross_baselines", "cross_target", "cross_values", "cross_corpus_markdown", "evaluate_cross_corpus",
            "evaluate_cross_corpus_and_write", "relabelled", "restricted_report", "rows_of", "shared_classes"]
