@@ -1,9 +1,10 @@
-"""MELD dev: every README row is a preset (plus `--set`s), trained side by side over seeds in one run.
+"""MELD dev: every row is a preset or an experiment config (plus `--set`s), trained side by side over seeds in one run.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_meld.py [--rows baseline text causal ...] [--seeds 0 1 2] [--threads 1]
 
-Each trained row is exactly what ``emofuse train --preset NAME [--set ...]`` trains (the command is in
-the table): the preset's data (MELD's train partition to fit, dev to choose the epoch and report:
+Each trained row is exactly what ``emofuse train --preset NAME [--set ...]`` (or, for an experiment that is
+not a preset, ``emofuse train --config benchmarks/configs/NAME.toml``) trains (the command is in the table):
+the preset's data (MELD's train partition to fit, dev to choose the epoch and report:
 ``test_fraction = 0``), encoder, loss and train settings, through the trainer's own `fit` over a
 `BranchTask`. The benchmark adds only the seed, the thread count and, for a quick run, ``--limit``.
 The baseline is MiniLM sentence embeddings (mean of its token vectors) + logistic regression
@@ -59,16 +60,31 @@ TRANSFORMER = ("branches.text.inner.sequence_model=transformer", "branches.text.
 MPNET = "branches.text.inner.text_backbone=mpnet"
 
 
+#: Experiment configurations (``--config`` files on top of a preset) for rows that are not presets a user picks.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 @dataclass(frozen=True)
 class Row:
-    """A README row: a preset and the `--set`s on top of it."""
+    """A table row: a preset, or an experiment config (a file in `CONFIGS`), and the `--set`s on top of it."""
 
     label: str
-    preset: str
+    preset: str | None = None
     sets: tuple[str, ...] = ()
     #: Key of the row it is compared with (the no-context row).
     reference: str | None = "text"
     notes: str = ""
+    #: Name of the experiment config in `CONFIGS` (without ``.toml``), instead of `preset`.
+    config: str | None = None
+
+    def compose_args(self) -> dict[str, Any]:
+        """``compose_config``'s preset or config file for this row (as `emofuse train` reads them)."""
+        return {"config_file": CONFIGS / f"{self.config}.toml"} if self.config else {"preset": self.preset}
+
+    def command_words(self) -> list[str]:
+        if self.config:
+            return ["emofuse", "train", "--config", f"benchmarks/configs/{self.config}.toml"]
+        return ["emofuse", "train", "--preset", str(self.preset)]
 
 
 ROWS: dict[str, Row] = {
@@ -99,7 +115,7 @@ ROWS: dict[str, Row] = {
                          reference="mpnet", notes="the whole dialogue over mpnet's tokens"),
     "finetune": Row("no context, MiniLM fine-tuned", "meld-finetune",
                     notes="MiniLM unfrozen at 0.05 x the head's lr, 32 tokens per utterance"),
-    "finetune-turns": Row("MiniLM fine-tuned reading the 3 previous turns with the utterance", "meld-finetune-turns",
+    "finetune-turns": Row("MiniLM fine-tuned reading the 3 previous turns with the utterance", config="meld-finetune-turns",
                           reference="finetune", notes="past turns as the second segment of MiniLM's input"),
     "finetune-mpnet": Row("no context, all-mpnet-base-v2 fine-tuned", "meld-finetune-mpnet",
                           notes="mpnet unfrozen at 0.03 x the head's lr, 16 utterances a batch"),
@@ -113,30 +129,30 @@ ROWS: dict[str, Row] = {
     "finetune-adjusted": Row("no context, MiniLM fine-tuned, logit-adjusted loss", "meld-finetune",
                              ('loss={name="cross-entropy", logit_adjustment=1.0}',), reference="finetune",
                              notes="cross-entropy over logits + log prior (tau 1)"),
-    "finetune-mpnet-adjusted": Row("all-mpnet-base-v2 fine-tuned, logit-adjusted loss", "meld-finetune-mpnet-adjusted",
+    "finetune-mpnet-adjusted": Row("all-mpnet-base-v2 fine-tuned, logit-adjusted loss", config="meld-finetune-mpnet-adjusted",
                                    reference="finetune-mpnet",
                                    notes="mpnet at 0.05 x the head's lr; cross-entropy over logits + log prior (tau 1)"),
     "finetune-mpnet-named": Row("all-mpnet-base-v2 fine-tuned, speaker named, mean-pooled head, logit-adjusted loss",
-                                "meld-finetune-mpnet-named", reference="finetune-mpnet-adjusted",
+                                config="meld-finetune-mpnet-named", reference="finetune-mpnet-adjusted",
                                 notes='"Speaker: words", 64 tokens; mpnet at 0.05 x the head\'s lr; logits + log prior (tau 1)'),
-    "finetune-mpnet-sqrt": Row("all-mpnet-base-v2 fine-tuned, sqrt-balanced class weights", "meld-finetune-mpnet-adjusted",
-                               ('loss={name="cross-entropy", class_weights="sqrt-balanced"}',),
+    "finetune-mpnet-sqrt": Row("all-mpnet-base-v2 fine-tuned, sqrt-balanced class weights", config="meld-finetune-mpnet-adjusted",
+                               sets=('loss={name="cross-entropy", class_weights="sqrt-balanced"}',),
                                reference="finetune-mpnet",
                                notes="mpnet at 0.05 x the head's lr; cross-entropy weighted (N / (C n_c))^0.5"),
     "finetune-mpnet-turns": Row("all-mpnet-base-v2 fine-tuned reading the 3 previous turns, logit-adjusted loss",
-                                "meld-finetune-mpnet-turns", reference="finetune-mpnet-adjusted",
+                                config="meld-finetune-mpnet-turns", reference="finetune-mpnet-adjusted",
                                 notes="past turns as the second segment of mpnet's input; mpnet at 0.05 x the head's lr; logits + log prior (tau 1)"),
-    "finetune-mpnet-onelr": Row("all-mpnet-base-v2 fine-tuned at one lr, mean-pooled head", "meld-finetune-mpnet-onelr",
+    "finetune-mpnet-onelr": Row("all-mpnet-base-v2 fine-tuned at one lr, mean-pooled head", config="meld-finetune-mpnet-onelr",
                                 reference="finetune-mpnet",
                                 notes="mpnet and head both at 3e-5, as a plain fine-tuning script; the head reads the mean token vector"),
-    "finetune-mpnet-linear": Row("all-mpnet-base-v2 fine-tuned as a plain sentence classifier", "meld-finetune-mpnet-linear",
+    "finetune-mpnet-linear": Row("all-mpnet-base-v2 fine-tuned as a plain sentence classifier", config="meld-finetune-mpnet-linear",
                                  reference="finetune-mpnet",
                                  notes="one linear layer on the mean token vector, no context wrapper; mpnet and head at 3e-5, "
                                        "weight decay 0.01, random batches, 2 whole passes"),
-    "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", "meld-finetune-context",
+    "finetune-context": Row("MiniLM fine-tuned + dialogue context + class-balanced loss", config="meld-finetune-context",
                             notes="the combination"),
-    "finetune-context-plain": Row("MiniLM fine-tuned + dialogue context, plain cross-entropy", "meld-finetune-context",
-                                  ('loss={name="cross-entropy"}',), reference="finetune",
+    "finetune-context-plain": Row("MiniLM fine-tuned + dialogue context, plain cross-entropy", config="meld-finetune-context",
+                                  sets=('loss={name="cross-entropy"}',), reference="finetune",
                                   notes="the combination without the class weights"),
 }
 
@@ -174,7 +190,7 @@ def is_finetune(config: RunConfig) -> bool:
 def row_sets(row: Row, args: argparse.Namespace) -> list[str]:
     """The `--set`s of the row's command: its own, the run's, and the fine-tuning budget on fine-tuned rows."""
     sets = [*row.sets, *args.sets]
-    if is_finetune(compose_config(preset=row.preset, sets=sets)):
+    if is_finetune(compose_config(**row.compose_args(), sets=sets)):
         sets += [f"train.steps_per_epoch={args.finetune_steps}"] if args.finetune_steps else []
         sets += [f"train.epochs={args.finetune_epochs}"] if args.finetune_epochs else []
     return sets
@@ -186,20 +202,21 @@ def trains_adjusted(config: RunConfig) -> bool:
 
 
 def row_command(row: Row, args: argparse.Namespace) -> str:
-    words = ["emofuse", "train", "--preset", row.preset]
+    words = row.command_words()
     for assignment in row_sets(row, args):
         words += ["--set", assignment]
     return shlex.join(words)
 
 
 def row_config(row: Row, seed: int, args: argparse.Namespace) -> RunConfig:
-    """The preset with the command's `--set`s, exactly as `emofuse train` composes it, at this seed on the CPU."""
+    """The row's preset or config with the command's `--set`s, exactly as `emofuse train` composes it, at this
+    seed on the CPU."""
     sets = [*row_sets(row, args), f"train.seed={seed}", "train.device=cpu"]
     if args.data is not None:
         sets.append(f"data.data_dir={json.dumps(str(args.data))}")
     if args.limit:
         sets.append(f"data.limit={args.limit}")
-    return compose_config(preset=row.preset, sets=sets)
+    return compose_config(**row.compose_args(), sets=sets)
 
 
 def load_meld(config: RunConfig) -> DataBundle:

@@ -1,4 +1,4 @@
-"""`bench_meld.py`'s rows: every row names a preset that composes, and the fine-tuning budget
+"""`bench_meld.py`'s rows: every row names a preset or an experiment config (benchmarks/configs) that composes, and the fine-tuning budget
 (`--finetune-steps`, `--finetune-epochs`) reaches every row that trains its text encoder, whether that
 encoder is the branch itself or sits inside `dialogue-context`; the keys of stored runs survive config keys
 added later; and the post-hoc logit adjustment of a
@@ -38,15 +38,17 @@ BUDGET = argparse.Namespace(sets=[], finetune_steps=250, finetune_epochs=4, data
 @pytest.mark.parametrize("key", sorted(ROWS))
 def test_every_row_composes_and_gets_the_budget_when_it_fine_tunes(key):
     row = ROWS[key]
-    config = compose_config(preset=row.preset, sets=list(row.sets))
+    config = compose_config(**row.compose_args(), sets=list(row.sets))
     command = row_command(row, BUDGET)
-    assert command.startswith(f"emofuse train --preset {row.preset}")
+    source = f"--config benchmarks/configs/{row.config}.toml" if row.config else f"--preset {row.preset}"
+    assert command.startswith(f"emofuse train {source}")
+    assert (row.preset is None) == (row.config is not None)
     budget = "train.steps_per_epoch=250" in command and "train.epochs=4" in command
     assert budget == is_finetune(config)
 
 
 def test_a_fine_tuned_branch_without_the_context_wrapper_counts_as_fine_tuned():
-    assert is_finetune(compose_config(preset="meld-finetune-mpnet-linear"))
+    assert is_finetune(compose_config(**ROWS["finetune-mpnet-linear"].compose_args()))
     assert is_finetune(compose_config(preset="meld-finetune-mpnet"))
     assert not is_finetune(compose_config(preset="meld-text"))
 

@@ -2,6 +2,8 @@
 options that pass a dry run, and messages that blame the wrong thing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -47,8 +49,9 @@ def test_dry_run_refuses_bad_nested_options(assignment, expected):
 
 
 def test_dry_run_still_accepts_the_nested_presets():
-    for preset in ("meld-finetune", "meld-finetune-turns", "meld-context"):
-        result = runner.invoke(app, ["train", "--preset", preset, "--dry-run"])
+    turns = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "meld-finetune-turns.toml"
+    for source in (["--preset", "meld-finetune"], ["--config", str(turns)], ["--preset", "meld-context"]):
+        result = runner.invoke(app, ["train", *source, "--dry-run"])
         assert result.exit_code == 0, result.output
 
 

@@ -1,9 +1,11 @@
-"""The MELD presets: one `emofuse train --preset` per README row (a nested inner encoder), MELD's whole
-train partition to fit (no test split carved out), no speaker-metadata modality asked of a corpus
-without one, and the per-epoch step cap that fine-tuning within a CPU budget uses."""
+"""The MELD presets and the MELD experiment configs beside bench_meld.py (`benchmarks/configs/*.toml`, each a
+`--config` file on a preset): a nested inner encoder, MELD's whole train partition to fit (no test split carved
+out), no speaker-metadata modality asked of a corpus without one, and the per-epoch step cap that fine-tuning
+within a CPU budget uses."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +23,17 @@ from emofuse.core.types import METADATA, TEXT
 
 runner = CliRunner()
 MELD_PRESETS = sorted(name for name in load_presets() if name.startswith("meld-"))
+CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+MELD_CONFIGS = sorted(path.stem for path in CONFIGS.glob("meld-*.toml"))
+
+
+def experiment(name: str, sets=()):
+    """An experiment config from benchmarks/configs, composed as `emofuse train --config FILE` composes it."""
+    return compose_config(config_file=CONFIGS / f"{name}.toml", sets=list(sets))
 
 
 def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
-    result = runner.invoke(app, ["train", "--preset", "meld-finetune-context", "--dry-run"])
+    result = runner.invoke(app, ["train", "--config", str(CONFIGS / "meld-finetune-context.toml"), "--dry-run"])
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert '[branches.text]\nname = "dialogue-context"\ndirection = "bidirectional"' in out
@@ -33,10 +42,12 @@ def test_dry_run_shows_the_nested_text_encoder_and_the_balanced_loss():
     assert 'class_weights = "balanced"' in out and "test_fraction = 0.0" in out
 
 
-def test_every_meld_row_has_its_preset():
-    assert {"meld-text", "meld-context", "meld-finetune", "meld-finetune-mpnet", "meld-finetune-mpnet-adjusted",
-            "meld-finetune-mpnet-named", "meld-finetune-mpnet-onelr", "meld-finetune-mpnet-turns",
-            "meld-finetune-mpnet-linear"} <= set(MELD_PRESETS)
+def test_the_registry_keeps_the_meld_presets_a_user_picks_and_the_experiments_live_beside_the_benchmark():
+    assert MELD_PRESETS == ["meld-context", "meld-finetune", "meld-finetune-mpnet", "meld-text"]
+    assert {"meld-finetune-mpnet-adjusted", "meld-finetune-mpnet-named", "meld-finetune-mpnet-onelr",
+            "meld-finetune-mpnet-turns", "meld-finetune-mpnet-linear", "meld-finetune-turns",
+            "meld-finetune-context"} == set(MELD_CONFIGS)
+    assert not set(MELD_CONFIGS) & set(load_presets())
 
 
 @pytest.mark.parametrize("preset", MELD_PRESETS)
@@ -44,8 +55,14 @@ def test_meld_presets_read_text_only(preset):
     assert required_modalities(compose_config(preset=preset)) == {TEXT}
 
 
+@pytest.mark.parametrize("name", MELD_CONFIGS)
+def test_meld_experiment_configs_compose_read_text_only_and_keep_their_name(name):
+    config = experiment(name)
+    assert required_modalities(config) == {TEXT} and config.name == name
+
+
 def test_named_preset_reads_speaker_lines_with_a_pooled_head_and_the_adjusted_loss():
-    config = compose_config(preset="meld-finetune-mpnet-named")
+    config = experiment("meld-finetune-mpnet-named")
     inner = config.branches["text"].options["inner"]
     assert inner["name_speaker"] is True and inner["sequence_model"] == "none" and inner["max_text_tokens"] == 64
     assert inner["text_backbone"] == "mpnet" and inner["freeze_backbone"] is False
@@ -53,7 +70,7 @@ def test_named_preset_reads_speaker_lines_with_a_pooled_head_and_the_adjusted_lo
 
 
 def test_onelr_preset_trains_mpnet_and_its_pooled_head_at_one_lr():
-    config = compose_config(preset="meld-finetune-mpnet-onelr")
+    config = experiment("meld-finetune-mpnet-onelr")
     inner = config.branches["text"].options["inner"]
     assert inner["text_backbone"] == "mpnet" and inner["freeze_backbone"] is False
     assert inner["sequence_model"] == "none" and inner["backbone_lr_scale"] == 1.0
@@ -62,7 +79,7 @@ def test_onelr_preset_trains_mpnet_and_its_pooled_head_at_one_lr():
 
 
 def test_linear_preset_is_the_plain_sentence_classifier_without_the_context_wrapper():
-    config = compose_config(preset="meld-finetune-mpnet-linear")
+    config = experiment("meld-finetune-mpnet-linear")
     text = config.branches["text"]
     assert text.name == "text-classifier" and "inner" not in text.options
     assert text.options["head"] == "linear" and text.options["sequence_model"] == "none"
@@ -73,7 +90,7 @@ def test_linear_preset_is_the_plain_sentence_classifier_without_the_context_wrap
 
 
 def test_mpnet_turns_preset_reads_past_turns_under_the_adjusted_loss():
-    config = compose_config(preset="meld-finetune-mpnet-turns")
+    config = experiment("meld-finetune-mpnet-turns")
     inner = config.branches["text"].options["inner"]
     assert inner["text_backbone"] == "mpnet" and inner["context_past_turns"] == 3 and inner["context_tokens"] == 64
     assert config.loss.options["logit_adjustment"] == 1.0
@@ -128,8 +145,8 @@ def test_steps_per_epoch_caps_a_branch_epoch(meld_small, tmp_path):
 
 
 def test_finetune_turns_trains_on_whole_dialogues_without_a_cache(shared_data, tmp_path):
-    config = compose_config(preset="meld-finetune-turns", sets=[f'data.data_dir="{shared_data}"', "data.limit=60",
-                                                                "train.steps_per_epoch=1", "train.batch_size=16"])
+    config = experiment("meld-finetune-turns", sets=[f'data.data_dir="{shared_data}"', "data.limit=60",
+                                                     "train.steps_per_epoch=1", "train.batch_size=16"])
     bundle = load_data(config.data, required_modalities(config))
     encoder = build_encoder(config.branches["text"], bundle.num_classes, where="branches.text")
     assert encoder.batches_by_dialogue and not encoder.cacheable
