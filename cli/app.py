@@ -36,7 +36,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 DEFAULT_MAIN_PRESET = "ravdess-reference"
 #: The main job (`emofuse compare` with no arguments) cross-validates by speaker: RAVDESS test splits
 #: of 2-3 actors would let a clip or two decide the ranking. 3 folds (4 test, 2 validation, 6 training actors
-#: each) keep it within 10 minutes on 2 cores; 4 folds took 13.6 (README).
+#: each) keep it within 10 minutes on 2 cores; 4 folds took 13.6 (docs/results.md).
 DEFAULT_MAIN_FOLDS = 3
 
 

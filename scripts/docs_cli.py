@@ -11,9 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import click
 import typer.main
 from typer.cli import get_docs_for_click
+
+try:  # typer 0.2x carries its own copy of click, whose Context its commands expect
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 PREFACE = """\
