@@ -10,8 +10,9 @@ as the README shows the main job) or ``all`` (every section with its title and d
 To publish a new measurement, write its JSON into ``benchmarks/results/`` and add a `Section` to `SECTIONS`.
 The table's form follows the JSON's shape, and the formatter reuses the code that wrote the JSON:
 ``emofuse compare`` (`write_comparison`), ``emofuse evaluate --dataset`` (the cross-corpus report) and
-``benchmarks/bench_meld.py``. A section with several comparison files sets them side by side (``labels``
-names the columns); several cross-corpus or MELD files are stacked into one table.
+``benchmarks/bench_meld.py``; any other measurement written as flat rows (a list of objects, or an object
+whose ``rows`` is one: timings, say) becomes a table of its keys. A section with several comparison files
+sets them side by side (``labels`` names the columns); several files of another shape are stacked.
 """
 from __future__ import annotations
 
@@ -233,10 +234,38 @@ def meld_tables(docs: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str
     return [markdown_table(rows, columns)]
 
 
+def _records(doc: Any) -> list[dict[str, Any]] | None:
+    """The rows of a plain measurement: a list of flat objects, or an object whose ``rows`` is one."""
+    rows = doc.get("rows") if isinstance(doc, dict) else doc
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        if all(not isinstance(v, (dict, list)) for r in rows for v in r.values()):
+            return rows
+    return None
+
+
+def _is_records(doc: Any) -> bool:
+    return _records(doc) is not None
+
+
+def records_tables(docs: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str]:
+    """Any other measurement written as flat rows (timings, say): one column per key, in the order the keys
+    first appear, numbers to 4 significant digits; several files are stacked."""
+    from emofuse.core.apps.report import Column, markdown_table
+
+    rows = [row for doc in docs for row in _records(doc) or []]
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    number = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    columns = [Column(key, key.replace("_", " "), number, justify="left" if i == 0 else "right")
+               for i, key in enumerate(keys)]
+    return [markdown_table(rows, columns)]
+
+
+#: (is this the shape?, its tables), tried in order: the first shape every file of a section has wins.
 FORMATS: list[tuple[Callable[[Any], bool], Callable[[list[dict[str, Any]], tuple[str, ...]], list[str]]]] = [
     (_is_comparison, comparison_tables),
     (_is_cross_corpus, cross_corpus_tables),
     (_is_meld, meld_tables),
+    (_is_records, records_tables),
 ]
 
 
@@ -247,8 +276,8 @@ def section_tables(section: Section) -> list[str]:
         if all(is_shape(doc) for doc in docs):
             return tables(docs, section.labels)
     raise SystemExit(f"section {section.name!r}: {', '.join(section.files)} are not all of one known shape "
-                     "(an `emofuse compare` comparison.json, a cross-corpus report or a bench_meld.py result); "
-                     "add a formatter to FORMATS")
+                     "(an `emofuse compare` comparison.json, a cross-corpus report, a bench_meld.py result, or "
+                     "flat rows: a list of objects or {\"rows\": [...]}); add a formatter to FORMATS")
 
 
 def sources(section: Section) -> str:

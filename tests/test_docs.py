@@ -81,12 +81,16 @@ def test_a_results_region_is_rewritten_from_its_json_and_an_unknown_one_is_named
         results_tables.render("<!-- results:nothing -->\n<!-- /results -->")
 
 
-def test_a_result_file_of_an_unknown_shape_is_refused_with_the_section_named(tmp_path, monkeypatch):
-    (tmp_path / "timings.json").write_text('{"seconds": 3}')
+def test_a_new_result_file_of_flat_rows_gets_a_table_and_an_unknown_shape_is_refused(tmp_path, monkeypatch):
+    """How the lead adds a measurement: a JSON file and a Section; flat rows (timings) need no formatter."""
+    (tmp_path / "timings.json").write_text('{"rows": [{"stage": "branches", "seconds": 312.46}, '
+                                           '{"stage": "fusions", "seconds": 9.0}]}')
+    (tmp_path / "odd.json").write_text('{"seconds": 3}')
     monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
-    section = results_tables.Section("timings", ("timings.json",), "Timings", "How long.")
-    with pytest.raises(SystemExit, match="section 'timings'.*add a formatter"):
-        results_tables.section_tables(section)
+    (table,) = results_tables.section_tables(results_tables.Section("timings", ("timings.json",), "T", "D."))
+    assert table.splitlines()[0] == "| stage | seconds |" and "| branches | 312.5 |" in table
+    with pytest.raises(SystemExit, match="section 'odd'.*add a formatter"):
+        results_tables.section_tables(results_tables.Section("odd", ("odd.json",), "Odd", "D."))
 
 
 # -- code examples ---------------------------------------------------------------------------------------
@@ -96,10 +100,14 @@ def emofuse_calls(markdown: Path) -> list[list[str]]:
     for block in blocks(markdown, "bash", "sh", "console"):
         for line in block.replace("\\\n", " ").splitlines():
             words: list[str] = []
+            redirected = False  # `> file` and what follows it are the shell's, not the command's
             for word in shlex.split(line, comments=True) + [";"]:
                 if word not in ("&&", "||", ";", "|"):
-                    words.append(word)
+                    redirected = redirected or word in (">", ">>", "<", "2>", "2>&1")
+                    if not redirected:
+                        words.append(word)
                     continue
+                redirected = False
                 while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):  # VAR=value before a command
                     words.pop(0)
                 if words and Path(words[0]).name == "emofuse":
