@@ -129,3 +129,14 @@ def test_a_none_option_that_toml_cannot_hold_is_a_config_error():
     config = validate({"data": {"options": {"feature_table": None}}})
     with pytest.raises(ConfigError, match=r"data\.options\.feature_table"):
         to_toml(config)
+
+
+def test_every_preset_says_what_it_is_for_and_what_it_scores():
+    """`emofuse presets` is where a user picks one: each description names its use and its measured score
+    (or says it was not scored); experiment configs live in benchmarks/configs, not here."""
+    presets = load_presets()
+    assert len(presets) <= 12
+    for name, body in presets.items():
+        text = body.get("description", "")
+        assert len(text) > 60, name
+        assert re.search(r"\d+\.\d ± \d+\.\d|\d+\.\d (%|at)|not scored", text), f"{name}: no score in {text!r}"
