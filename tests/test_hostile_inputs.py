@@ -159,8 +159,9 @@ def test_whole_clip_audio_stops_at_the_documented_ceiling(tmp_path, shared_data,
     _long_wav(long_clip, source, MAX_AUDIO_SECONDS_CEILING + 20)
     predictor = load(speech_fusion_checkpoint, device="cpu", max_audio_seconds=None)  # 0 on the command line
     seen = []
-    forward = predictor.model.forward
-    predictor.model.forward = lambda batch, *a, **k: seen.append(batch.audio.shape[1]) or forward(batch, *a, **k)
+    (speech,) = [enc for enc in predictor.model.branches.values() if "audio" in enc.modalities]
+    forward = speech.forward
+    speech.forward = lambda batch, *a, **k: seen.append(batch.audio.shape[1]) or forward(batch, *a, **k)
     (record,) = predictor.predict([long_clip], text="Kids are talking by the door")
     assert seen == [int(MAX_AUDIO_SECONDS_CEILING * 16_000)]
     assert "the ceiling of whole-clip decoding" in record["warning"] and "probabilities" in record
