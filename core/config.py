@@ -43,8 +43,7 @@ class ComponentRef(BaseModel):
 class VideoConfig(_Strict):
     """How video clips become frames: the face found in each sampled frame, tracked and cropped."""
 
-    #: Face detector ("haar": OpenCV's Haar cascade) or "none" to keep whole frames (then an
-    #: encoder's fixed `face_box`, if any, crops them).
+    #: Face detector ("haar": OpenCV's Haar cascade) or "none": whole frames (an encoder's fixed `face_box` crops them).
     faces: Literal["haar", "none"] = "haar"
     #: Added around each face box, on every side, as a fraction of its side.
     face_margin: float = Field(0.25, ge=0, le=2)
@@ -59,8 +58,7 @@ class DataConfig(_Strict):
     data_dir: Path | None = None
     #: Options passed to the dataset reader (root, labels, ...).
     options: dict[str, Any] = Field(default_factory=dict)
-    #: speaker: no speaker in two splits (corpora with their own partition, like MELD, keep it);
-    #: balanced: stratified 70/15/15; given: the corpus' own partition.
+    #: speaker: no speaker in two splits (MELD-like own partitions kept); balanced: stratified 70/15/15; given: own.
     split: Literal["speaker", "balanced", "given"] = "speaker"
     #: Seed of the split alone, so training seeds vary while the held-out clips stay the same.
     split_seed: int = 0
@@ -73,6 +71,9 @@ class DataConfig(_Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
     #: Cap on samples (after the split), for quick runs; None keeps all.
     limit: int | None = Field(None, gt=0)
+    #: "per-speaker": feature tables and frozen backbones' features standardised per speaker over all the speaker's
+    #: clips, test speakers' too: TRANSDUCTIVE (reads unlabelled test clips); single clips then cannot be predicted.
+    speaker_normalization: Literal["none", "per-speaker"] = "none"
     video: VideoConfig = Field(default_factory=VideoConfig)
 
 
@@ -100,8 +101,7 @@ class TrainConfig(_Strict):
     group_by_length: bool = False
     #: Train again on train + validation for the epochs early stopping chose (`emofuse.core.engine.refit`).
     refit: bool = False
-    #: Which weights a run keeps: those of its best validation epoch, or the last epoch's (a refit,
-    #: whose validation clips are training clips).
+    #: Which weights a run keeps: its best validation epoch's, or the last epoch's (a refit, whose val clips train).
     keep: Literal["best", "last"] = "best"
 
 

@@ -11,6 +11,9 @@ vector stays as it is) and the feature vectors the branch reads. On those:
   recipe's reading, such as a speech backbone's last layer alone, where the branch caches every layer);
 - the majority class of the fitting clips.
 
+With ``data.speaker_normalization = "per-speaker"`` each pooled vector is first standardised by its speaker's
+statistics over all that speaker's clips (transductive, as the models' inputs are then), so the bar stays fair.
+
 Every regression standardises its inputs and picks C on the validation speakers (fit on train,
 scored on val); it is then fit on the clips the models learn from (train, or train+val when the
 models are refit there). Nothing is chosen on test clips.
@@ -28,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from emofuse.core.data.speaker_norm import PER_SPEAKER, speakers_of, standardize_by_speaker
 from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import Encoder
 from emofuse.core.types import FEATURES
@@ -224,14 +228,25 @@ def fit_baselines(
 def baselines_over_branches(encoders: Mapping[str, Encoder], bundle: Any, cache: Any, *,
                             fit_on: Sequence[str] = ("train",)) -> list[BaselineFit]:
     """The baselines over the frozen inputs of `encoders` (branch -> encoder, e.g. a trained model's
-    branches) on `bundle`'s split."""
+    branches) on `bundle`'s split; with ``data.speaker_normalization = "per-speaker"`` (the bundle's), every
+    pooled vector standardised by its speaker first (transductive, as the models' inputs are)."""
     from emofuse.core.types import MODALITIES
 
     splits = ("train", "val", "test")
     pooled = {b: pooled_views(enc, bundle, cache, splits) for b, enc in encoders.items()}
+    if getattr(bundle, "speaker_normalization", "none") == PER_SPEAKER:
+        pooled = {b: per_speaker(views, bundle) for b, views in pooled.items()}
     inputs = {b: views.pop(ALL_INPUTS) for b, views in pooled.items()}
     modalities = {b: "+".join(m for m in MODALITIES if m in enc.modalities) for b, enc in encoders.items()}
     return fit_baselines(inputs, modalities, bundle.splits, len(bundle.label_names), fit_on=fit_on, views=pooled)
+
+
+def per_speaker(views: Mapping[str, Mapping[str, np.ndarray]], bundle: Any) -> dict[str, dict[str, np.ndarray]]:
+    """`views` (view -> clip id -> pooled vector) with each vector standardised by its speaker's statistics over
+    that speaker's clips of every split of `bundle` (transductive: `emofuse.core.data.speaker_norm`)."""
+    groups = speakers_of(s for part in bundle.splits.values() for s in part)
+    speaker_of = {s.id: speaker for speaker, clips in groups.items() for s in clips}
+    return {view: standardize_by_speaker(by_clip, speaker_of) for view, by_clip in views.items()}
 
 
 def fit_splits(refit: bool) -> tuple[str, ...]:

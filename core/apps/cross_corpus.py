@@ -32,6 +32,7 @@ from emofuse.core.apps.evaluation import (
 )
 from emofuse.core.config import DataConfig
 from emofuse.core.data.readers import build_reader
+from emofuse.core.data.speaker_norm import PER_SPEAKER, standardize_tables
 from emofuse.core.engine.loaders import existing_cache, open_cache
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import load_model
@@ -148,6 +149,8 @@ def evaluate_cross_corpus(
     clips = relabelled(samples, loaded.label_names, shared)
     if FEATURES not in loaded.model.modalities:  # a table the corpus joins (RAVDESS's AUs) that no branch reads
         clips = [dataclasses.replace(s, features={}) for s in clips]
+    if loaded.config.data.speaker_normalization == PER_SPEAKER:  # transductive, like the model's training data
+        clips = standardize_tables({"test": clips})["test"]
     # The run's feature cache: its baselines read the same frozen features, so the backbone runs once per clip.
     store = open_cache(loaded.config) if baseline else existing_cache(loaded.config)
     device = resolve_device(device)

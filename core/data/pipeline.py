@@ -28,6 +28,7 @@ from emofuse.core.data.keys import modality_keys
 from emofuse.core.data.normalize import Normalizer
 from emofuse.core.data.preprocess import BadSample, PreparedSample, PreprocessSpec, prepare_sample, preprocess_spec
 from emofuse.core.data.readers import build_reader
+from emofuse.core.data.speaker_norm import PER_SPEAKER, standardize_tables
 from emofuse.core.data.splits import SPLITS, check_speaker_independent, load_split, make_split, save_split
 from emofuse.core.errors import ConfigError, DataError
 from emofuse.core.types import AUDIO, MODALITIES, VIDEO, Batch, Sample
@@ -117,6 +118,9 @@ class DataBundle:
     on_bad_sample: Literal["error", "skip"] = "error"
     #: Corpus label -> clips left out on purpose by ``label_map``.
     excluded: dict[str, int] = field(default_factory=dict)
+    #: ``data.speaker_normalization``: "per-speaker" when inputs are standardised per speaker (transductive,
+    #: `emofuse.core.data.speaker_norm`): the tables already are; baselines and the feature store follow it.
+    speaker_normalization: str = "none"
 
     @property
     def num_classes(self) -> int:
@@ -217,7 +221,8 @@ def load_data(
     split_seed: int | None = None,
     spec: PreprocessSpec | None = None,
 ) -> DataBundle:
-    """Read, split (reusing the split file when there is one), limit, and fit the normaliser on train.
+    """Read, split (reusing the split file when there is one), limit, standardise feature tables per speaker
+    with ``speaker_normalization = "per-speaker"`` (transductive), and fit the normaliser on train.
 
     `modalities` are checked against the corpus (a warning when no clip has one); decoding waits
     for the loaders. The split file is `config.split_file`, else ``split_dir/split.json``.
@@ -282,6 +287,8 @@ def load_data(
         splits = _limit(splits, config.limit, split_seed)
     if not splits["train"]:
         raise DataError(path or config.dataset, "the training split is empty", hint="check the split settings")
+    if config.speaker_normalization == PER_SPEAKER:  # transductive: each speaker's clips of every split
+        splits = standardize_tables(splits)
     normalizer = Normalizer().fit(splits["train"])
     return DataBundle(
         label_names=list(reader.label_names),
@@ -295,6 +302,7 @@ def load_data(
         split_path=path,
         on_bad_sample=config.on_bad_sample,
         excluded=excluded,
+        speaker_normalization=config.speaker_normalization,
     )
 
 

@@ -33,7 +33,7 @@ from emofuse.core.engine.loaders import (
     base_loader,
     ensure_extracted,
     light_modalities,
-    open_cache,
+    feature_store,
     padding_lengths,
     split_batches,
 )
@@ -209,7 +209,7 @@ def train_branch(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Reg
     seed_everything(config.train.seed)
     model = build_model(config.model_copy(update={"fusion": None}), num_classes, registry=registry).to(ctx.device)
     loss_fn = build_loss(config.loss, num_classes, class_counts(bundle), registry=registry)
-    cache = open_cache(config)
+    cache = feature_store(config, bundle)
     encoder = model.branches[branch]
     ensure_extracted(encoder, cache, bundle, splits=SPLITS, batch_size=config.train.batch_size * EVAL_BATCH_FACTOR,
                      seed=config.train.seed, num_workers=config.train.num_workers, ctx=ctx, progress=progress)

@@ -33,7 +33,7 @@ from emofuse.core.engine.distributed import (
     ShardedBatchSampler,
 )
 from emofuse.core.engine.fit import EVAL_BATCH_FACTOR, FitSettings, fit, seed_everything
-from emofuse.core.engine.loaders import ensure_extracted, open_cache
+from emofuse.core.engine.loaders import ensure_extracted, feature_store
 from emofuse.core.engine.model_io import load_model, save_model
 from emofuse.core.engine.precision import resolve_precision
 from emofuse.core.engine.run_guard import branch_dir_lock
@@ -187,7 +187,7 @@ def train_fused(config: RunConfig, bundle: Any, run_dir: Path, *, registry: Regi
         done = reuse_or_explain(run_dir, fingerprint, code, "fused run")
         if done is not None:
             return done
-    cache = open_cache(config)
+    cache = feature_store(config, bundle)
 
     def outputs_of(checkpoints: Mapping[str, Path], data: Any, splits: Sequence[str]) -> tuple[dict, dict]:
         return frozen_outputs(config, checkpoints, data, splits, cache=cache, registry=registry, ctx=ctx,

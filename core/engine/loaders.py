@@ -15,6 +15,7 @@ from emofuse.core.engine.distributed import (
     ShardedBatchSampler,
 )
 from emofuse.core.engine.progress import note, reporter
+from emofuse.core.errors import ConfigError
 from emofuse.core.interfaces import Encoder
 from emofuse.core.types import AUDIO, VIDEO
 
@@ -73,9 +74,11 @@ def ensure_extracted(encoder: Encoder, cache: Any, bundle: Any, *, splits: Seque
     second pass decode them and run the backbone.
     """
     from emofuse.core.data.cache import batch_keys, encoder_namespace
+    from emofuse.core.data.speaker_norm import unwrapped
 
     if not encoder.cacheable:
         return
+    cache = unwrapped(cache)  # filling stores raw features; a per-speaker wrapper's statistics need them all first
     if ctx.is_main:
         namespace = encoder_namespace(encoder)
         light = light_modalities(encoder)
@@ -131,4 +134,18 @@ def existing_cache(config: RunConfig) -> Any:
     """The run's feature cache when its folder exists here (a checkpoint scored where it was trained), else
     None: scoring then computes frozen features as it goes and writes nothing."""
     return open_cache(config) if cache_root(config).is_dir() else None
+
+
+def feature_store(config: RunConfig, bundle: Any) -> Any:
+    """The store every route reads frozen features through: `open_cache`, wrapped by
+    `SpeakerNormalizedFeatures` over `bundle`'s clips with ``data.speaker_normalization = "per-speaker"``
+    (transductive: each speaker's features standardised over all that speaker's clips, test clips included)."""
+    from emofuse.core.data.speaker_norm import PER_SPEAKER, SpeakerNormalizedFeatures
+
+    wanted, loaded = config.data.speaker_normalization, getattr(bundle, "speaker_normalization", "none")
+    if wanted != loaded:  # the feature tables were (or were not) standardised when the bundle was read
+        raise ConfigError(f"data.speaker_normalization: the run asks for {wanted!r}, its data was read with {loaded!r}",
+                          hint="load the data with the run's own data config (emofuse.core.data.load_data)")
+    cache = open_cache(config)
+    return SpeakerNormalizedFeatures(cache, bundle) if wanted == PER_SPEAKER else cache
 
