@@ -245,3 +245,37 @@ def test_prediction_refuses_a_per_speaker_model_and_evaluation_scores_it(trained
 
     scored = emofuse.evaluate(result.checkpoint, bootstrap=0, out=out / "eval")  # the run's folder of clips
     assert scored.report.metrics["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"], abs=1e-6)
+
+
+def test_a_fused_run_trains_its_cached_branch_on_per_speaker_features(tmp_path, shared_data, monkeypatch):
+    """Stage 1 (mm-lstm over cached log-mel frames and MiniLM tokens) and stage 2 (the fusion over the frozen
+    branches' outputs) both read the backbone features through the per-speaker store."""
+    from emofuse.core.data.speaker_norm import SpeakerNormalizedFeatures
+    from emofuse.core.engine.training import train_run
+
+    speakers: set[str] = set()
+    stores: set[int] = set()
+    original = SpeakerNormalizedFeatures.statistics
+
+    def spy(self, encoder, namespace, speaker, clip=""):
+        if encoder.name == "mm-lstm":
+            speakers.add(str(speaker))
+            stores.add(id(self))
+        return original(self, encoder, namespace, speaker, clip)
+
+    monkeypatch.setattr(SpeakerNormalizedFeatures, "statistics", spy)
+    small = {"name": "mm-lstm", "audio_backbone": "log-mel", "model_dim": 32, "lstm_hidden": 32, "attention_heads": 4}
+    config = validate({
+        "name": "fused", "output_dir": str(tmp_path),
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 48, "speaker_normalization": "per-speaker"},
+        "branches": {"speech": small, "video": {"name": "features", "features": ["au"], "hidden_dims": [16]}},
+        "fusion": {"name": "weighted-late"},
+        "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
+    })
+    from emofuse.core.data.pipeline import load_data
+
+    result = train_run(config, progress=False, resume=False)
+    clips = load_data(config.data, {FEATURES}).splits
+    assert speakers == {c.speaker for part in clips.values() for c in part}  # the test speakers' clips too
+    assert len(stores) == 2  # one store for the branch's training, one for the fusion's frozen outputs
+    assert result.fusion_report and 0 <= result.metrics["test"]["accuracy"] <= 1
