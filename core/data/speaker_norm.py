@@ -131,7 +131,7 @@ class SpeakerNormalizedFeatures:
     statistics of the row's speaker, computed once per (encoder namespace, speaker) from the cached entries of
     all that speaker's clips in `bundle` (every split: TRANSDUCTIVE), all frames of a sequence counted, padding
     excluded (stored entries are unpadded; padded positions stay zero). Everything else reaches the inner
-    store unchanged, so raw features are cached once and shared by runs with and without the option.
+    store unchanged: the cache holds raw features only, and what is computed from them (statistics) is not stored.
     An encoder that is not cacheable (a backbone that trains) has no stored statistics: its features pass as
     computed, with a warning.
     """
