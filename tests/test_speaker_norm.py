@@ -52,8 +52,8 @@ def _small_corpus():
     rng = np.random.default_rng(0)
     samples = [Sample(id=f"c{i}", label=0, speaker="A" if i < 4 else "B", audio_path=f"/nowhere/c{i}.wav")
                for i in range(7)]
-    bundle = SimpleNamespace(splits={"train": samples[:2] + samples[4:6], "val": [], "test": samples[2:4] + samples[6:]},
-                             spec=PreprocessSpec(), normalizer=None)
+    splits = {"train": samples[:2] + samples[4:6], "val": [], "test": samples[2:4] + samples[6:]}
+    bundle = SimpleNamespace(splits=splits, spec=PreprocessSpec(), normalizer=None)
     key = {s.id: sample_key(s, _Encoder.modalities, spec=bundle.spec, normalizer=None) for s in samples}
     entries = {}
     for i, s in enumerate(samples):
@@ -100,7 +100,7 @@ def test_cached_features_are_standardised_by_speaker_over_every_frame_padding_ex
 
 
 def test_a_speaker_with_uncached_clips_is_an_error_not_partial_statistics():
-    samples, bundle, key, entries = _small_corpus()
+    _, bundle, key, entries = _small_corpus()
     del entries[key["c3"]]
     batch = Batch(ids=["c0"], labels=torch.zeros(1, dtype=torch.long), present={}, speakers=["A"],
                   extra={"keys": [key["c0"]]})
@@ -141,7 +141,8 @@ def test_action_units_are_standardised_per_speaker_over_all_splits(bundles):
     # the train-fitted normaliser after it is about the identity, so batches carry the per-speaker values
     norm = bundles["per-speaker"].normalizer
     np.testing.assert_allclose(norm.feature_mean["au"].numpy(), 0, atol=1e-4)
-    batch = next(iter(bundles["per-speaker"].loader("test", batch_size=8, shuffle=False, seed=0, modalities={FEATURES})))
+    loader = bundles["per-speaker"].loader("test", batch_size=8, shuffle=False, seed=0, modalities={FEATURES})
+    batch = next(iter(loader))
     first = bundles["per-speaker"].splits["test"][0]
     np.testing.assert_allclose(batch.features["au"][0].numpy(), first.features["au"], atol=0.05)
 
@@ -192,7 +193,8 @@ def test_the_option_is_part_of_every_run_identity(tmp_path):
     assert branch_fingerprint(plain) != branch_fingerprint(scaled)
     assert branch_run_config(plain, "video").name != branch_run_config(scaled, "video").name  # no shared branch folder
     bundle = SimpleNamespace(splits={"train": [], "val": [], "test": []})
-    fused = {"fusion": validate({"name": "x", "branches": {"a": {"name": "features"}}, "fusion": {"name": "weighted-late"}}).fusion}
+    fusion = validate({"name": "x", "branches": {"a": {"name": "features"}}, "fusion": {"name": "weighted-late"}}).fusion
+    fused = {"fusion": fusion}
     assert (fusion_fingerprint(plain.model_copy(update=fused), {}, bundle)
             != fusion_fingerprint(scaled.model_copy(update=fused), {}, bundle))
 
@@ -267,7 +269,8 @@ def test_a_fused_run_trains_its_cached_branch_on_per_speaker_features(tmp_path, 
     small = {"name": "mm-lstm", "audio_backbone": "log-mel", "model_dim": 32, "lstm_hidden": 32, "attention_heads": 4}
     config = validate({
         "name": "fused", "output_dir": str(tmp_path),
-        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 48, "speaker_normalization": "per-speaker"},
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 48,
+                 "speaker_normalization": "per-speaker"},
         "branches": {"speech": small, "video": {"name": "features", "features": ["au"], "hidden_dims": [16]}},
         "fusion": {"name": "weighted-late"},
         "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},

@@ -20,7 +20,6 @@ prediction and serving (`emofuse evaluate CHECKPOINT --data DIR` scores a folder
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -29,8 +28,6 @@ import torch
 
 from emofuse.core.errors import ConfigError
 from emofuse.core.types import Batch, Sample
-
-log = logging.getLogger("emofuse.data")
 
 OPTION = "data.speaker_normalization"
 PER_SPEAKER = "per-speaker"
@@ -107,6 +104,9 @@ class _Moments:
         k = rows.shape[0]
         if not k:
             return
+        if self.mean is not None and rows.shape[1:] != self.mean.shape:
+            raise ValueError(f"{OPTION}: a cached feature's last dimension varies between clips ({rows.shape[1]} "
+                             f"vs {self.mean.shape[0]}); only tensors of a fixed width can be standardised per speaker")
         mean = rows.mean(dim=0)
         m2 = ((rows - mean) ** 2).sum(dim=0)
         if self.mean is None:
@@ -133,14 +133,13 @@ class SpeakerNormalizedFeatures:
     excluded (stored entries are unpadded; padded positions stay zero). Everything else reaches the inner
     store unchanged: the cache holds raw features only, and what is computed from them (statistics) is not stored.
     An encoder that is not cacheable (a backbone that trains) has no stored statistics: its features pass as
-    computed, with a warning.
+    computed (the trainers do not ask a store for them anyway).
     """
 
     def __init__(self, store: Any, bundle: Any):
         self.store = store
         self.bundle = bundle
         self._stats: dict[tuple[str, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._warned: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         if name in ("store", "bundle"):  # not yet set (unpickling): no recursion
@@ -150,10 +149,6 @@ class SpeakerNormalizedFeatures:
     def extract(self, encoder: Any, batch: Batch) -> dict[str, torch.Tensor]:
         extracted = self.store.extract(encoder, batch)
         if not encoder.cacheable:
-            if encoder.name not in self._warned:
-                self._warned.add(encoder.name)
-                log.warning("encoder %r is not cacheable (its backbone trains): %s = %r leaves its features as "
-                            "computed", encoder.name, OPTION, PER_SPEAKER)
             return extracted
         from emofuse.core.data.cache import encoder_namespace
 
@@ -165,7 +160,7 @@ class SpeakerNormalizedFeatures:
         stats = [self.statistics(encoder, namespace, speaker, clip) for speaker, clip in zip(speakers, batch.ids)]
         out = dict(extracted)
         for name, value in extracted.items():
-            if not value.is_floating_point() or value.dim() < 2 or name not in stats[0]:
+            if not value.is_floating_point() or value.dim() < 2 or not all(name in s for s in stats):
                 continue  # lengths, scalars, integer ids: nothing to standardise
             mean = torch.stack([s[name][0] for s in stats]).to(value.device)
             std = torch.stack([s[name][1] for s in stats]).to(value.device)
@@ -174,7 +169,8 @@ class SpeakerNormalizedFeatures:
             lengths = extracted.get(f"{name}_lengths")
             if value.dim() >= 3 and lengths is not None:  # a sequence: its padding stays zero
                 steps = torch.arange(value.shape[1], device=value.device)
-                real = (steps[None, :] < lengths.to(value.device)[:, None]).view(value.shape[:2] + (1,) * (value.dim() - 2))
+                real = steps[None, :] < lengths.to(value.device)[:, None]
+                real = real.view(value.shape[:2] + (1,) * (value.dim() - 2))
                 scaled = scaled * real
             out[name] = scaled.to(value.dtype)
         return out
