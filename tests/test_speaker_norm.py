@@ -193,8 +193,7 @@ def test_the_option_is_part_of_every_run_identity(tmp_path):
     assert branch_fingerprint(plain) != branch_fingerprint(scaled)
     assert branch_run_config(plain, "video").name != branch_run_config(scaled, "video").name  # no shared branch folder
     bundle = SimpleNamespace(splits={"train": [], "val": [], "test": []})
-    fusion = validate({"name": "x", "branches": {"a": {"name": "features"}}, "fusion": {"name": "weighted-late"}}).fusion
-    fused = {"fusion": fusion}
+    fused = {"fusion": validate({"branches": {"a": {"name": "features"}}, "fusion": {"name": "weighted-late"}}).fusion}
     assert (fusion_fingerprint(plain.model_copy(update=fused), {}, bundle)
             != fusion_fingerprint(scaled.model_copy(update=fused), {}, bundle))
 
