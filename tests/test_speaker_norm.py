@@ -97,6 +97,8 @@ def test_cached_features_are_standardised_by_speaker_over_every_frame_padding_ex
     reads = store.reads
     wrapped.extract(_Encoder(), batch)
     assert store.reads == reads  # statistics are computed once per (encoder, speaker)
+    over_clips = SpeakerNormalizedFeatures.over(store, samples, spec=bundle.spec, normalizer=None)  # no bundle
+    assert torch.equal(over_clips.extract(_Encoder(), batch)["frames"], out["frames"])
 
 
 def test_a_speaker_with_uncached_clips_is_an_error_not_partial_statistics():
@@ -281,3 +283,26 @@ def test_a_fused_run_trains_its_cached_branch_on_per_speaker_features(tmp_path, 
     assert speakers == {c.speaker for part in clips.values() for c in part}  # the test speakers' clips too
     assert len(stores) == 2  # one store for the branch's training, one for the fusion's frozen outputs
     assert result.fusion_report and 0 <= result.metrics["test"]["accuracy"] <= 1
+
+    # Scoring through the one route with `feature_store` gives training's numbers, from the run's cache or from a
+    # new one that the route fills first (raw features in, standardised out); the plain store does not.
+    from emofuse.core.apps.evaluation import checkpoint_bundle, evaluate_samples
+    from emofuse.core.data.cache import FeatureCache
+    from emofuse.core.engine.loaders import feature_store, open_cache
+    from emofuse.core.engine.model_io import load_model
+
+    loaded = load_model(result.checkpoint)
+    bundle = checkpoint_bundle(loaded, checkpoint=result.checkpoint)
+
+    def accuracy(store) -> float:
+        scored = evaluate_samples(loaded, bundle.splits["test"], store=store, bootstrap=0, device="cpu")
+        return scored.report.metrics["accuracy"]
+
+    trained = result.metrics["test"]["accuracy"]
+    assert accuracy(feature_store(loaded.config, bundle, existing=True)) == pytest.approx(trained, abs=1e-6)
+    new_cache = SpeakerNormalizedFeatures(FeatureCache(tmp_path / "new"), bundle)
+    assert accuracy(new_cache) == pytest.approx(trained, abs=1e-6)
+    plain = evaluate_samples(loaded, bundle.splits["test"], store=open_cache(loaded.config), bootstrap=0, device="cpu")
+    wrapped = evaluate_samples(loaded, bundle.splits["test"], store=feature_store(loaded.config, bundle), bootstrap=0,
+                               device="cpu")
+    assert not torch.allclose(plain.outputs.branch_logits["speech"], wrapped.outputs.branch_logits["speech"])

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from emofuse.core.data.feature_store import encoder_namespace
 from emofuse.core.errors import ConfigError
 from emofuse.core.types import Batch, Sample
 
@@ -126,7 +127,7 @@ class _Moments:
 class SpeakerNormalizedFeatures:
     """A feature store whose `extract` returns each clip's frozen features standardised by its speaker.
 
-    Wraps a store with the `FeatureCache` interface (``extract``, ``get_many``, ``put_many``, ``missing``...):
+    Wraps a `FeatureStore` (``extract``, ``get_many``, ``put_many``, ``missing``: `FeatureCache` on disk):
     `extract` calls the inner store's, then standardises every floating tensor per last dimension with the
     statistics of the row's speaker, computed once per (encoder namespace, speaker) from the cached entries of
     all that speaker's clips in `bundle` (every split: TRANSDUCTIVE), all frames of a sequence counted, padding
@@ -138,8 +139,16 @@ class SpeakerNormalizedFeatures:
 
     def __init__(self, store: Any, bundle: Any):
         self.store = store
+        #: What the statistics are taken over: ``splits`` (name -> clips), and the ``spec`` and ``normalizer``
+        #: its batches are decoded with (they enter the clips' keys): a `DataBundle`, or see `over`.
         self.bundle = bundle
         self._stats: dict[tuple[str, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @classmethod
+    def over(cls, store: Any, clips: Sequence[Sample], *, spec: Any, normalizer: Any) -> "SpeakerNormalizedFeatures":
+        """A store standardising by the statistics of `clips` alone (another corpus's, say), whose batches are
+        decoded with `spec` and `normalizer` (a checkpoint's own)."""
+        return cls(store, _Clips({"clips": list(clips)}, spec, normalizer))
 
     def __getattr__(self, name: str) -> Any:
         if name in ("store", "bundle"):  # not yet set (unpickling): no recursion
@@ -150,8 +159,6 @@ class SpeakerNormalizedFeatures:
         extracted = self.store.extract(encoder, batch)
         if not encoder.cacheable:
             return extracted
-        from emofuse.core.data.cache import encoder_namespace
-
         namespace = encoder_namespace(encoder)
         speakers = list(batch.speakers or [])
         if len(speakers) != len(batch):
@@ -208,6 +215,15 @@ class SpeakerNormalizedFeatures:
         found = {name: m.mean_std() for name, m in moments.items() if m.n}
         self._stats[(namespace, speaker)] = found
         return found
+
+
+@dataclasses.dataclass
+class _Clips:
+    """The part of a `DataBundle` that `SpeakerNormalizedFeatures` reads."""
+
+    splits: dict[str, list[Sample]]
+    spec: Any
+    normalizer: Any
 
 
 def unwrapped(store: Any) -> Any:

@@ -14,6 +14,7 @@ import torch
 
 from emofuse.core.data.collate import drop_modalities, select
 from emofuse.core.data.feature_store import FeatureStore, batch_keys, encoder_namespace
+from emofuse.core.data.speaker_norm import unwrapped
 from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.engine.loaders import light_modalities
 from emofuse.core.interfaces import Encoder
@@ -77,10 +78,11 @@ def batches_with_features(encoders: Iterable[Encoder], store: FeatureStore, samp
     if lacking:
         todo = [s for s in samples if s.id in lacking]
         filling = list(batches(todo, modalities))
+        filler = unwrapped(store)  # raw features in; a per-speaker store's statistics need every clip stored first
         for done, batch in enumerate(filling, 1):
             on_device = batch.to(device)
             for enc in cacheable:
-                store.extract(enc, on_device)
+                filler.extract(enc, on_device)
             if progress is not None:
                 progress(done, len(filling))
         still = _lacking(cacheable, store, kept)

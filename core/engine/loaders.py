@@ -136,16 +136,18 @@ def existing_cache(config: RunConfig) -> Any:
     return open_cache(config) if cache_root(config).is_dir() else None
 
 
-def feature_store(config: RunConfig, bundle: Any) -> Any:
-    """The store every route reads frozen features through: `open_cache`, wrapped by
-    `SpeakerNormalizedFeatures` over `bundle`'s clips with ``data.speaker_normalization = "per-speaker"``
-    (transductive: each speaker's features standardised over all that speaker's clips, test clips included)."""
+def feature_store(config: RunConfig, bundle: Any, *, existing: bool = False) -> Any:
+    """The store every route reads frozen features through: `open_cache` (with `existing`, `existing_cache`:
+    None when the run's cache folder is not here), wrapped by `SpeakerNormalizedFeatures` over `bundle`'s clips
+    with ``data.speaker_normalization = "per-speaker"`` (transductive: each speaker's features standardised over
+    all that speaker's clips, test clips included; its statistics are read from stored features, so the cache
+    is opened, and made, even with `existing`)."""
     from emofuse.core.data.speaker_norm import PER_SPEAKER, SpeakerNormalizedFeatures
 
     wanted, loaded = config.data.speaker_normalization, getattr(bundle, "speaker_normalization", "none")
     if wanted != loaded:  # the feature tables were (or were not) standardised when the bundle was read
         raise ConfigError(f"data.speaker_normalization: the run asks for {wanted!r}, its data was read with {loaded!r}",
                           hint="load the data with the run's own data config (emofuse.core.data.load_data)")
-    cache = open_cache(config)
-    return SpeakerNormalizedFeatures(cache, bundle) if wanted == PER_SPEAKER else cache
-
+    if wanted == PER_SPEAKER:
+        return SpeakerNormalizedFeatures(open_cache(config), bundle)
+    return existing_cache(config) if existing else open_cache(config)
