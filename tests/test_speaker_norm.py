@@ -306,3 +306,38 @@ def test_a_fused_run_trains_its_cached_branch_on_per_speaker_features(tmp_path, 
     wrapped = evaluate_samples(loaded, bundle.splits["test"], store=feature_store(loaded.config, bundle), bootstrap=0,
                                device="cpu")
     assert not torch.allclose(plain.outputs.branch_logits["speech"], wrapped.outputs.branch_logits["speech"])
+
+
+def test_cross_corpus_scoring_standardises_by_the_other_corpus_speakers(tmp_path, shared_data, monkeypatch):
+    """A per-speaker RAVDESS model scored on EmoDB clips: the EmoDB speakers' own statistics (their tables and
+    their stored backbone features), never RAVDESS's; the baselines beside it likewise."""
+    import shutil
+
+    from emofuse.core.apps.cross_corpus import evaluate_cross_corpus
+    from emofuse.core.engine.training import train_run
+
+    config = validate({
+        "name": "speech", "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "ravdess", "data_dir": str(shared_data), "limit": 48,
+                 "speaker_normalization": "per-speaker"},
+        "branches": {"speech": {"name": "mm-lstm", "audio_backbone": "log-mel", "model_dim": 32, "lstm_hidden": 32,
+                                "attention_heads": 4}},
+        "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu", "precision": "fp32"},
+    })
+    checkpoint = train_run(config, progress=False, resume=False).checkpoint
+    emodb = tmp_path / "emodb"
+    emodb.mkdir()
+    for name in ("03a01Fa", "03a01Nc", "03a01Wa", "03a02Ta", "08a02Fe", "08a02Na", "08a02Wc", "08a02Ab"):
+        shutil.copy(shared_data / "emodb" / "wav" / f"{name}.ogg", emodb / f"{name}.ogg")
+    speakers: set[str] = set()
+    original = SpeakerNormalizedFeatures.statistics
+
+    def spy(self, encoder, namespace, speaker, clip=""):
+        speakers.add(str(speaker))
+        return original(self, encoder, namespace, speaker, clip)
+
+    monkeypatch.setattr(SpeakerNormalizedFeatures, "statistics", spy)
+    result = evaluate_cross_corpus(checkpoint, "emodb", data_dir=shared_data, options={"root": str(emodb)},
+                                   bootstrap=0, baseline=True)
+    assert speakers and speakers <= {"03", "08"}  # EmoDB's speakers, not one RAVDESS actor
+    assert result.report.num_samples == 8 and {r["key"] for r in result.baselines} >= {"baseline:speech"}

@@ -26,13 +26,15 @@ import torch
 from emofuse.core.apps.evaluation import (
     SplitOutputs,
     checkpoint_bundle,
+    normalizer_of,
     resolve_device,
     run_model,
     scoring_batches,
 )
 from emofuse.core.config import DataConfig
+from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.data.readers import build_reader
-from emofuse.core.data.speaker_norm import PER_SPEAKER, standardize_tables
+from emofuse.core.data.speaker_norm import PER_SPEAKER, SpeakerNormalizedFeatures, standardize_tables
 from emofuse.core.engine.loaders import existing_cache, open_cache
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import load_model
@@ -153,6 +155,9 @@ def evaluate_cross_corpus(
         clips = standardize_tables({"test": clips})["test"]
     # The run's feature cache: its baselines read the same frozen features, so the backbone runs once per clip.
     store = open_cache(loaded.config) if baseline else existing_cache(loaded.config)
+    if loaded.config.data.speaker_normalization == PER_SPEAKER:  # by the statistics of this corpus's speakers
+        store = SpeakerNormalizedFeatures.over(open_cache(loaded.config), clips, normalizer=normalizer_of(loaded),
+                                               spec=preprocess_spec(loaded.config.data))
     device = resolve_device(device)
     batches = scoring_batches(loaded, clips, store=store, batch_size=batch_size, on_bad_sample=policy,
                               skipped=skipped, device=device)
