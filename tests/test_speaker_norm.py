@@ -341,3 +341,17 @@ def test_cross_corpus_scoring_standardises_by_the_other_corpus_speakers(tmp_path
                                    bootstrap=0, baseline=True)
     assert speakers and speakers <= {"03", "08"}  # EmoDB's speakers, not one RAVDESS actor
     assert result.report.num_samples == 8 and {r["key"] for r in result.baselines} >= {"baseline:speech"}
+
+
+def test_a_comparison_second_corpus_tables_are_standardised_by_its_own_speakers(shared_data):
+    from emofuse.core.apps.cross_corpus import cross_target
+
+    labels = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
+    target = cross_target("ravdess", labels, [FEATURES], data_dir=shared_data, speaker_normalization="per-speaker")
+    by_speaker: dict[str, list[np.ndarray]] = {}
+    for s in target.clips:
+        if "au" in s.features:
+            by_speaker.setdefault(s.speaker, []).append(s.features["au"])
+    assert len(by_speaker) > 10
+    for rows in by_speaker.values():
+        np.testing.assert_allclose(np.mean(rows, axis=0), 0, atol=1e-5)

@@ -224,14 +224,18 @@ class CrossTarget:
 
 def cross_target(dataset: str, label_names: Sequence[str], model_modalities: Sequence[str], *,
                  data_dir: Path | None = None, options: Mapping[str, Any] | None = None,
-                 registry: Registry | None = None, on_bad_sample: str = "error") -> CrossTarget:
-    """Read corpus `dataset` once for a comparison over `label_names` (see `shared_classes`, `relabelled`)."""
+                 registry: Registry | None = None, on_bad_sample: str = "error",
+                 speaker_normalization: str = "none") -> CrossTarget:
+    """Read corpus `dataset` once for a comparison over `label_names` (see `shared_classes`, `relabelled`); with
+    `speaker_normalization` "per-speaker" (the comparison's), its tables standardised by its own speakers."""
     target = DataConfig(dataset=dataset, data_dir=data_dir, options=dict(options or {}), on_bad_sample=on_bad_sample)
     reader = build_reader(target, registry)
     shared = shared_classes(label_names, reader.label_names)
     clips = relabelled(list(reader.samples()), label_names, shared)
     if FEATURES not in model_modalities:  # a table the corpus joins that no branch reads
         clips = [dataclasses.replace(s, features={}) for s in clips]
+    if speaker_normalization == PER_SPEAKER:  # transductive, as the comparison's own data
+        clips = standardize_tables({"test": clips})["test"]
     return CrossTarget(dataset, clips, shared, tuple(reader.modalities))
 
 
