@@ -240,11 +240,10 @@ def test_prediction_refuses_a_per_speaker_model_and_evaluation_scores_it(trained
     assert cli.exit_code != 0 and "transductive" in cli.output and "Traceback" not in cli.output
 
     from emofuse.core.apps.predict import Predictor
-    from emofuse.core.apps.serve import create_app
     from emofuse.core.engine.model_io import load_model
 
-    with pytest.raises(ConfigError, match="speaker_normalization"):
-        create_app(Predictor(load_model(result.checkpoint), device="cpu"))
+    with pytest.raises(ConfigError, match="speaker_normalization"):  # nor built by hand, for a service
+        Predictor(load_model(result.checkpoint), device="cpu")
 
     scored = emofuse.evaluate(result.checkpoint, bootstrap=0, out=out / "eval")  # the run's folder of clips
     assert scored.report.metrics["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"], abs=1e-6)

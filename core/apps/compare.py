@@ -31,7 +31,7 @@ from emofuse.core.apps.evaluation import (
     resolve_device,
     scoring_batches,
 )
-from emofuse.core.apps.cross_corpus import CrossTarget, cross_baselines, cross_target, cross_values
+from emofuse.core.apps.cross_corpus import CrossTarget, cross_baselines, cross_target, cross_values, target_store
 from emofuse.core.apps.report import (
     Column,
     human_bytes,
@@ -50,7 +50,7 @@ from emofuse.core.data.feature_store import FeatureStore, MemoryFeatureStore
 from emofuse.core.engine import branch_stage, fusion_stage, training
 from emofuse.core.engine.compose import required_modalities
 from emofuse.core.engine.encode import extracted_features
-from emofuse.core.engine.loaders import open_cache
+from emofuse.core.engine.loaders import feature_store, open_cache
 from emofuse.core.engine.metrics import HEADLINE_METRICS, MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.engine.progress import reporter
@@ -118,7 +118,7 @@ class TrainRunTrainer:
 
         device = resolve_device(config.train.device)  # where the fused run computes them
         fusion_stage.frozen_outputs(config, {b: r.checkpoint for b, r in branches.items()}, data, fusion_stage.SPLITS,
-                                    cache=open_cache(config), registry=self.registry, ctx=DistContext(device=device))
+                                    cache=feature_store(config, data), registry=self.registry, ctx=DistContext(device=device))
 
     def train(self, config: RunConfig, *, data: Any, branch_checkpoints: Mapping[str, Path]) -> Any:
 
@@ -440,7 +440,8 @@ def compare(
         say(f"reading the second corpus {cross_dataset}")
         target = cross_target(cross_dataset, label_names, sorted(required_modalities(config, registry)),
                               data_dir=cross_data_dir, options=cross_options, registry=registry,
-                              on_bad_sample=config.data.on_bad_sample)
+                              on_bad_sample=config.data.on_bad_sample,
+                              speaker_normalization=config.data.speaker_normalization)
     for k, (part_config, part_data) in enumerate(parts):
         fold = k if folds else None
         where = f"fold {k + 1}/{folds}, " if folds else ""
@@ -463,12 +464,12 @@ def compare(
             say(f"{where}seed {seed}: scoring {len(models)} models on {', '.join(to_score)}"
                 + (f" (and without {', '.join(ablations)})" if ablations else ""))
             scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
-                                  bootstrap=bootstrap, seed=seed, store=open_cache(cfg))
+                                  bootstrap=bootstrap, seed=seed, store=feature_store(cfg, part_data))
             elsewhere = {}
             if target is not None:
                 say(f"{where}seed {seed}: scoring {len(models)} models on {target.dataset}")
                 elsewhere = score_models(models, {"test": target.clips}, batch_size=batch_size, device=device,
-                                         store=open_cache(cfg))
+                                         store=target_store(cfg, target.clips, part_data.normalizer))
             for m in models:
                 row = _seed_row(m, scores[m.key], ablations, seed)
                 row["fold"] = fold

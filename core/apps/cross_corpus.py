@@ -154,10 +154,7 @@ def evaluate_cross_corpus(
     if loaded.config.data.speaker_normalization == PER_SPEAKER:  # transductive, like the model's training data
         clips = standardize_tables({"test": clips})["test"]
     # The run's feature cache: its baselines read the same frozen features, so the backbone runs once per clip.
-    store = open_cache(loaded.config) if baseline else existing_cache(loaded.config)
-    if loaded.config.data.speaker_normalization == PER_SPEAKER:  # by the statistics of this corpus's speakers
-        store = SpeakerNormalizedFeatures.over(open_cache(loaded.config), clips, normalizer=normalizer_of(loaded),
-                                               spec=preprocess_spec(loaded.config.data))
+    store = target_store(loaded.config, clips, normalizer_of(loaded), existing=not baseline)
     device = resolve_device(device)
     batches = scoring_batches(loaded, clips, store=store, batch_size=batch_size, on_bad_sample=policy,
                               skipped=skipped, device=device)
@@ -237,6 +234,15 @@ def cross_target(dataset: str, label_names: Sequence[str], model_modalities: Seq
     if speaker_normalization == PER_SPEAKER:  # transductive, as the comparison's own data
         clips = standardize_tables({"test": clips})["test"]
     return CrossTarget(dataset, clips, shared, tuple(reader.modalities))
+
+
+def target_store(config: Any, clips: Sequence[Sample], normalizer: Any, *, existing: bool = False) -> Any:
+    """The store another corpus's clips are scored through: the run's feature cache (with `existing`, only when
+    its folder is here), standardised per speaker by this corpus's own speakers for a per-speaker run."""
+    if config.data.speaker_normalization == PER_SPEAKER:
+        return SpeakerNormalizedFeatures.over(open_cache(config), clips, normalizer=normalizer,
+                                              spec=preprocess_spec(config.data))
+    return existing_cache(config) if existing else open_cache(config)
 
 
 def cross_values(labels: torch.Tensor, scores: torch.Tensor, target: CrossTarget) -> dict[str, float]:

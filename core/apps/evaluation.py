@@ -18,7 +18,7 @@ from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.data.feature_store import FeatureStore
 from emofuse.core.engine.compose import ComposedModel
 from emofuse.core.engine.encode import batches_with_features, branch_outputs
-from emofuse.core.engine.loaders import existing_cache
+from emofuse.core.engine.loaders import feature_store
 from emofuse.core.engine.metrics import MetricReport, metric_report
 from emofuse.core.engine.model_io import LoadedModel, load_model
 from emofuse.core.errors import ConfigError, DataError
@@ -217,6 +217,12 @@ def evaluate_samples(
     labelled = [s for s in samples if s.label is not None and s.label >= 0]
     if not labelled:
         raise ConfigError(f"split {split!r} has no labelled clips to score")
+    if store is None and loaded.config.data.speaker_normalization != "none" and any(
+            enc.cacheable for enc in loaded.model.branches.values()):
+        raise ConfigError(f"{checkpoint or 'the model'}: trained with data.speaker_normalization = "
+                          f"{loaded.config.data.speaker_normalization!r}, its frozen features must be standardised by "
+                          "each speaker's clips", hint="score it with evaluate_checkpoint, or pass "
+                          "store=feature_store(config, bundle) (emofuse.core.engine.loaders)")
     skipped: list[tuple[str, str]] = []
     device = resolve_device(device)
     batches = scoring_batches(loaded, labelled, store=store, batch_size=batch_size, on_bad_sample=on_bad_sample,
@@ -285,11 +291,11 @@ def evaluate_checkpoint(
     overrides the run's policy for unreadable clips ("skip" leaves them out and lists them). Frozen features
     come from `store`, by default the run's own feature cache when it is here (`existing_cache`)."""
     loaded = load_model(Path(checkpoint), registry=registry)
-    store = existing_cache(loaded.config) if store is None else store
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     bundle = checkpoint_bundle(loaded, checkpoint=checkpoint, data_dir=data_dir, registry=registry,
                                on_bad_sample=on_bad_sample)
+    store = feature_store(loaded.config, bundle, existing=True) if store is None else store
     result = evaluate_samples(loaded, list(bundle.splits[split]), split=split, bootstrap=bootstrap, seed=seed,
                               drop=drop, batch_size=batch_size, device=device, checkpoint=Path(checkpoint),
                               on_bad_sample=on_bad_sample, store=store)

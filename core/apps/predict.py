@@ -25,6 +25,7 @@ import torch
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.data.dialogue import batch_positions, needs_whole_dialogues
 from emofuse.core.data.feature_store import MemoryFeatureStore
+from emofuse.core.data.speaker_norm import refuse_single_clips
 from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine.encode import branch_outputs, model_outputs
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -157,6 +158,7 @@ class Predictor:
             raise ConfigError(f"max_audio_seconds {max_audio_seconds!r} must be a number of seconds above 0 and at most "
                               f"{MAX_AUDIO_SECONDS_CEILING:g}, the ceiling (memory grows about 100 MB per audio minute)",
                               hint=f"or None (--max-audio-seconds 0) for whole clips up to {MAX_AUDIO_SECONDS_CEILING:g} s")
+        refuse_single_clips(loaded.config, f"model {loaded.config.name!r}")  # per-speaker: a lone clip has no statistics
         self.whole_clips = max_audio_seconds is None
         max_audio_seconds = MAX_AUDIO_SECONDS_CEILING if max_audio_seconds is None else max_audio_seconds
         self.loaded = loaded

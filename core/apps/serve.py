@@ -65,7 +65,7 @@ from emofuse.core.apps.predict import Predictor, load, sample_from_media
 from emofuse.core.apps.serve_guards import (API_KEY_HEADER, Admission, BodyLimits, RequireKey, json_refusal,
                                             strict_form_route)
 from emofuse.core.data.decode import media_duration, probe
-from emofuse.core.data.speaker_norm import refuse_checkpoint, refuse_single_clips
+from emofuse.core.data.speaker_norm import refuse_checkpoint
 from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
 
 #: Where `app_from_environment` finds the checkpoint and settings in each uvicorn worker process.
@@ -584,7 +584,6 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, *,
     """The service over an already loaded `predictor` (tests and `emofuse serve` build it the same way).
 
     `transcribe_clip` replaces the packaged Whisper (tests)."""
-    refuse_single_clips(predictor.loaded.config, f"model {predictor.loaded.config.name!r}")  # per-speaker: no lone clips
     settings = settings or ServeSettings()
     ids = itertools.count()
     predictor = copy.copy(predictor)  # this service's decoding settings, not the caller's
