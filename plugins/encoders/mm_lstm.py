@@ -25,7 +25,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from emofuse.core import (
@@ -39,7 +39,11 @@ from emofuse.core import (
     hookimpl,
     lengths_to_mask,
 )
-from emofuse.plugins.encoders.audio_backbone import DEFAULT_AUDIO_BACKBONE, make_audio_backbone
+from emofuse.plugins.encoders.audio_backbone import (
+    DEFAULT_AUDIO_BACKBONE,
+    MAX_PADDING_SECONDS,
+    make_audio_backbone,
+)
 from emofuse.plugins.encoders.layers import (
     BatchNorm1d,
     LayerMix,
@@ -68,7 +72,7 @@ AudioLayers = Literal["all", "last"]
 #: What the utterance-statistics path pools: every layer's own frames, or the learned mix of them.
 AudioStatistics = Literal["layers", "mixed"]
 #: The options that shape `extract`'s output (the head's options do not).
-EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "audio_layers", "max_text_tokens")
+EXTRACT_OPTIONS = ("text_backbone", "audio_backbone", "audio_layers", "audio_padding_seconds", "max_text_tokens")
 
 
 class MMLSTMConfig(ComponentConfig):
@@ -79,6 +83,11 @@ class MMLSTMConfig(ComponentConfig):
     audio_backbone: str = DEFAULT_AUDIO_BACKBONE
     #: A pretrained audio encoder's layers: "all" (a learned softmax-weighted sum) or the "last" alone.
     audio_layers: AudioLayers = "all"
+    #: A Whisper backbone's input length in seconds: 0 encodes each clip's own frames (a 3.5 s clip: 175 frames);
+    #: 30 pads shorter clips with silence to Whisper's full window (1,500 frames), as Whisper was trained; values
+    #: between pad to that length. Longer clips keep their own length. Every frame of the padded window is kept, so
+    #: the statistics pool over the silence too; cost grows with it (cache, encoder and head alike).
+    audio_padding_seconds: float = 0.0
     #: The utterance-statistics path: mean and std of "layers" (each layer's frames: on RAVDESS, 4 speaker folds, an
     #: MLP over them scored 71.5-74.0 % against 66.5 % over the "mixed" frames'; the mix loses what layers differ in).
     audio_statistics: AudioStatistics = "layers"
@@ -133,6 +142,14 @@ class MMLSTMConfig(ComponentConfig):
                                        or "head" in data or data.get("sequence_model") == "none"):
             raise ValueError(TEXT_ONLY_MOVED)
         return data
+
+    @field_validator("audio_padding_seconds")
+    @classmethod
+    def _whisper_window(cls, seconds: float) -> float:
+        if not 0.0 <= seconds <= MAX_PADDING_SECONDS:  # NaN fails too
+            raise ValueError(f"{seconds} s is outside Whisper's window: give 0 (each clip's own length) to "
+                             f"{MAX_PADDING_SECONDS:g} (the full window)")
+        return seconds
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "MMLSTMConfig":
@@ -207,7 +224,8 @@ class MultimodalLSTMEncoder(ReadsTranscripts, Encoder):
         c = config
         self.modalities = self.modalities_for(c)  # type: ignore[misc]
         self.text_backbone = TextBackbone(c.text_backbone, max_length=c.max_text_tokens)
-        self.audio_backbone = make_audio_backbone(c.audio_backbone, all_layers=c.audio_layers == "all")
+        self.audio_backbone = make_audio_backbone(c.audio_backbone, all_layers=c.audio_layers == "all",
+                                                  padding_seconds=c.audio_padding_seconds)
         if c.freeze_backbone:
             freeze(self.text_backbone)
             freeze(self.audio_backbone)

@@ -92,7 +92,8 @@ def packaged_model(name: str = "whisper") -> PackagedWhisper:
 class WhisperLogMel(nn.Module):
     """Whisper's features: 25 ms Hann windows every 10 ms, Slaney mel filters 0-8 kHz, log10, floored 8 decades
     (80 dB) below the clip's peak, scaled to about [-1, 1]. ``pad_to_chunk`` pads with zeros to 30 s first,
-    exactly as ``WhisperFeatureExtractor`` does; without it only the clip's own frames are made."""
+    exactly as ``WhisperFeatureExtractor`` does; ``pad_to_seconds`` pads a shorter clip with zeros to that
+    length (a longer one keeps its own length); without either only the clip's own frames are made."""
 
     def __init__(self, n_mels: int = 80):
         super().__init__()
@@ -105,10 +106,11 @@ class WhisperLogMel(nn.Module):
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
         self.n_mels = n_mels
 
-    def forward(self, wav: torch.Tensor, *, pad_to_chunk: bool = False) -> torch.Tensor:
-        """``[samples]`` at 16 kHz -> ``[n_mels, samples // 160]`` (3,000 frames when padded)."""
+    def forward(self, wav: torch.Tensor, *, pad_to_chunk: bool = False, pad_to_seconds: float = 0.0) -> torch.Tensor:
+        """``[samples]`` at 16 kHz -> ``[n_mels, samples // 160]`` (3,000 frames when padded to 30 s)."""
         wav = wav.float().flatten().to(self.window.device)[:CHUNK_SAMPLES]
-        target = CHUNK_SAMPLES if pad_to_chunk else max(wav.numel(), 2 * HOP_LENGTH)
+        padded = CHUNK_SAMPLES if pad_to_chunk else min(round(pad_to_seconds * SAMPLE_RATE), CHUNK_SAMPLES)
+        target = max(wav.numel(), 2 * HOP_LENGTH, padded)
         if wav.numel() < target:
             wav = F.pad(wav, (0, target - wav.numel()))
         spec = torch.stft(wav, N_FFT, HOP_LENGTH, window=self.window, return_complex=True)[..., :-1].abs() ** 2
