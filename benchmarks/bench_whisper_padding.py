@@ -162,7 +162,8 @@ def markdown(rows: Sequence[dict[str, Any]], command: str, header: str, protocol
     folds = rows[0]["folds"]
     lines = ["### Whisper padding on RAVDESS: each clip's own frames, padded to 4 s, padded to Whisper's 30 s window",
              "", "Made with:", "", "```", command, "```", "", header, "",
-             f"| backbone | padding | Acc % (mean ± std, {folds} folds) | Δ vs clip length, points (95% CI, paired by clip) "
+             f"| backbone | padding | Acc % (mean ± std, {folds} folds) "
+             "| Δ vs clip length, points (95% CI, paired by clip) "
              "| folds above / equal / below | Acc % pooled over the clip's own frames; Δ vs clip length | encoding s "
              "| clips/s | frames per clip |", "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
