@@ -58,9 +58,11 @@ def test_padded_frames_are_kept_and_their_lengths_say_so(clip):
     assert torch.isfinite(silence).all() and silence.abs().sum() > 0  # encoded silence, not zero padding
 
 
-@pytest.mark.parametrize("seconds", [-1.0, 30.5, float("nan")])
-def test_padding_outside_whispers_window_is_refused(seconds):
-    with pytest.raises(ConfigError, match="audio_padding_seconds"):
+@pytest.mark.parametrize(("seconds", "message"), [(-1.0, "outside Whisper's window: give 0"),
+                                                  (30.5, "outside Whisper's window: give 0"),
+                                                  (float("nan"), "a finite number")])
+def test_padding_outside_whispers_window_is_refused(seconds, message):
+    with pytest.raises(ConfigError, match=f"branches.audio_text.audio_padding_seconds: .*{message}"):
         build_encoder(ComponentRef(name="mm-lstm", audio_padding_seconds=seconds), 8, where="branches.audio_text")
 
 
