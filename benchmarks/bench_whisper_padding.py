@@ -158,11 +158,10 @@ def percent(values: Sequence[float]) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
 
 
-def markdown(rows: Sequence[dict[str, Any]], command: str, header: str, protocol: str) -> str:
+def padding_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as one Markdown table (this script's .md and the docs' results page, `results_tables.py`)."""
     folds = rows[0]["folds"]
-    lines = ["### Whisper padding on RAVDESS: each clip's own frames, padded to 4 s, padded to Whisper's 30 s window",
-             "", "Made with:", "", "```", command, "```", "", header, "",
-             f"| backbone | padding | Acc % (mean ± std, {folds} folds) "
+    lines = [f"| backbone | padding | Acc % (mean ± std, {folds} folds) "
              "| Δ vs clip length, points (95% CI, paired by clip) "
              "| folds above / equal / below | Acc % pooled over the clip's own frames; Δ vs clip length | encoding s "
              "| clips/s | frames per clip |", "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -179,6 +178,12 @@ def markdown(rows: Sequence[dict[str, Any]], command: str, header: str, protocol
         lines.append(f"| {r['backbone']} | {padding} | {percent(r['accuracy_per_fold'])} | {difference_text(delta)} "
                      f"| {folds_text} | {percent(r['accuracy_clip_frames_per_fold'])}{own_text} "
                      f"| {r['extraction_seconds']:.0f} | {r['clips_per_s']:.2f} | {r['mean_frames']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(rows: Sequence[dict[str, Any]], command: str, header: str, protocol: str) -> str:
+    lines = ["### Whisper padding on RAVDESS: each clip's own frames, padded to 4 s, padded to Whisper's 30 s window",
+             "", "Made with:", "", "```", command, "```", "", header, "", padding_table(rows).rstrip("\n")]
     lines += ["", "Features: the last layer of the packaged Whisper (`WhisperFrontEnd`, as mm-lstm's "
               "`audio_padding_seconds` pads), mean and std over every frame it returns (the padded silence "
               "included); the column \"pooled over the clip's own frames\" pools the same encoding over the frames "

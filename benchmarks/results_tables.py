@@ -97,6 +97,18 @@ SECTIONS: list[Section] = [
         "every fold. Whisper features (the main job) are what lifted the audio-text branch and the fusions above "
         "the baselines."),
     Section(
+        "whisper-padding", ("whisper_padding.json",),
+        "RAVDESS: padding clips before Whisper (`audio_padding_seconds`)",
+        "`mm-lstm`'s `audio_padding_seconds` pads each clip shorter than it with silence before a Whisper backbone "
+        "(0, the default: the clip's own frames; 30: Whisper's full window) and keeps every frame of the padded "
+        "window. Measured with the baselines' regression over the last layer's mean+std (padded frames included; "
+        "beside it, the same encoding pooled over the clip's own frames), leave one actor out, 720 clips "
+        "(`benchmarks/bench_whisper_padding.py`, one thread). Padding gains nothing clear: pooled as mm-lstm "
+        "pools it, every difference to clip length is under a point with an interval across zero (pooled over the "
+        "clip's own frames, base at 4 s gains 1.4, its interval just reaching zero), while the 30 s window encodes "
+        "about 10x slower (Whisper base at 30 s was not run: about 12 minutes). Over 4 actor folds "
+        "(`whisper_padding_cv4.json`) tiny.en at 30 s is 3.2 points below clip length. The default stays at 0."),
+    Section(
         "meld-frozen", ("meld_mpnet_3seeds.json",),
         "MELD: frozen text encoders and dialogue context (3 seeds)",
         "MELD transcripts (Friends dialogues, 7 emotions): the whole train partition to fit, dev to choose the epoch "
@@ -234,6 +246,18 @@ def meld_tables(docs: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str
     return [markdown_table(rows, columns)]
 
 
+def _is_whisper_padding(doc: Any) -> bool:
+    return isinstance(doc, list) and bool(doc) and all(isinstance(r, dict) and {"backbone", "padding_seconds"} <= set(r)
+                                                       for r in doc)
+
+
+def whisper_padding_tables(docs: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str]:
+    """`bench_whisper_padding.py` rows, in the table that script writes."""
+    from bench_whisper_padding import padding_table
+
+    return [padding_table(doc) for doc in docs]
+
+
 def _records(doc: Any) -> list[dict[str, Any]] | None:
     """The rows of a plain measurement: a list of flat objects, or an object whose ``rows`` is one."""
     rows = doc.get("rows") if isinstance(doc, dict) else doc
@@ -265,6 +289,7 @@ FORMATS: list[tuple[Callable[[Any], bool], Callable[[list[dict[str, Any]], tuple
     (_is_comparison, comparison_tables),
     (_is_cross_corpus, cross_corpus_tables),
     (_is_meld, meld_tables),
+    (_is_whisper_padding, whisper_padding_tables),
     (_is_records, records_tables),
 ]
 
