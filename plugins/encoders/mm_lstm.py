@@ -88,7 +88,7 @@ class MMLSTMConfig(ComponentConfig):
     #: between pad to that length. Longer clips keep their own length. Every frame of the padded window is kept,
     #: so the statistics pool over the silence too; cost grows with it (cache, encoder and head alike). RAVDESS,
     #: leave one actor out, a regression over tiny.en's last layer: 67.9 % at 0, 68.6 % at 4 s, 68.3 % at 30 s.
-    audio_padding_seconds: float = 0.0
+    audio_padding_seconds: float = Field(0.0, ge=0.0, le=MAX_PADDING_SECONDS)
     #: The utterance-statistics path: mean and std of "layers" (each layer's frames: on RAVDESS, 4 speaker folds, an
     #: MLP over them scored 71.5-74.0 % against 66.5 % over the "mixed" frames'; the mix loses what layers differ in).
     audio_statistics: AudioStatistics = "layers"
@@ -144,10 +144,12 @@ class MMLSTMConfig(ComponentConfig):
             raise ValueError(TEXT_ONLY_MOVED)
         return data
 
-    @field_validator("audio_padding_seconds")
+    @field_validator("audio_padding_seconds", mode="before")
     @classmethod
-    def _whisper_window(cls, seconds: float) -> float:
-        if not 0.0 <= seconds <= MAX_PADDING_SECONDS:  # NaN fails too
+    def _whisper_window(cls, seconds: Any) -> Any:
+        """Says what the bounds mean before the bare bounds check does."""
+        number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+        if number and not 0.0 <= seconds <= MAX_PADDING_SECONDS:
             raise ValueError(f"{seconds} s is outside Whisper's window: give 0 (each clip's own length) to "
                              f"{MAX_PADDING_SECONDS:g} (the full window)")
         return seconds
