@@ -225,7 +225,7 @@ def load_meld(config: RunConfig) -> DataBundle:
 
 #: Run-config keys added after the store began, left out of a run's key while they hold the value every earlier
 #: run trained with, so stored runs keep their keys.
-KEYS_ADDED_LATER = {("train", "lr_decay"): "cosine"}
+KEYS_ADDED_LATER = {("train", "lr_decay"): "cosine", ("data", "speaker_normalization"): "none"}
 
 
 def config_key(config: RunConfig) -> str:

@@ -157,6 +157,7 @@ def _is_meld(doc: Any) -> bool:
 
 
 COMPARISON_KEYS = ("model", "accuracy", "vs_baseline_text", "folds_above", "macro_f1", "uar")
+CROSS_KEYS = ("cross_accuracy", "cross_uar", "cross_macro_f1")
 
 
 def comparison_tables(docs: list[dict[str, Any]], labels: tuple[str, ...]) -> list[str]:
@@ -168,8 +169,10 @@ def comparison_tables(docs: list[dict[str, Any]], labels: tuple[str, ...]) -> li
     if len(docs) > 1:
         return [side_by_side(docs, labels)]
     doc = docs[0]
-    by_key = {c.key: c for c in comparison_columns([], folds=bool(doc["folds"]))}
-    tables = [markdown_table(doc["rows"], [by_key[k] for k in COMPARISON_KEYS if k in by_key])]
+    cross = (doc.get("cross_corpus") or {}).get("dataset")  # a second corpus every row was also scored on
+    by_key = {c.key: c for c in comparison_columns([], folds=bool(doc["folds"]), cross=cross)}
+    keys = COMPARISON_KEYS + (CROSS_KEYS if cross else ())
+    tables = [markdown_table(doc["rows"], [by_key[k] for k in keys if k in by_key])]
     own = [{"branch": r["model"], "accuracy": r["accuracy"], "baseline": b["baseline"].removeprefix("baseline: "),
             "baseline_accuracy": b["accuracy"], "text": b["text"], "folds_above": b.get("folds_above")}
            for r in doc["rows"] for b in r.get("vs_own_baselines", ()) if "text" in b]
