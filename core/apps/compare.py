@@ -473,7 +473,7 @@ def compare(
             for m in models:
                 row = _seed_row(m, scores[m.key], ablations, seed)
                 row["fold"] = fold
-                if target is not None:
+                if target is not None and target.can_score(m.loaded.model.branches.values()):
                     cross_out = elsewhere[m.key]["test"][1]
                     row.update(cross_values(cross_out.labels, cross_out.logits, target))
                 report, out = scores[m.key]["test"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -214,6 +214,11 @@ class CrossTarget:
     shared: SharedClasses
     modalities: tuple[str, ...]
 
+    def can_score(self, encoders: Iterable[Any]) -> bool:
+        """Whether the corpus has the primary modality of one of `encoders` (a model with none has nothing to
+        read there: RAVDESS's action-unit branch on EmoDB)."""
+        return any(enc.modalities and enc.modalities[0] in self.modalities for enc in encoders)
+
     def describe(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "clips": len(self.clips), "shared_classes": self.shared.names,
                 "model_only_classes": self.shared.model_only, "corpus_only_clips": self.shared.corpus_only}
@@ -258,7 +263,7 @@ def cross_baselines(encoders: Mapping[str, Any], bundle: Any, target: CrossTarge
     not exist for EmoDB); with some left out, so are the rows that combine branches."""
     from emofuse.core.apps.baselines import BASELINE, MAJORITY, baselines_over_branches
 
-    usable = {b: enc for b, enc in encoders.items() if enc.modalities and enc.modalities[0] in target.modalities}
+    usable = {b: enc for b, enc in encoders.items() if target.can_score([enc])}
     if not usable:
         return {}
     data = dataclasses.replace(bundle, splits={"train": bundle.splits["train"], "val": bundle.splits.get("val", []),
