@@ -268,9 +268,7 @@ def search(
 def load(checkpoint: str | Path, **kwargs: Any) -> "Predictor":
     """A checkpoint ready to predict: ``emofuse.load("runs/x/model.safetensors").predict(["clip.wav"])``."""
     from emofuse.core.apps.predict import load as load_predictor
-    from emofuse.core.data.speaker_norm import refuse_checkpoint
 
-    refuse_checkpoint(checkpoint)  # a per-speaker (transductive) model has no statistics for a lone clip
     return load_predictor(checkpoint, **kwargs)
 
 

@@ -462,13 +462,11 @@ def predict_cmd(
 ):
     """Classify clips with a checkpoint: one JSON line of class probabilities per clip."""
     from emofuse.core.apps import predict
-    from emofuse.core.data.speaker_norm import refuse_checkpoint
     from emofuse.core.errors import ConfigError
 
     if not max_audio_seconds >= 0:
         raise ConfigError(f"--max-audio-seconds {max_audio_seconds}: expected a number of seconds >= 0")
     choose_transcriber(transcriber_name, language)
-    refuse_checkpoint(checkpoint)  # a per-speaker (transductive) model has no statistics for a lone clip
     if explain and explain_dir is None:
         explain_dir = (Path(out).parent if out is not None else Path(".")) / "explanations"
     records = predict.predict_files(checkpoint, inputs=inputs or [], manifest=manifest, text=text, out=out,

@@ -465,15 +465,17 @@ def compare(
                 + (f" (and without {', '.join(ablations)})" if ablations else ""))
             scores = score_models(models, to_score, ablations=ablations, batch_size=batch_size, device=device,
                                   bootstrap=bootstrap, seed=seed, store=feature_store(cfg, part_data))
+            # On a second corpus, only the models it has inputs for (RAVDESS's AU branch reads nothing on EmoDB).
+            scorable = [m for m in models if target is not None and target.can_score(m.loaded.model.branches.values())]
             elsewhere = {}
-            if target is not None:
-                say(f"{where}seed {seed}: scoring {len(models)} models on {target.dataset}")
-                elsewhere = score_models(models, {"test": target.clips}, batch_size=batch_size, device=device,
+            if scorable:
+                say(f"{where}seed {seed}: scoring {len(scorable)} models on {target.dataset}")
+                elsewhere = score_models(scorable, {"test": target.clips}, batch_size=batch_size, device=device,
                                          store=target_store(cfg, target.clips, part_data.normalizer))
             for m in models:
                 row = _seed_row(m, scores[m.key], ablations, seed)
                 row["fold"] = fold
-                if target is not None and target.can_score(m.loaded.model.branches.values()):
+                if m.key in elsewhere:
                     cross_out = elsewhere[m.key]["test"][1]
                     row.update(cross_values(cross_out.labels, cross_out.logits, target))
                 report, out = scores[m.key]["test"]

@@ -25,7 +25,7 @@ import torch
 from emofuse.core.apps.evaluation import normalizer_of, resolve_device
 from emofuse.core.data.dialogue import batch_positions, needs_whole_dialogues
 from emofuse.core.data.feature_store import MemoryFeatureStore
-from emofuse.core.data.speaker_norm import refuse_single_clips
+from emofuse.core.data.speaker_norm import refuse_checkpoint, refuse_single_clips
 from emofuse.core.data.preprocess import preprocess_spec
 from emofuse.core.engine.encode import branch_outputs, model_outputs
 from emofuse.core.engine.model_io import LoadedModel, load_model
@@ -390,6 +390,7 @@ def load(checkpoint: str | Path, *, device: str | torch.device = "auto", batch_s
     Audio longer than `max_audio_seconds` is cut there (its record carries a ``warning``); None decodes it
     whole up to `MAX_AUDIO_SECONDS_CEILING` (300 s), cut there too. With `transcribe`, clips without text get their speech transcribed (when the model reads text).
     `feature_memory`: how many clips' frozen features are kept in memory for reuse (0: none)."""
+    refuse_checkpoint(checkpoint)  # before the weights load: a per-speaker (transductive) model takes no lone clips
     return Predictor(load_model(Path(checkpoint), registry=registry), device=device, batch_size=batch_size,
                      registry=registry, max_audio_seconds=max_audio_seconds, transcribe=transcribe,
                      feature_memory=feature_memory)

@@ -65,7 +65,6 @@ from emofuse.core.apps.predict import Predictor, load, sample_from_media
 from emofuse.core.apps.serve_guards import (API_KEY_HEADER, Admission, BodyLimits, RequireKey, json_refusal,
                                             strict_form_route)
 from emofuse.core.data.decode import media_duration, probe
-from emofuse.core.data.speaker_norm import refuse_checkpoint
 from emofuse.core.types import AUDIO, FEATURES, METADATA, TEXT, VIDEO, Sample
 
 #: Where `app_from_environment` finds the checkpoint and settings in each uvicorn worker process.
@@ -783,7 +782,6 @@ def serve(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, worker
     import uvicorn
 
     settings = settings or ServeSettings()
-    refuse_checkpoint(checkpoint)  # before the weights load: a per-speaker (transductive) model takes no lone clips
     predictor = load(checkpoint, feature_memory=SERVICE_FEATURE_MEMORY)
     for line in startup_warnings(model_card(predictor, settings), settings, host):
         warn(line)
